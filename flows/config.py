@@ -1,0 +1,258 @@
+"""Run configuration: the flows' pydantic parameter models, loaded from `infra/configs/*.yaml`.
+
+Relative paths in a YAML file are resolved against the file's own folder, so a config copied
+next to its catalogue and labels works unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from pivotmap.tasks.grid import GridSpec
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+DEFAULT_SCL_MASK = (0, 1, 3, 8, 9, 10)  # no data, saturated, cloud shadow, cloud medium/high, cirrus
+
+
+class ConfigError(ValueError):
+    """The run configuration file is missing or invalid."""
+
+
+def _resolve(value: str | None, info: ValidationInfo) -> str | None:
+    """Bare relative paths are relative to the config file; URLs and absolute paths stay."""
+    if value is None or _URL.match(value) or Path(value).is_absolute():
+        return value
+    base = (info.context or {}).get("base_dir")
+    return str((Path(base) / value).resolve()) if base else value
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceConfig(_Frozen):
+    """Where the Sentinel items come from."""
+
+    kind: Literal["static", "api"] = Field(
+        description="'static': a static STAC catalogue (catalog.json path or URL); 'api': a STAC API."
+    )
+    url: str = Field(description="catalog.json path/URL (static) or STAC API root URL (api).")
+    s2_collection: str | None = Field(
+        default="sentinel-2-l2a", description="Sentinel-2 L2A collection id; null to skip S2."
+    )
+    s1_collection: str | None = Field(
+        default="sentinel-1-rtc", description="Sentinel-1 collection id (RTC or GRD); null to skip S1."
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout for STAC APIs.")
+
+    _resolve_url = field_validator("url")(_resolve)
+
+    @model_validator(mode="after")
+    def _one_modality(self) -> SourceConfig:
+        if not self.s2_collection and not self.s1_collection:
+            raise ValueError("set at least one of source.s2_collection and source.s1_collection")
+        return self
+
+
+class GridConfig(_Frozen):
+    """The tiling grid (DESIGN.md: Grid)."""
+
+    crs: str = Field(default="EPSG:3035", description="Projected CRS of the grid.")
+    resolution: float = Field(default=10.0, gt=0, description="Pixel size in CRS units (metres).")
+    tile_size: int = Field(default=1024, ge=16, description="Tile edge in pixels.")
+    origin_x: float = Field(default=0.0, description="x of the grid origin (tile edges lie on it).")
+    origin_y: float = Field(default=0.0, description="y of the grid origin.")
+    extent: tuple[float, float, float, float] | None = Field(
+        default=None, description="Valid area of the grid (xmin, ymin, xmax, ymax) in its CRS."
+    )
+
+    def spec(self) -> GridSpec:
+        return GridSpec(**self.model_dump())
+
+
+class RegionConfig(_Frozen):
+    """The area to map: a bounding box or a GeoJSON file."""
+
+    bbox: tuple[float, float, float, float] | None = Field(
+        default=None, description="xmin, ymin, xmax, ymax in `crs`."
+    )
+    crs: str = Field(default="EPSG:4326", description="CRS of `bbox`.")
+    geojson: str | None = Field(default=None, description="GeoJSON file with the region outline.")
+
+    _resolve_geojson = field_validator("geojson")(_resolve)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RegionConfig:
+        if (self.bbox is None) == (self.geojson is None):
+            raise ValueError("set exactly one of region.bbox and region.geojson")
+        if self.bbox and not (self.bbox[0] < self.bbox[2] and self.bbox[1] < self.bbox[3]):
+            raise ValueError(f"region.bbox {self.bbox} is not (xmin, ymin, xmax, ymax)")
+        return self
+
+
+class PeriodConfig(_Frozen):
+    """The time span of the cube and of the map."""
+
+    start: dt.date = Field(description="First day (inclusive).")
+    end: dt.date = Field(description="Last day (inclusive).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PeriodConfig:
+        if self.end < self.start:
+            raise ValueError(f"period.end {self.end} is before period.start {self.start}")
+        return self
+
+    @property
+    def days(self) -> int:
+        return (self.end - self.start).days + 1
+
+
+class IngestConfig(_Frozen):
+    """Item selection and masking."""
+
+    max_cloud_cover: float = Field(default=100.0, ge=0, le=100, description="Skip S2 items above this eo:cloud_cover.")
+    scl_mask: tuple[int, ...] = Field(
+        default=DEFAULT_SCL_MASK, description="SCL classes masked out (default: no data, saturated, shadow, clouds, cirrus)."
+    )
+    s1_orbit_state: Literal["ascending", "descending"] | None = Field(
+        default=None, description="Keep only this S1 orbit direction; null keeps both."
+    )
+
+
+class PivotConfig(_Frozen):
+    """Daily gap-filled cube."""
+
+    max_hold_days: int = Field(
+        default=30, ge=0, description="Before the first / after the last observation, hold its value this many days."
+    )
+    age_cap_days: int = Field(default=366, ge=1, description="Information age is capped at this many days.")
+
+
+class LabelsConfig(_Frozen):
+    """Reference data for training and evaluation."""
+
+    url: str = Field(description="Label raster (GeoTIFF/COG of class codes) on any grid; reprojected nearest.")
+    nomenclature: str = Field(description="Nomenclature YAML: code, name, colour, description per class.")
+
+    _resolve_paths = field_validator("url", "nomenclature")(_resolve)
+
+
+class TrainConfig(_Frozen):
+    """Model training and registration."""
+
+    model_name: str | None = Field(default=None, description="Registered model name; default pivotmap-<name>.")
+    epochs: int = Field(default=40, ge=1, description="Training epochs.")
+    batch_size: int = Field(default=256, ge=8, description="Pixels per batch.")
+    learning_rate: float = Field(default=2e-3, gt=0, description="AdamW learning rate.")
+    hidden: int = Field(default=64, ge=8, description="Width of the temporal encoders.")
+    step_days: int = Field(default=5, ge=1, description="Sample the daily cube every this many days.")
+    block_size: int = Field(default=16, ge=1, description="Spatial split block edge in pixels.")
+    test_fraction: float = Field(default=0.25, gt=0, lt=1, description="Share of blocks held out for testing.")
+    seed: int = Field(default=0, description="Seed for the split, the weights and the batches.")
+
+
+class PredictConfig(_Frozen):
+    """Inference."""
+
+    batch_size: int = Field(default=8192, ge=1, description="Pixels per inference batch.")
+    model_alias: str = Field(default="champion", description="Registry alias resolved for prediction.")
+
+
+class PublishConfig(_Frozen):
+    """Map products and their STAC catalogue."""
+
+    collection_id: str | None = Field(
+        default=None, description="STAC collection id; default landcover-<name>-<start year>-<end year>."
+    )
+    schema_dir: str | None = Field(
+        default=None, description="Folder of local STAC JSON schemas (index.json) for offline validation."
+    )
+    max_nodata_fraction: float = Field(default=0.5, ge=0, le=1, description="Quality gate on map nodata.")
+
+    _resolve_schema = field_validator("schema_dir")(_resolve)
+
+
+class MlflowConfig(_Frozen):
+    """Where runs and models are tracked."""
+
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; default a SQLite store under the output folder."
+    )
+
+
+class RunConfig(_Frozen):
+    """A whole production run: what to map, where from, and how."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Short run/region name (lowercase, dashes).")
+    description: str = Field(default="", description="What this configuration maps.")
+    source: SourceConfig
+    grid: GridConfig
+    region: RegionConfig
+    period: PeriodConfig
+    labels: LabelsConfig | None = Field(default=None, description="Reference labels (needed to train).")
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    pivot: PivotConfig = Field(default_factory=PivotConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @property
+    def model_name(self) -> str:
+        return self.train.model_name or f"pivotmap-{self.name}"
+
+    @property
+    def collection_id(self) -> str:
+        return self.publish.collection_id or (
+            f"landcover-{self.name}-{self.period.start.year}-{self.period.end.year}"
+        )
+
+    def config_hash(self) -> str:
+        """Stable hash of the configuration (provenance and cache keys)."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate a run config YAML; errors name the file and the offending keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    raw = _deep_merge(raw, overrides or {})
+    try:
+        return RunConfig.model_validate(raw, context={"base_dir": path.resolve().parent})
+    except ValueError as exc:
+        raise ConfigError(f"config {path} is invalid: {_short(exc)}") from exc
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _short(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for err in errors():
+        where = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts)

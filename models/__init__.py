@@ -1,0 +1,1 @@
+"""PyTorch encoders, training, evaluation and the MLflow registry helpers."""

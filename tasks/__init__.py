@@ -1,0 +1,1 @@
+"""The steps of the chain: plain functions on xarray/numpy/pystac objects, thin Prefect wrappers."""

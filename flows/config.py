@@ -134,6 +134,9 @@ class PivotConfig(_Frozen):
         default=30, ge=0, description="Before the first / after the last observation, hold its value this many days."
     )
     age_cap_days: int = Field(default=366, ge=1, description="Information age is capped at this many days.")
+    min_valid_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Quality gate: least share of filled values per variable."
+    )
 
 
 class LabelsConfig(_Frozen):
@@ -211,9 +214,10 @@ class RunConfig(_Frozen):
 
     @property
     def collection_id(self) -> str:
-        return self.publish.collection_id or (
-            f"landcover-{self.name}-{self.period.start.year}-{self.period.end.year}"
-        )
+        if self.publish.collection_id:
+            return self.publish.collection_id
+        start, end = self.period.start.year, self.period.end.year
+        return f"landcover-{self.name}-{start}" + (f"-{end}" if end != start else "")
 
     def config_hash(self) -> str:
         """Stable hash of the configuration (provenance and cache keys)."""

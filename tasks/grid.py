@@ -9,7 +9,8 @@ from functools import cached_property
 
 from odc.geo import CRS
 from odc.geo.geobox import GeoBox
-from odc.geo.geom import BoundingBox, Geometry
+from odc.geo.geom import Geometry
+from odc.geo.geom import box as box_
 
 
 class RegionError(ValueError):
@@ -58,14 +59,14 @@ class GridSpec:
 
     def tiles_for_bbox(self, bbox: tuple[float, float, float, float], crs: str) -> list[Tile]:
         """Tiles intersecting `bbox` (given in `crs`), sorted by id; errors if outside `extent`."""
-        box = Geometry(BoundingBox(*bbox), crs=CRS(crs)).to_crs(self.crs)
+        box = box_(*bbox, CRS(crs)).to_crs(self.crs)
         return self.tiles_for_geometry(box)
 
     def tiles_for_geometry(self, geom: Geometry) -> list[Tile]:
         """Tiles whose footprint intersects `geom`; the region must overlap the grid extent."""
         geom = geom.to_crs(self.crs)
         if self.extent is not None:
-            valid = Geometry(BoundingBox(*self.extent), crs=CRS(self.crs))
+            valid = box_(*self.extent, CRS(self.crs))
             if not geom.intersects(valid):
                 raise RegionError(
                     f"region {tuple(round(v, 1) for v in geom.boundingbox)} lies outside the grid's "
@@ -127,7 +128,7 @@ class Tile:
 
     @property
     def footprint(self) -> Geometry:
-        return Geometry(BoundingBox(*self.bounds), crs=CRS(self.grid.crs))
+        return box_(*self.bounds, CRS(self.grid.crs))
 
     def slices_in(self, outer: GeoBox) -> tuple[slice, slice]:
         """(row, col) slices of this tile inside `outer`, a GeoBox on the same grid."""

@@ -1,0 +1,73 @@
+"""Publish flow: map quality gate, then COGs, mosaic, quicklook and STAC, switched in atomically."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from prefect import flow, get_run_logger
+
+from pivotmap import __version__
+from pivotmap.flows.config import RunConfig
+from pivotmap.flows.workspace import Workspace
+from pivotmap.tasks.nomenclature import load_nomenclature
+
+
+def product_version(model_version: str, cube_version: str) -> str:
+    """Same model on the same cube → same version, so re-publishing is idempotent."""
+    return f"m{model_version}-c{cube_version[:8]}"
+
+
+def load_maps(ws: Workspace):
+    from pivotmap.tasks.publish import TileMap
+
+    maps = []
+    for tile in ws.tiles():
+        path = ws.maps_dir / f"{tile.id}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run the 'predict' stage first")
+        with np.load(path) as data:
+            maps.append(TileMap(tile_id=tile.id, geobox=tile.geobox, classes=data["classes"], confidence=data["confidence"]))
+    return maps
+
+
+@flow(name="publish")
+def publish_flow(config: RunConfig, out_dir: str) -> dict:
+    """Gate the maps with the quality suite, then publish them; nothing is published on failure."""
+    from pivotmap.tasks.publish import Provenance, publish_products
+    from pivotmap.tasks.quality import validate_map
+
+    started = time.monotonic()
+    logger = get_run_logger()
+    ws = Workspace.open(config, out_dir)
+    nomenclature = load_nomenclature(config.labels.nomenclature)
+    maps = load_maps(ws)
+    quality = validate_map(
+        np.concatenate([m.classes.ravel() for m in maps]), np.concatenate([m.confidence.ravel() for m in maps]),
+        nomenclature, max_nodata_fraction=config.publish.max_nodata_fraction,
+    )
+    if not quality.success:
+        ws.write_report("publish", {"stage": "publish", "published": False, "quality": quality.to_dict()})
+        quality.raise_for_failure()
+    ingest, pivot, predict = (ws.read_report(s) for s in ("ingest", "pivot", "predict"))
+    model = predict["model"]
+    provenance = Provenance(
+        model_name=model["name"], model_version=str(model["version"]), model_run_id=model["run_id"],
+        model_uri=model["uri"], cube_url=pivot["cube"], cube_version=pivot["cube_version"],
+        period_start=config.period.start.isoformat(), period_end=config.period.end.isoformat(),
+        source_item_count=sum(m["items_used"] for m in ingest["modalities"].values()),
+        source_collections=[m["collection"] for m in ingest["modalities"].values()],
+        software_version=__version__, config_hash=config.config_hash(),
+    )
+    version = product_version(str(model["version"]), pivot["cube_version"])
+    result = publish_products(
+        maps, nomenclature, provenance, ws.products_dir, collection_id=config.collection_id,
+        title=f"Land cover {config.name} {config.period.start.year}–{config.period.end.year}",
+        version=version, schema_dir=config.publish.schema_dir and __import__("pathlib").Path(config.publish.schema_dir),
+    )
+    logger.info("published %s version %s to %s", config.collection_id, version, ws.products_dir)
+    summary = {"stage": "publish", "published": True, "version": version, "quality": quality.to_dict(),
+               "catalog": str(ws.products_dir / "catalog.json"), **{k: v for k, v in result.items() if k != "version"},
+               "duration_s": round(time.monotonic() - started, 2)}
+    ws.write_report("publish", summary)
+    return summary

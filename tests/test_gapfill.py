@@ -1,0 +1,67 @@
+"""Gap filling against a per-pixel np.interp reference, hold limits and information age."""
+
+import numpy as np
+import pytest
+
+from pivotmap.tasks.gapfill import linear_fill
+
+
+def _reference(values, days, n_days, max_hold):
+    """Straightforward per-pixel loop: what linear_fill must reproduce."""
+    out = np.full(n_days, np.nan)
+    age = np.full(n_days, np.nan)
+    ok = np.isfinite(values)
+    if not ok.any():
+        return out, age
+    d_ok, v_ok = days[ok], values[ok]
+    for d in range(n_days):
+        if d_ok[0] <= d <= d_ok[-1]:
+            out[d] = np.interp(d, d_ok, v_ok)
+        elif d < d_ok[0] and d_ok[0] - d <= max_hold:
+            out[d] = v_ok[0]
+        elif d > d_ok[-1] and d - d_ok[-1] <= max_hold:
+            out[d] = v_ok[-1]
+        if np.isfinite(out[d]):
+            age[d] = np.abs(d_ok - d).min()
+    return out, age
+
+
+def test_matches_reference_on_random_gaps():
+    rng = np.random.default_rng(1)
+    n_days, n_obs, n_px = 120, 25, 200
+    days = np.sort(rng.choice(np.arange(-10, 130), n_obs, replace=False))
+    values = rng.normal(size=(n_obs, n_px)).astype(np.float32)
+    values[rng.random((n_obs, n_px)) < 0.4] = np.nan
+    values[:, 0] = np.nan  # a pixel never observed
+    result = linear_fill({"b": values}, days, n_days, max_hold_days=7)
+    for p in range(n_px):
+        expected, age = _reference(values[:, p].astype(np.float64), days, n_days, 7)
+        np.testing.assert_allclose(result.values["b"][:, p], expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+        np.testing.assert_array_equal(result.age[:, p], age)
+
+
+def test_observed_days_keep_their_values_and_age_zero():
+    days = np.array([0, 10, 20])
+    values = np.array([[1.0], [3.0], [2.0]], dtype=np.float32)
+    result = linear_fill({"b": values}, days, 21, max_hold_days=0)
+    assert result.values["b"][[0, 10, 20], 0].tolist() == [1.0, 3.0, 2.0]
+    assert result.values["b"][5, 0] == pytest.approx(2.0)
+    assert result.age[[0, 5, 10, 14], 0].tolist() == [0, 5, 0, 4]
+
+
+def test_all_bands_of_a_modality_share_validity():
+    days = np.array([0, 4])
+    a = np.array([[1.0], [5.0]], dtype=np.float32)
+    b = np.array([[np.nan], [5.0]], dtype=np.float32)  # first date invalid in one band only
+    result = linear_fill({"a": a, "b": b}, days, 5, max_hold_days=10)
+    assert np.all(result.values["a"][:, 0] == 5.0)  # the invalid date is dropped for both
+    assert result.age[:, 0].tolist() == [4, 3, 2, 1, 0]
+
+
+def test_hold_limit_and_cap():
+    days = np.array([50])
+    values = np.array([[2.0]], dtype=np.float32)
+    result = linear_fill({"b": values}, days, 100, max_hold_days=10, age_cap_days=5)
+    filled = np.isfinite(result.values["b"][:, 0])
+    assert filled.sum() == 21 and filled[40] and not filled[39] and filled[60] and not filled[61]
+    assert np.nanmax(result.age) == 5

@@ -117,17 +117,21 @@ def write_tile(url: str, ds: xr.Dataset, tile: Tile, outer: GeoBox, storage_opti
 
 
 def open_cube(url: str, storage_options: dict | None = None) -> xr.Dataset:
-    """Open a cube lazily (dask chunks = shards, the fast read unit)."""
+    """Open a cube lazily without dask: indexing a window reads only the shards it touches."""
     with _quiet():
-        return xr.open_zarr(url, consolidated=True, chunks={}, storage_options=storage_options)
+        return xr.open_zarr(url, consolidated=True, chunks=None, storage_options=storage_options)
 
 
 def read_tile(cube: xr.Dataset, tile: Tile) -> xr.Dataset:
-    """The tile's window of an open cube, loaded into memory."""
+    """The tile's window of an open cube, loaded into memory as float32.
+
+    (Zarr attributes are JSON, so CF decoding of int16 + scale_factor yields float64.)
+    """
     outer = GeoBox.from_bbox(_bounds(cube), crs=tile.grid.crs, resolution=tile.grid.resolution)
     rows, cols = tile.slices_in(outer)
     with _quiet():
-        return cube.isel(y=rows, x=cols).load()
+        window = cube.isel(y=rows, x=cols).load()
+    return window.map(lambda var: var.astype("float32"), keep_attrs=True)
 
 
 def _bounds(cube: xr.Dataset) -> tuple[float, float, float, float]:

@@ -1,0 +1,176 @@
+"""Cloud-optimised GeoTIFFs and a VRT mosaic of map tiles, byte-identical for identical input."""
+
+from __future__ import annotations
+
+import math
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from odc.geo.geobox import GeoBox
+from pivotmap.tasks.nomenclature import NODATA_CODE
+
+Colormap = Mapping[int, tuple[int, int, int, int]]
+
+# The COG driver writes no timestamps; PAM off stops GDAL leaving .aux.xml sidecars next to
+# the files (they would break byte-identical reruns and the idempotency check).
+_GDAL_ENV = {"GDAL_PAM_ENABLED": "NO", "GDAL_NUM_THREADS": "1"}
+_COG_OPTIONS = {"compress": "DEFLATE", "blocksize": 512, "bigtiff": "IF_SAFER"}
+
+
+class MosaicError(ValueError):
+    """Tiles cannot be assembled into one mosaic (different CRS, resolution or pixel grid)."""
+
+
+def _rasterio_crs(geobox: GeoBox) -> str:
+    """EPSG code where there is one: short, standard GeoTIFF keys and PROJ-version-proof text."""
+    epsg = geobox.crs.epsg
+    return f"EPSG:{epsg}" if epsg is not None else geobox.crs.to_wkt()
+
+
+def _write_cog(
+    path: Path,
+    array: np.ndarray,
+    geobox: GeoBox,
+    *,
+    resampling: str,
+    colormap: Colormap | None = None,
+) -> Path:
+    """Write one uint8 band as a COG (internal tiles, overviews, nodata 255)."""
+    if array.dtype != np.uint8 or array.shape != (geobox.height, geobox.width):
+        raise ValueError(
+            f"{path.name}: expected a uint8 array of shape {(geobox.height, geobox.width)}, "
+            f"got {array.dtype} {array.shape}; cast or crop the array to the tile's GeoBox"
+        )
+    profile = {
+        "driver": "COG",
+        "width": geobox.width,
+        "height": geobox.height,
+        "count": 1,
+        "dtype": "uint8",
+        "crs": _rasterio_crs(geobox),
+        "transform": geobox.affine,
+        "nodata": NODATA_CODE,
+        "overview_resampling": resampling,
+        **_COG_OPTIONS,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # rasterio buffers COG writes in memory and runs GDAL's CreateCopy on close, which is when
+    # the colour table, nodata and overviews are laid out in COG order.
+    with rasterio.Env(**_GDAL_ENV), rasterio.open(path, "w", **profile) as dst:
+        dst.write(array, 1)
+        if colormap is not None:
+            dst.write_colormap(1, dict(colormap))
+    return path
+
+
+def write_class_cog(path: Path, classes: np.ndarray, geobox: GeoBox, colormap: Colormap) -> Path:
+    """Class codes as a paletted COG; nearest overviews so no code is ever invented."""
+    return _write_cog(path, classes, geobox, resampling="NEAREST", colormap=colormap)
+
+
+def write_confidence_cog(path: Path, confidence: np.ndarray, geobox: GeoBox) -> Path:
+    """Confidence 0..100 as a COG; averaged overviews (GDAL skips nodata when averaging)."""
+    return _write_cog(path, confidence, geobox, resampling="AVERAGE")
+
+
+@dataclass(frozen=True)
+class MosaicLayout:
+    """The pixel grid covering a set of tiles and where each tile's top-left pixel falls."""
+
+    crs: str  # "EPSG:n" where possible: WKT text changes with the PROJ database version
+    transform: Affine
+    width: int
+    height: int
+    offsets: tuple[tuple[int, int], ...]  # (row, col) per tile, in input order
+
+
+def _grid_offset(value: float, step: float, what: str) -> int:
+    """Whole number of pixels in `value / step`, or an error if tiles are misaligned."""
+    pixels = value / step
+    if not math.isclose(pixels, round(pixels), abs_tol=1e-6):
+        raise MosaicError(
+            f"tile {what} is {pixels:.6f} pixels from the mosaic origin: tiles must share one "
+            "pixel grid (same grid origin and resolution)"
+        )
+    return round(pixels)
+
+
+def mosaic_layout(geoboxes: Sequence[GeoBox]) -> MosaicLayout:
+    """The union grid of `geoboxes`; all must share CRS, resolution and pixel alignment."""
+    if not geoboxes:
+        raise MosaicError("no tiles to mosaic: pass at least one tile")
+    first = geoboxes[0].affine
+    for gb in geoboxes:
+        if gb.crs != geoboxes[0].crs or (gb.affine.a, gb.affine.e) != (first.a, first.e):
+            raise MosaicError(
+                f"tiles differ in CRS or resolution ({gb.crs}, {gb.resolution} vs "
+                f"{geoboxes[0].crs}, {geoboxes[0].resolution}): publish one grid per mosaic"
+            )
+        if gb.affine.b or gb.affine.d:
+            raise MosaicError("rotated tile geoboxes are not supported in a mosaic")
+    x0 = min(gb.affine.c for gb in geoboxes)
+    y0 = max(gb.affine.f for gb in geoboxes)
+    x1 = max(gb.affine.c + gb.width * first.a for gb in geoboxes)
+    y1 = min(gb.affine.f + gb.height * first.e for gb in geoboxes)
+    offsets = tuple(
+        (
+            _grid_offset(gb.affine.f - y0, first.e, "row"),
+            _grid_offset(gb.affine.c - x0, first.a, "column"),
+        )
+        for gb in geoboxes
+    )
+    return MosaicLayout(
+        crs=_rasterio_crs(geoboxes[0]),
+        transform=Affine(first.a, 0.0, x0, 0.0, first.e, y0),
+        width=_grid_offset(x1 - x0, first.a, "width"),
+        height=_grid_offset(y1 - y0, first.e, "height"),
+        offsets=offsets,
+    )
+
+
+def _color_table(colormap: Colormap) -> ET.Element:
+    """A full 256-entry GDAL colour table; codes without a colour are transparent black."""
+    table = ET.Element("ColorTable")
+    for code in range(256):
+        r, g, b, a = colormap.get(code, (0, 0, 0, 0))
+        ET.SubElement(table, "Entry", c1=str(r), c2=str(g), c3=str(b), c4=str(a))
+    return table
+
+
+def _simple_source(href: str, shape: tuple[int, int], offset: tuple[int, int]) -> ET.Element:
+    """One tile placed at `offset` (row, col) in the mosaic, read 1:1."""
+    (rows, cols), (row, col) = shape, offset
+    source = ET.Element("SimpleSource")
+    ET.SubElement(source, "SourceFilename", relativeToVRT="1").text = href
+    ET.SubElement(source, "SourceBand").text = "1"
+    ET.SubElement(source, "SrcRect", xOff="0", yOff="0", xSize=str(cols), ySize=str(rows))
+    ET.SubElement(source, "DstRect", xOff=str(col), yOff=str(row), xSize=str(cols), ySize=str(rows))
+    return source
+
+
+def write_mosaic_vrt(
+    path: Path, sources: Sequence[tuple[Path, GeoBox]], colormap: Colormap
+) -> Path:
+    """A GDAL VRT mosaicking single-band uint8 COGs, referenced by paths relative to the VRT."""
+    layout = mosaic_layout([gb for _, gb in sources])
+    root = ET.Element("VRTDataset", rasterXSize=str(layout.width), rasterYSize=str(layout.height))
+    ET.SubElement(root, "SRS").text = layout.crs  # GDAL assumes x,y (GIS) axis order
+    ET.SubElement(root, "GeoTransform").text = ", ".join(
+        repr(float(v)) for v in layout.transform.to_gdal()
+    )
+    band = ET.SubElement(root, "VRTRasterBand", dataType="Byte", band="1")
+    ET.SubElement(band, "NoDataValue").text = str(NODATA_CODE)
+    ET.SubElement(band, "ColorInterp").text = "Palette"
+    band.append(_color_table(colormap))
+    for (tif, gb), offset in zip(sources, layout.offsets, strict=True):
+        href = Path(os.path.relpath(tif, path.parent)).as_posix()
+        band.append(_simple_source(href, (gb.height, gb.width), offset))
+    ET.indent(root)
+    path.write_text(ET.tostring(root, encoding="unicode") + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,341 @@
+"""Publish a run's maps: stage COGs, mosaic, quicklook, stats and STAC, then swap them in atomically."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pystac
+from odc.geo.geobox import GeoBox
+from pivotmap.tasks import cog, quicklook, stac_products
+from pivotmap.tasks.nomenclature import NODATA_CODE, Nomenclature
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class PublishError(RuntimeError):
+    """Products cannot be published (bad input, invalid STAC, or a clashing version)."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value to compare
+class TileMap:
+    """One predicted tile: class codes (uint8, 255 = nodata) and confidence (0..100, 255)."""
+
+    tile_id: str
+    geobox: GeoBox
+    classes: np.ndarray
+    confidence: np.ndarray
+
+    def __post_init__(self) -> None:
+        shape = (self.geobox.height, self.geobox.width)
+        for name in ("classes", "confidence"):
+            array = getattr(self, name)
+            if array.dtype != np.uint8 or array.shape != shape:
+                raise PublishError(
+                    f"tile {self.tile_id}: {name} must be uint8 of shape {shape} (the tile's "
+                    f"GeoBox), got {array.dtype} {array.shape}"
+                )
+        if ((self.confidence > 100) & (self.confidence != NODATA_CODE)).any():
+            raise PublishError(
+                f"tile {self.tile_id}: confidence holds values above 100; scale it to percent "
+                f"0..100 and use {NODATA_CODE} for no data"
+            )
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a map came from: model, cube, inputs, software and configuration."""
+
+    model_name: str
+    model_version: str
+    model_run_id: str
+    model_uri: str
+    cube_url: str
+    cube_version: str
+    period_start: str
+    period_end: str
+    source_item_count: int
+    source_collections: Sequence[str]
+    software_version: str
+    config_hash: str
+
+    def stac_properties(self) -> dict[str, Any]:
+        """Provenance as `pivotmap:*` STAC fields, on every Item and the Collection."""
+        fields = ("model_name", "model_version", "model_run_id", "model_uri", "cube_url")
+        props: dict[str, Any] = {f"pivotmap:{name}": getattr(self, name) for name in fields}
+        props["pivotmap:cube_version"] = self.cube_version
+        props["pivotmap:source_item_count"] = self.source_item_count
+        props["pivotmap:source_collections"] = list(self.source_collections)
+        props["pivotmap:config_hash"] = self.config_hash
+        return props
+
+    def lineage(self) -> str:
+        """One sentence for `processing:lineage`."""
+        return (
+            f"Classes predicted by model {self.model_name} version {self.model_version} "
+            f"({self.model_uri}, run {self.model_run_id}) from data cube {self.cube_url} "
+            f"version {self.cube_version}, built from {self.source_item_count} items of "
+            f"{', '.join(self.source_collections)} between {self.period_start} and {self.period_end}."
+        )
+
+    def run_metadata(self) -> stac_products.RunMetadata:
+        return stac_products.RunMetadata(
+            period_start=self.period_start,
+            period_end=self.period_end,
+            software_version=self.software_version,
+            lineage=self.lineage(),
+            properties=self.stac_properties(),
+        )
+
+
+def _check_request(maps: Sequence[TileMap], nomenclature: Nomenclature, version: str) -> None:
+    """Refuse input that would publish a wrong or unreadable product."""
+    if not _SAFE_NAME.fullmatch(version):
+        raise PublishError(
+            f"version {version!r} must be a plain folder name such as '2025.1' or 'v3'"
+        )
+    if not maps:
+        raise PublishError("no tiles to publish: `maps` is empty")
+    ids = [m.tile_id for m in maps]
+    bad = [i for i in ids if not _SAFE_NAME.fullmatch(i)]
+    if bad or len(set(ids)) != len(ids):
+        raise PublishError(f"tile ids must be unique plain names; got duplicates or {bad}")
+    allowed = np.zeros(256, dtype=bool)
+    allowed[[*nomenclature.codes, NODATA_CODE]] = True
+    for m in maps:
+        unknown = np.flatnonzero(
+            np.bincount(m.classes.ravel(), minlength=256).astype(bool) & ~allowed
+        )
+        if unknown.size:
+            raise PublishError(
+                f"tile {m.tile_id} holds class codes {unknown.tolist()} that nomenclature "
+                f"{nomenclature.name!r} does not define; fix the model's label mapping"
+            )
+
+
+def _stage_tile(
+    staging: Path, tile: TileMap, nomenclature: Nomenclature, run: stac_products.RunMetadata
+) -> pystac.Item:
+    """Write one tile's class and confidence COGs and describe them in an Item."""
+    folder = staging / tile.tile_id
+    class_tif = cog.write_class_cog(
+        folder / f"{tile.tile_id}_class.tif", tile.classes, tile.geobox, nomenclature.colormap()
+    )
+    confidence_tif = cog.write_confidence_cog(
+        folder / f"{tile.tile_id}_confidence.tif", tile.confidence, tile.geobox
+    )
+    counts = quicklook.class_counts(tile.classes)
+    assets = {
+        "class": stac_products.class_asset(class_tif, f"./{class_tif.name}", nomenclature, counts),
+        "confidence": stac_products.confidence_asset(confidence_tif, f"./{confidence_tif.name}"),
+    }
+    return stac_products.build_tile_item(tile.tile_id, tile.geobox, assets, run)
+
+
+def _stage_run_products(
+    staging: Path, maps: Sequence[TileMap], nomenclature: Nomenclature, title: str
+) -> dict[str, pystac.Asset]:
+    """Write the mosaic VRT, quicklook PNG and class-area table; return their assets."""
+    classes = [(m.classes, m.geobox) for m in maps]
+    sources = [(staging / m.tile_id / f"{m.tile_id}_class.tif", m.geobox) for m in maps]
+    vrt = cog.write_mosaic_vrt(staging / "mosaic_class.vrt", sources, nomenclature.colormap())
+    png = quicklook.write_quicklook(staging / "quicklook.png", classes, nomenclature, title)
+    areas = staging / "class_areas.json"
+    table = quicklook.class_areas(classes, nomenclature)
+    areas.write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    mosaic = stac_products.file_asset(
+        vrt, "./mosaic_class.vrt", stac_products.VRT_MEDIA_TYPE, ["data"], "Class mosaic (GDAL VRT)"
+    )
+    mosaic.extra_fields["classification:classes"] = stac_products.classification_classes(
+        nomenclature
+    )
+    return {
+        "mosaic": mosaic,
+        "quicklook": stac_products.file_asset(
+            png, "./quicklook.png", pystac.MediaType.PNG, ["overview"], "Quicklook with legend"
+        ),
+        "class_areas": stac_products.file_asset(
+            areas, "./class_areas.json", pystac.MediaType.JSON, ["metadata"], "Area per class (km²)"
+        ),
+    }
+
+
+def _save_collection(collection: pystac.Collection, staging: Path, out_dir: Path) -> None:
+    """Save the Collection self-contained; its root link is `../catalog.json` (set at commit)."""
+    # A stand-in root at the final catalogue location makes pystac write the root and parent
+    # links relative to it; the staging folder and out_dir/<version> are siblings, so they hold.
+    root = pystac.Catalog(
+        id="root", description="stand-in", catalog_type=pystac.CatalogType.SELF_CONTAINED
+    )
+    root.set_self_href(str(out_dir / "catalog.json"))
+    root.add_child(collection)
+    collection.normalize_hrefs(str(staging))
+    collection.save(catalog_type=pystac.CatalogType.SELF_CONTAINED)
+
+
+def _stage(
+    staging: Path,
+    maps: Sequence[TileMap],
+    nomenclature: Nomenclature,
+    provenance: Provenance,
+    *,
+    collection_id: str,
+    title: str,
+    version: str,
+) -> pystac.Collection:
+    """Write every file of the version into `staging`; returns the in-memory Collection."""
+    run = provenance.run_metadata()
+    items = [_stage_tile(staging, m, nomenclature, run) for m in maps]
+    assets = _stage_run_products(staging, maps, nomenclature, title)
+    collection = stac_products.build_collection(collection_id, title, version, items, assets, run)
+    _save_collection(collection, staging, staging.parent)
+    return collection
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _same_tree(a: Path, b: Path) -> bool:
+    """True when both folders hold the same relative paths with the same bytes."""
+    files_a, files_b = _files(a), _files(b)
+    if [p.relative_to(a) for p in files_a] != [p.relative_to(b) for p in files_b]:
+        return False
+    return all(filecmp.cmp(pa, pb, shallow=False) for pa, pb in zip(files_a, files_b, strict=True))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(staging: Path, final: Path) -> bool:
+    """Rename `staging` to `final`; True when `final` already holds exactly the same files."""
+    if final.exists():
+        if _same_tree(staging, final):
+            return True
+        raise PublishError(
+            f"{final} already exists with different content: publish under a new version, or "
+            "remove that folder first if it must be replaced"
+        )
+    # Data must be on disk before the rename makes it visible, or a crash could expose
+    # empty files under the final name.
+    for path in [*staging.rglob("*"), staging]:
+        _fsync(path)
+    os.rename(staging, final)
+    _fsync(final.parent)
+    return False
+
+
+def _root_catalog_text(out_dir: Path, version: str, collection_id: str, title: str) -> str:
+    """catalog.json: the entry point, linking to the current version's Collection only."""
+    catalog = pystac.Catalog(
+        id=f"{collection_id}-catalog",
+        title=title,
+        description=f"{title}: entry point to the current published version ({version}).",
+        catalog_type=pystac.CatalogType.SELF_CONTAINED,
+    )
+    catalog.set_self_href(str(out_dir / "catalog.json"))
+    target = str(out_dir / version / "collection.json")
+    catalog.add_link(
+        pystac.Link(pystac.RelType.CHILD, target, pystac.MediaType.JSON, f"{title} {version}")
+    )
+    return json.dumps(catalog.to_dict(include_self_link=False), indent=2) + "\n"
+
+
+def _write_root_catalog(out_dir: Path, version: str, collection_id: str, title: str) -> None:
+    """Point catalog.json at `version` via temp file + os.replace; readers never see half a file."""
+    path = out_dir / "catalog.json"
+    text = _root_catalog_text(out_dir, version, collection_id, title)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    tmp = out_dir / f".catalog.json.{uuid.uuid4().hex}.tmp"
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync(out_dir)
+
+
+def _validate_staged(collection: pystac.Collection, schema_dir: Path) -> None:
+    """Refuse to publish STAC that breaks its schemas (checked offline)."""
+    try:
+        stac_products.validate_offline(collection, schema_dir)
+    except (pystac.errors.STACValidationError, stac_products.OfflineSchemaError) as exc:
+        raise PublishError(
+            f"STAC for collection {collection.id!r} is invalid; nothing published: {exc}"
+        ) from exc
+
+
+def publish_products(
+    maps: list[TileMap],
+    nomenclature: Nomenclature,
+    provenance: Provenance,
+    out_dir: Path,
+    *,
+    collection_id: str,
+    title: str,
+    version: str,
+    schema_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Publish `maps` as `out_dir/<version>/` (COGs, mosaic, quicklook, stats, STAC), atomically.
+
+    Re-publishing identical content is a no-op (`already_published`); catalog.json switches to
+    the version only once its folder is whole.
+    """
+    started = time.perf_counter()
+    _check_request(maps, nomenclature, version)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / version
+    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide the version from
+    # other readers (web server, sync jobs); mkdir honours the umask.
+    staging = out_dir / f".staging-{version}-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        collection = _stage(
+            staging,
+            maps,
+            nomenclature,
+            provenance,
+            collection_id=collection_id,
+            title=title,
+            version=version,
+        )
+        if schema_dir is not None:
+            _validate_staged(collection, Path(schema_dir))
+        already = _commit(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
+    # Also on a no-op: a crash between rename and this write must heal on the rerun.
+    _write_root_catalog(out_dir, version, collection_id, title)
+    files = _files(final)
+    return {
+        "version": version,
+        "collection": str(final / "collection.json"),
+        "catalog": str(out_dir / "catalog.json"),
+        "tiles_published": len(maps),
+        "files": len(files),
+        "bytes": sum(p.stat().st_size for p in files),
+        "class_areas": json.loads((final / "class_areas.json").read_text(encoding="utf-8")),
+        "already_published": already,
+        "validated": schema_dir is not None,
+        "duration_s": round(time.perf_counter() - started, 3),
+    }

@@ -19,7 +19,7 @@ def demo_config_dict(data_dir: str = "data", seed: int = 42) -> dict:
         "grid": {"crs": "EPSG:32631", "resolution": 10, "tile_size": 64, "origin_x": 500000, "origin_y": 5630000},
         "region": {"bbox": [500000, 5630000, 501280, 5631280], "crs": "EPSG:32631"},
         "period": {"start": "2023-01-01", "end": "2023-12-31"},
-        "labels": {"url": f"{data_dir}/labels/lc.tif", "nomenclature": f"{data_dir}/nomenclature.yaml"},
+        "labels": {"url": f"{data_dir}/labels/lc.tif", "nomenclature": f"{data_dir}/labels/nomenclature.yaml"},
         "train": {"epochs": 30, "block_size": 16, "test_fraction": 0.25, "seed": 0},
     }
 

@@ -24,7 +24,7 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     path.write_text(yaml.safe_dump(demo_config_dict("elsewhere")))
     config = load_run_config(path)
     assert config.source.url == str(data / "catalog.json")
-    assert config.labels.nomenclature == str(data / "nomenclature.yaml")
+    assert config.labels.nomenclature == str(data / "labels" / "nomenclature.yaml")
 
 
 def test_committed_demo_config_matches_the_demo_command():

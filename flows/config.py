@@ -155,7 +155,10 @@ class TrainConfig(_Frozen):
     epochs: int = Field(default=40, ge=1, description="Training epochs.")
     batch_size: int = Field(default=256, ge=8, description="Pixels per batch.")
     learning_rate: float = Field(default=2e-3, gt=0, description="AdamW learning rate.")
-    hidden: int = Field(default=64, ge=8, description="Width of the temporal encoders.")
+    hidden: int = Field(default=32, ge=8, description="Width of the temporal encoders.")
+    max_train_pixels: int = Field(
+        default=20000, ge=100, description="Train on at most this many labelled pixels (stratified by class)."
+    )
     step_days: int = Field(default=5, ge=1, description="Sample the daily cube every this many days.")
     block_size: int = Field(default=16, ge=1, description="Spatial split block edge in pixels.")
     test_fraction: float = Field(default=0.25, gt=0, lt=1, description="Share of blocks held out for testing.")

@@ -20,7 +20,7 @@ def demo_config_dict(data_dir: str = "data", seed: int = 42) -> dict:
         "region": {"bbox": [500000, 5630000, 501280, 5631280], "crs": "EPSG:32631"},
         "period": {"start": "2023-01-01", "end": "2023-12-31"},
         "labels": {"url": f"{data_dir}/labels/lc.tif", "nomenclature": f"{data_dir}/labels/nomenclature.yaml"},
-        "train": {"epochs": 30, "block_size": 16, "test_fraction": 0.25, "seed": 0},
+        "train": {"epochs": 20, "max_train_pixels": 6000, "block_size": 16, "test_fraction": 0.25, "seed": 0},
     }
 
 

@@ -14,7 +14,14 @@ from pivotmap.flows.config import RunConfig
 from pivotmap.flows.workspace import Workspace
 from pivotmap.models.features import day_of_year, fit_normalisation, network_input, raw_series, sampled
 from pivotmap.models.network import ModelSpec, count_parameters, flops_per_pixel
-from pivotmap.models.training import fit, metrics, pick_device, predict_proba, spatial_block_split
+from pivotmap.models.training import (
+    fit,
+    metrics,
+    pick_device,
+    predict_proba,
+    spatial_block_split,
+    stratified_sample,
+)
 from pivotmap.tasks import cube
 from pivotmap.tasks.labels import UNKNOWN, read_labels
 from pivotmap.tasks.nomenclature import load_nomenclature
@@ -83,7 +90,8 @@ def train_flow(config: RunConfig, out_dir: str, device: str | None = None) -> di
     index = {c: i for i, c in enumerate(spec.classes)}
     y = np.array([index[c] for c in codes], dtype=np.int64)
     dev = pick_device(device)
-    fitted = fit(x[~is_test], y[~is_test], spec, epochs=tc.epochs, batch_size=tc.batch_size,
+    train_idx = np.flatnonzero(~is_test)[stratified_sample(codes[~is_test], tc.max_train_pixels, tc.seed)]
+    fitted = fit(x[train_idx], y[train_idx], spec, epochs=tc.epochs, batch_size=tc.batch_size,
                  learning_rate=tc.learning_rate, seed=tc.seed, device=dev)
     proba = predict_proba(fitted.model, x[is_test], 8192, dev)
     scores = metrics(codes[is_test], np.array(spec.classes)[proba.argmax(1)], spec.classes)
@@ -93,7 +101,7 @@ def train_flow(config: RunConfig, out_dir: str, device: str | None = None) -> di
         tracking_uri=tracking_uri_for(ws.root, config.mlflow.tracking_uri),
         artifact_root=ws.mlflow_dir / "artifacts", experiment=f"pivotmap-{config.name}",
         model_name=config.model_name, model=fitted.model.cpu(), spec=spec,
-        params={**tc.model_dump(), "n_train_pixels": int((~is_test).sum()), "n_test_pixels": int(is_test.sum()),
+        params={**tc.model_dump(), "n_train_pixels": len(train_idx), "n_test_pixels": int(is_test.sum()),
                 "cube_url": ws.pivot_url, "cube_version": pivot_report["cube_version"],
                 "labels_url": config.labels.url, "config_hash": config.config_hash(),
                 "software_version": __version__, "device": dev},
@@ -106,7 +114,7 @@ def train_flow(config: RunConfig, out_dir: str, device: str | None = None) -> di
     summary = {
         "stage": "train", **{k: scores[k] for k in ("overall_accuracy", "macro_f1", "kappa", "per_class_f1", "n_test_pixels")},
         "confusion_matrix": scores["confusion_matrix"], "classes": list(spec.classes),
-        "n_train_pixels": int((~is_test).sum()), "split": f"spatial blocks of {tc.block_size} px, {tc.test_fraction:.0%} held out",
+        "n_train_pixels": len(train_idx), "split": f"spatial blocks of {tc.block_size} px, {tc.test_fraction:.0%} held out",
         "model_name": registered.name, "model_version": registered.version, "run_id": registered.run_id,
         "model_uri": registered.uri, "promoted": registered.promoted, "promotion_reason": registered.reason,
         "champion_version": registered.champion_version, "validation_key": key,

@@ -81,7 +81,7 @@ def fit(
             loss.backward()
             optimiser.step()
             scheduler.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         losses.append(total / len(order))
     model.eval()
     return FitResult(model=model, losses=losses)
@@ -100,6 +100,21 @@ def predict_proba(model: nn.Module, x: np.ndarray, batch_size: int, device: str 
     if not out:
         return np.zeros((0, len(model.spec.classes)), dtype=np.float32)
     return np.concatenate(out)
+
+
+def stratified_sample(codes: np.ndarray, max_total: int, seed: int) -> np.ndarray:
+    """Indices of at most `max_total` samples shared equally between classes; a class smaller
+    than its share is taken whole and its unused share goes to the others (water filling)."""
+    if len(codes) <= max_total:
+        return np.arange(len(codes))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(codes, return_counts=True)
+    picks, remaining = [], max_total
+    for rank, k in enumerate(np.argsort(counts, kind="stable")):
+        take = min(counts[k], remaining // (len(classes) - rank))
+        picks.append(rng.permutation(np.flatnonzero(codes == classes[k]))[:take])
+        remaining -= take
+    return np.sort(np.concatenate(picks))
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[int, ...]) -> dict:

@@ -868,7 +868,7 @@ def _write_cog(
     colormap: dict[int, tuple[int, int, int, int]] | None = None,
 ) -> dict[str, Any]:
     """Write a single-band COG (DEFLATE, small blocks, no timestamps); return asset file fields."""
-    block = 32 if transform.a == 10 else 16  # as the real sample: 32 px at 10 m, 16 px at 20 m
+    block = 128  # the smallest block GDAL's COG driver accepts (smaller values warn, then 512)
     profile = {
         "driver": "COG", "width": data.shape[1], "height": data.shape[0], "count": 1,
         "dtype": data.dtype.name, "crs": CRS, "transform": transform, "nodata": nodata,

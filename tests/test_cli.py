@@ -1,0 +1,79 @@
+"""The command line: fast help, one-line errors naming the input, JSON on the last stdout line."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pivotmap.flows.cli import main
+from pivotmap.flows.demo import demo_config_dict
+
+CONFIGS = Path(__file__).resolve().parents[1] / "infra" / "configs"
+
+
+def _pivotmap(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("pivotmap")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600)
+
+
+def test_help_is_fast():
+    started = time.monotonic()
+    result = _pivotmap("--help")
+    assert result.returncode == 0 and "produce" in result.stdout
+    assert time.monotonic() - started < 5  # no Prefect/torch/MLflow import at start-up
+
+
+def _config(tmp_path: Path, **changes) -> Path:
+    raw = demo_config_dict(str(tmp_path / "data"))
+    for section, values in changes.items():
+        raw[section] = {**raw[section], **values}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_missing_catalogue_exits_non_zero_naming_it(tmp_path):
+    result = _pivotmap("ingest", "--config", str(_config(tmp_path)), "--out", str(tmp_path / "o"), "--json")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pivotmap: error:")]
+    assert len(errors) == 1 and "STAC catalogue not found" in errors[0] and "data/catalog.json" in errors[0]
+    assert _last_json(result.stdout)["ok"] is False
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"source": {"s2_collection": "sentinel-2-c1-l2a"}}, "'sentinel-2-c1-l2a' is not in catalogue"),
+        ({"period": {"start": "2021-01-01", "end": "2021-12-31"}}, "no items of 'sentinel-2-l2a'"),
+    ],
+)
+def test_unknown_collection_and_empty_period(flanders, tmp_path, capsys, prefect_server, changes, expected):
+    raw = yaml.safe_load((CONFIGS / "flanders.yaml").read_text())
+    raw["source"]["url"] = str(flanders / "catalog.json")
+    raw["labels"] = {"url": str(flanders / "labels/lc.tif"), "nomenclature": str(CONFIGS / "flanders-nomenclature.yaml")}
+    raw.pop("publish")
+    for section, values in changes.items():
+        raw[section] = {**raw[section], **values}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = main(["ingest", "--config", str(path), "--out", str(tmp_path / "o"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert expected in _last_json(captured.out)["error"]
+    assert "pivotmap: error: SourceError: " in captured.err
+
+
+def test_invalid_config_is_refused_before_any_work(tmp_path, capsys):
+    path = _config(tmp_path, train={"epoch": 3})
+    assert main(["produce", "--config", str(path), "--out", str(tmp_path / "o")]) == 1
+    assert "train.epoch: Extra inputs are not permitted" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 from prefect import flow, get_run_logger
@@ -16,6 +17,11 @@ from pivotmap.tasks.nomenclature import load_nomenclature
 def product_version(model_version: str, cube_version: str) -> str:
     """Same model on the same cube → same version, so re-publishing is idempotent."""
     return f"m{model_version}-c{cube_version[:8]}"
+
+
+def _years(config: RunConfig) -> str:
+    start, end = config.period.start.year, config.period.end.year
+    return str(start) if start == end else f"{start}–{end}"
 
 
 def load_maps(ws: Workspace):
@@ -62,8 +68,8 @@ def publish_flow(config: RunConfig, out_dir: str) -> dict:
     version = product_version(str(model["version"]), pivot["cube_version"])
     result = publish_products(
         maps, nomenclature, provenance, ws.products_dir, collection_id=config.collection_id,
-        title=f"Land cover {config.name} {config.period.start.year}–{config.period.end.year}",
-        version=version, schema_dir=config.publish.schema_dir and __import__("pathlib").Path(config.publish.schema_dir),
+        title=f"Land cover {config.name} {_years(config)}",
+        version=version, schema_dir=Path(config.publish.schema_dir) if config.publish.schema_dir else None,
     )
     logger.info("published %s version %s to %s", config.collection_id, version, ws.products_dir)
     summary = {"stage": "publish", "published": True, "version": version, "quality": quality.to_dict(),

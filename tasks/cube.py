@@ -59,7 +59,7 @@ def template(geobox: GeoBox, times: np.ndarray, variables: list[str], attrs: dic
 
 def encoding(ds: xr.Dataset, chunk_xy: int, shard_xy: int) -> dict:
     """int16 + scale_factor, full time per chunk, shards of `shard_xy` pixels, time-delta + zstd."""
-    from numcodecs.zarr3 import Delta
+    from zarr.codecs.numcodecs import Delta
     from zarr.codecs import TransposeCodec, ZstdCodec
 
     n_time = ds.sizes["time"]

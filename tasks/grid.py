@@ -42,6 +42,11 @@ class GridSpec:
     def tile_span(self) -> float:
         return self.tile_size * self.resolution
 
+    @property
+    def km_ids(self) -> bool:
+        """Tile ids in km when every tile corner is on a whole km (EEA-style), else in metres."""
+        return all(v % 1000 == 0 for v in (self.origin_x, self.origin_y, self.tile_span))
+
     def tile(self, ix: int, iy: int) -> Tile:
         return Tile(grid=self, ix=ix, iy=iy)
 
@@ -116,9 +121,9 @@ class Tile:
 
     @property
     def id(self) -> str:
-        """`E3600N2890` (lower-left corner in km) when km-aligned, else `E501360mN5629040m`."""
+        """`E3600N2890` (lower-left corner in km) on km-aligned grids, else `E501360mN5629040m`."""
         x0, y0 = self.bounds[:2]
-        if x0 % 1000 == 0 and y0 % 1000 == 0:
+        if self.grid.km_ids:
             return f"E{int(x0 // 1000):04d}N{int(y0 // 1000):04d}"
         return f"E{round(x0)}mN{round(y0)}m"
 

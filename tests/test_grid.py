@@ -20,6 +20,12 @@ def test_metre_ids_for_unaligned_origins():
     assert grid.tile_from_id(tile.id) == tile
 
 
+def test_one_id_format_per_grid():
+    grid = GridSpec(crs="EPSG:32631", resolution=10, tile_size=64, origin_x=500000, origin_y=5630000)
+    ids = [t.id for t in grid.tiles_for_bbox((500000, 5630000, 501280, 5631280), "EPSG:32631")]
+    assert ids == ["E500000mN5630640m", "E500640mN5630640m", "E500000mN5630000m", "E500640mN5630000m"]
+
+
 def test_lonlat_region_and_union_extent():
     grid = GridSpec(crs="EPSG:32631", resolution=10, tile_size=64, origin_x=500000, origin_y=5630000)
     tiles = grid.tiles_for_bbox((3.0, 50.83, 3.012, 50.838), "EPSG:4326")

@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo, config=False)
     produce = sub.add_parser("produce", help="run ingest → pivot → train → predict → publish")
     _common(produce)
-    produce.add_argument("--no-train", action="store_true", help="predict with the current champion instead of training")
+    produce.add_argument(
+        "--no-train",
+        action="store_true",
+        help="predict with the current champion instead of training",
+    )
     for stage in STAGES:
         _common(sub.add_parser(stage, help=f"run the {stage} stage only"))
     return parser
@@ -37,7 +41,9 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
         p.add_argument("--config", required=True, help="run config YAML (see infra/configs/)")
         p.add_argument("--out", required=True, help="output folder of the run")
     p.add_argument("--force", action="store_true", help="redo finished tiles")
-    p.add_argument("--json", action="store_true", help="print the run summary as one JSON line on stdout")
+    p.add_argument(
+        "--json", action="store_true", help="print the run summary as one JSON line on stdout"
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -48,7 +54,10 @@ def run(args: argparse.Namespace) -> dict:
         from pivotmap.flows.produce import produce_flow
 
         config, path = prepare_demo(Path(args.out), seed=args.seed)
-        return {"demo_config": str(path), **produce_flow(config, str(Path(args.out)), force=args.force)}
+        return {
+            "demo_config": str(path),
+            **produce_flow(config, str(Path(args.out)), force=args.force),
+        }
     config = load_run_config(args.config)
     if args.command == "produce":
         from pivotmap.flows.produce import produce_flow
@@ -68,7 +77,16 @@ def _stage(name: str, config, args) -> dict:
 
 
 def _human(summary: dict) -> str:
-    keys = ("map", "quicklook", "stac_catalog", "cube", "mlflow", "overall_accuracy", "macro_f1", "product_version")
+    keys = (
+        "map",
+        "quicklook",
+        "stac_catalog",
+        "cube",
+        "mlflow",
+        "overall_accuracy",
+        "macro_f1",
+        "product_version",
+    )
     lines = [f"  {k}: {summary[k]}" for k in keys if k in summary]
     return "pivotmap: done\n" + "\n".join(lines) if lines else "pivotmap: done"
 

@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pivotmap.tasks.grid import GridSpec
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-DEFAULT_SCL_MASK = (0, 1, 3, 8, 9, 10)  # no data, saturated, cloud shadow, cloud medium/high, cirrus
+DEFAULT_SCL_MASK = (
+    0,
+    1,
+    3,
+    8,
+    9,
+    10,
+)  # no data, saturated, cloud shadow, cloud medium/high, cirrus
 
 
 class ConfigError(ValueError):
@@ -49,7 +56,8 @@ class SourceConfig(_Frozen):
         default="sentinel-2-l2a", description="Sentinel-2 L2A collection id; null to skip S2."
     )
     s1_collection: str | None = Field(
-        default="sentinel-1-rtc", description="Sentinel-1 collection id (RTC or GRD); null to skip S1."
+        default="sentinel-1-rtc",
+        description="Sentinel-1 collection id (RTC or GRD); null to skip S1.",
     )
     timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout for STAC APIs.")
 
@@ -118,9 +126,12 @@ class PeriodConfig(_Frozen):
 class IngestConfig(_Frozen):
     """Item selection and masking."""
 
-    max_cloud_cover: float = Field(default=100.0, ge=0, le=100, description="Skip S2 items above this eo:cloud_cover.")
+    max_cloud_cover: float = Field(
+        default=100.0, ge=0, le=100, description="Skip S2 items above this eo:cloud_cover."
+    )
     scl_mask: tuple[int, ...] = Field(
-        default=DEFAULT_SCL_MASK, description="SCL classes masked out (default: no data, saturated, shadow, clouds, cirrus)."
+        default=DEFAULT_SCL_MASK,
+        description="SCL classes masked out (default: no data, saturated, shadow, clouds, cirrus).",
     )
     s1_orbit_state: Literal["ascending", "descending"] | None = Field(
         default=None, description="Keep only this S1 orbit direction; null keeps both."
@@ -131,19 +142,30 @@ class PivotConfig(_Frozen):
     """Daily gap-filled cube."""
 
     max_hold_days: int = Field(
-        default=30, ge=0, description="Before the first / after the last observation, hold its value this many days."
+        default=30,
+        ge=0,
+        description="Before the first / after the last observation, hold its value this many days.",
     )
-    age_cap_days: int = Field(default=366, ge=1, description="Information age is capped at this many days.")
+    age_cap_days: int = Field(
+        default=366, ge=1, description="Information age is capped at this many days."
+    )
     min_valid_fraction: float = Field(
-        default=0.5, ge=0, le=1, description="Quality gate: least share of filled values per variable."
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Quality gate: least share of filled values per variable.",
     )
 
 
 class LabelsConfig(_Frozen):
     """Reference data for training and evaluation."""
 
-    url: str = Field(description="Label raster (GeoTIFF/COG of class codes) on any grid; reprojected nearest.")
-    nomenclature: str = Field(description="Nomenclature YAML: code, name, colour, description per class.")
+    url: str = Field(
+        description="Label raster (GeoTIFF/COG of class codes) on any grid; reprojected nearest."
+    )
+    nomenclature: str = Field(
+        description="Nomenclature YAML: code, name, colour, description per class."
+    )
 
     _resolve_paths = field_validator("url", "nomenclature")(_resolve)
 
@@ -151,17 +173,25 @@ class LabelsConfig(_Frozen):
 class TrainConfig(_Frozen):
     """Model training and registration."""
 
-    model_name: str | None = Field(default=None, description="Registered model name; default pivotmap-<name>.")
+    model_name: str | None = Field(
+        default=None, description="Registered model name; default pivotmap-<name>."
+    )
     epochs: int = Field(default=40, ge=1, description="Training epochs.")
     batch_size: int = Field(default=256, ge=8, description="Pixels per batch.")
     learning_rate: float = Field(default=2e-3, gt=0, description="AdamW learning rate.")
     hidden: int = Field(default=32, ge=8, description="Width of the temporal encoders.")
     max_train_pixels: int = Field(
-        default=20000, ge=100, description="Train on at most this many labelled pixels (stratified by class)."
+        default=20000,
+        ge=100,
+        description="Train on at most this many labelled pixels (stratified by class).",
     )
-    step_days: int = Field(default=5, ge=1, description="Sample the daily cube every this many days.")
+    step_days: int = Field(
+        default=5, ge=1, description="Sample the daily cube every this many days."
+    )
     block_size: int = Field(default=16, ge=1, description="Spatial split block edge in pixels.")
-    test_fraction: float = Field(default=0.25, gt=0, lt=1, description="Share of blocks held out for testing.")
+    test_fraction: float = Field(
+        default=0.25, gt=0, lt=1, description="Share of blocks held out for testing."
+    )
     seed: int = Field(default=0, description="Seed for the split, the weights and the batches.")
 
 
@@ -169,19 +199,25 @@ class PredictConfig(_Frozen):
     """Inference."""
 
     batch_size: int = Field(default=8192, ge=1, description="Pixels per inference batch.")
-    model_alias: str = Field(default="champion", description="Registry alias resolved for prediction.")
+    model_alias: str = Field(
+        default="champion", description="Registry alias resolved for prediction."
+    )
 
 
 class PublishConfig(_Frozen):
     """Map products and their STAC catalogue."""
 
     collection_id: str | None = Field(
-        default=None, description="STAC collection id; default landcover-<name>-<start year>-<end year>."
+        default=None,
+        description="STAC collection id; default landcover-<name>-<start year>-<end year>.",
     )
     schema_dir: str | None = Field(
-        default=None, description="Folder of local STAC JSON schemas (index.json) for offline validation."
+        default=None,
+        description="Folder of local STAC JSON schemas (index.json) for offline validation.",
     )
-    max_nodata_fraction: float = Field(default=0.5, ge=0, le=1, description="Quality gate on map nodata.")
+    max_nodata_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Quality gate on map nodata."
+    )
 
     _resolve_schema = field_validator("schema_dir")(_resolve)
 
@@ -190,20 +226,25 @@ class MlflowConfig(_Frozen):
     """Where runs and models are tracked."""
 
     tracking_uri: str | None = Field(
-        default=None, description="MLflow tracking URI; default a SQLite store under the output folder."
+        default=None,
+        description="MLflow tracking URI; default a SQLite store under the output folder.",
     )
 
 
 class RunConfig(_Frozen):
     """A whole production run: what to map, where from, and how."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Short run/region name (lowercase, dashes).")
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]*$", description="Short run/region name (lowercase, dashes)."
+    )
     description: str = Field(default="", description="What this configuration maps.")
     source: SourceConfig
     grid: GridConfig
     region: RegionConfig
     period: PeriodConfig
-    labels: LabelsConfig | None = Field(default=None, description="Reference labels (needed to train).")
+    labels: LabelsConfig | None = Field(
+        default=None, description="Reference labels (needed to train)."
+    )
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     pivot: PivotConfig = Field(default_factory=PivotConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -16,7 +16,14 @@ from pivotmap.flows.workspace import Workspace
 from pivotmap.tasks import cube
 from pivotmap.tasks.grid import Tile
 from pivotmap.tasks.load import load_s1, load_s2, solar_day
-from pivotmap.tasks.sensors import S1_VARIABLES, S2_VARIABLES, AssetError, orbit_state, s1_asset_map, s2_asset_map
+from pivotmap.tasks.sensors import (
+    S1_VARIABLES,
+    S2_VARIABLES,
+    AssetError,
+    orbit_state,
+    s1_asset_map,
+    s2_asset_map,
+)
 from pivotmap.tasks.stac_source import require_items, search_items
 
 MODALITY_VARIABLES = {"s2": list(S2_VARIABLES), "s1": list(S1_VARIABLES)}
@@ -62,15 +69,21 @@ def items_key(items: list[pystac.Item]) -> str:
 
 
 @task(cache_policy=NONE)
-def search_task(config: RunConfig, modality: str, collection: str, tiles: list[Tile]) -> list[pystac.Item]:
+def search_task(
+    config: RunConfig, modality: str, collection: str, tiles: list[Tile]
+) -> list[pystac.Item]:
     src, period = config.source, config.period
-    items = search_items(src.kind, src.url, collection, region_lonlat(tiles), period.start, period.end, src.timeout_s)
+    items = search_items(
+        src.kind, src.url, collection, region_lonlat(tiles), period.start, period.end, src.timeout_s
+    )
     require_items(items, collection, src.url, period.start, period.end)
     return items
 
 
 @task(cache_policy=NONE)
-def ingest_tile(ws: Workspace, modality: str, tile: Tile, items: list[pystac.Item], times: np.ndarray) -> dict:
+def ingest_tile(
+    ws: Workspace, modality: str, tile: Tile, items: list[pystac.Item], times: np.ndarray
+) -> dict:
     """Load one tile's items of one modality and write them into the obs cube."""
     mine = [it for it in items if _touches(it, tile)]
     if not mine:
@@ -100,26 +113,37 @@ def ingest_flow(config: RunConfig, out_dir: str, force: bool = False) -> dict:
     ws = Workspace.open(config, out_dir)
     tiles = ws.tiles()
     summary: dict = {"stage": "ingest", "tiles": [t.id for t in tiles], "modalities": {}}
-    for modality, collection in (("s2", config.source.s2_collection), ("s1", config.source.s1_collection)):
+    for modality, collection in (
+        ("s2", config.source.s2_collection),
+        ("s1", config.source.s1_collection),
+    ):
         if collection:
-            summary["modalities"][modality] = _ingest_modality(ws, modality, collection, tiles, force)
+            summary["modalities"][modality] = _ingest_modality(
+                ws, modality, collection, tiles, force
+            )
     summary["duration_s"] = round(time.monotonic() - started, 2)
     ws.write_report("ingest", summary)
     return summary
 
 
-def _ingest_modality(ws: Workspace, modality: str, collection: str, tiles: list[Tile], force: bool) -> dict:
+def _ingest_modality(
+    ws: Workspace, modality: str, collection: str, tiles: list[Tile], force: bool
+) -> dict:
     logger = get_run_logger()
     found = search_task(ws.config, modality, collection, tiles)
     items, skipped = screen_items(modality, found, ws.config)
-    require_items(items, collection, ws.config.source.url, ws.config.period.start, ws.config.period.end)
+    require_items(
+        items, collection, ws.config.source.url, ws.config.period.start, ws.config.period.end
+    )
     times = np.array(sorted({solar_day(it) for it in items}), dtype="datetime64[ns]")
     key = items_key(items)
     url = ws.obs_url(modality)
     stage = f"ingest-{modality}"
     if force or not all(ws.is_done(stage, t.id, key) for t in tiles):
         if force or not _store_matches(url, key):
-            tmpl = cube.template(ws.extent(tiles), times, MODALITY_VARIABLES[modality], {"items_key": key})
+            tmpl = cube.template(
+                ws.extent(tiles), times, MODALITY_VARIABLES[modality], {"items_key": key}
+            )
             cube.create(url, tmpl, ws.config.grid.tile_size)
             ws.clear_stage(stage)
     done, reused = [], []
@@ -130,11 +154,23 @@ def _ingest_modality(ws: Workspace, modality: str, collection: str, tiles: list[
         info = ingest_tile(ws, modality, tile, items, times)
         ws.mark_done(stage, tile.id, key, info)
         done.append(info)
-    logger.info("%s: %d items kept, %d skipped, %d tiles written", modality, len(items), len(skipped), len(done))
+    logger.info(
+        "%s: %d items kept, %d skipped, %d tiles written",
+        modality,
+        len(items),
+        len(skipped),
+        len(done),
+    )
     return {
-        "collection": collection, "items_found": len(found), "items_used": len(items),
-        "item_ids": [it.id for it in items], "skipped_items": skipped, "dates": len(times),
-        "tiles_written": done, "tiles_already_done": reused, "cube": url,
+        "collection": collection,
+        "items_found": len(found),
+        "items_used": len(items),
+        "item_ids": [it.id for it in items],
+        "skipped_items": skipped,
+        "dates": len(times),
+        "tiles_written": done,
+        "tiles_already_done": reused,
+        "cube": url,
     }
 
 

@@ -31,9 +31,17 @@ def pivot_variables(modalities: list[str]) -> list[str]:
 
 def cube_version(config: RunConfig, ingest: dict) -> str:
     """Identifies the cube's content: source items, period, grid and gap-filling settings."""
-    keys = {m: hashlib.sha256("\n".join(sorted(v["item_ids"])).encode()).hexdigest() for m, v in ingest["modalities"].items()}
-    payload = {"items": keys, "period": config.period.model_dump(mode="json"), "grid": config.grid.model_dump(mode="json"),
-               "pivot": config.pivot.model_dump(mode="json"), "method": "linear-v1"}
+    keys = {
+        m: hashlib.sha256("\n".join(sorted(v["item_ids"])).encode()).hexdigest()
+        for m, v in ingest["modalities"].items()
+    }
+    payload = {
+        "items": keys,
+        "period": config.period.model_dump(mode="json"),
+        "grid": config.grid.model_dump(mode="json"),
+        "pivot": config.pivot.model_dump(mode="json"),
+        "method": "linear-v1",
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -42,9 +50,13 @@ def pivot_tile_task(ws: Workspace, tile: Tile, obs: dict, times_extent) -> dict:
     """Gap-fill one tile and write it into the pivot cube."""
     cfg = ws.config
     tile_obs = {m: cube.read_tile(ds, tile) for m, ds in obs.items()}
-    result = pivot_tile(tile_obs, cfg.period.start, cfg.period.end, cfg.pivot.max_hold_days, cfg.pivot.age_cap_days)
+    result = pivot_tile(
+        tile_obs, cfg.period.start, cfg.period.end, cfg.pivot.max_hold_days, cfg.pivot.age_cap_days
+    )
     cube.write_tile(ws.pivot_url, result, tile, times_extent)
-    fractions = {f"valid_{m}": round(float(np.isfinite(result[f"age_{m}"].values).mean()), 4) for m in obs}
+    fractions = {
+        f"valid_{m}": round(float(np.isfinite(result[f"age_{m}"].values).mean()), 4) for m in obs
+    }
     return {"tile": tile.id, **fractions}
 
 
@@ -62,8 +74,12 @@ def pivot_flow(config: RunConfig, out_dir: str, force: bool = False) -> dict:
     extent = ws.extent(tiles)
     if force or not all(ws.is_done("pivot", t.id, version) for t in tiles):
         if force or cube_attrs(ws.pivot_url).get("cube_version") != version:
-            tmpl = cube.template(extent, daily_times(config.period.start, config.period.end),
-                                 pivot_variables(modalities), _attrs(config, version))
+            tmpl = cube.template(
+                extent,
+                daily_times(config.period.start, config.period.end),
+                pivot_variables(modalities),
+                _attrs(config, version),
+            )
             cube.create(ws.pivot_url, tmpl, config.grid.tile_size)
             ws.clear_stage("pivot")
     obs = {m: cube.open_cube(ws.obs_url(m)) for m in modalities}
@@ -75,11 +91,24 @@ def pivot_flow(config: RunConfig, out_dir: str, force: bool = False) -> dict:
         info = pivot_tile_task(ws, tile, obs, extent)
         ws.mark_done("pivot", tile.id, version, info)
         done.append(info)
-    quality = validate_cube(cube.open_cube(ws.pivot_url), min_valid_fraction=config.pivot.min_valid_fraction)
-    logger.info("pivot %s: %d tiles written, quality %s", version, len(done), "passed" if quality.success else "FAILED")
-    summary = {"stage": "pivot", "cube": ws.pivot_url, "cube_version": version, "tiles_written": done,
-               "tiles_already_done": reused, "quality": quality.to_dict(),
-               "duration_s": round(time.monotonic() - started, 2)}
+    quality = validate_cube(
+        cube.open_cube(ws.pivot_url), min_valid_fraction=config.pivot.min_valid_fraction
+    )
+    logger.info(
+        "pivot %s: %d tiles written, quality %s",
+        version,
+        len(done),
+        "passed" if quality.success else "FAILED",
+    )
+    summary = {
+        "stage": "pivot",
+        "cube": ws.pivot_url,
+        "cube_version": version,
+        "tiles_written": done,
+        "tiles_already_done": reused,
+        "quality": quality.to_dict(),
+        "duration_s": round(time.monotonic() - started, 2),
+    }
     ws.write_report("pivot", summary)
     quality.raise_for_failure()
     return summary

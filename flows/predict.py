@@ -27,7 +27,9 @@ def classify_tile(model, spec, ds, batch_size: int, device: str) -> tuple[np.nda
     classes = np.full(h * w, NODATA_CODE, dtype=np.uint8)
     confidence = np.full(h * w, NODATA_CODE, dtype=np.uint8)
     if ok.any():
-        proba = predict_proba(model, network_input(series[ok], day_of_year(ds), spec), batch_size, device)
+        proba = predict_proba(
+            model, network_input(series[ok], day_of_year(ds), spec), batch_size, device
+        )
         classes[ok] = np.asarray(spec.classes, dtype=np.uint8)[proba.argmax(1)]
         confidence[ok] = np.rint(proba.max(1) * 100).astype(np.uint8)
     return classes.reshape(h, w), confidence.reshape(h, w)
@@ -56,15 +58,27 @@ def predict_flow(config: RunConfig, out_dir: str, device: str | None = None) -> 
     dev = pick_device(device)
     model, spec, info = load_champion(
         tracking_uri=tracking_uri_for(ws.root, config.mlflow.tracking_uri),
-        model_name=config.model_name, alias=config.predict.model_alias, device=dev,
+        model_name=config.model_name,
+        alias=config.predict.model_alias,
+        device=dev,
     )
     pivot = cube.open_cube(ws.pivot_url)
     tiles = ws.tiles()
-    results = [predict_tile(ws, tile, pivot, model, spec, dev) for tile in track(tiles, "predict", total=len(tiles))]
+    results = [
+        predict_tile(ws, tile, pivot, model, spec, dev)
+        for tile in track(tiles, "predict", total=len(tiles))
+    ]
     elapsed = time.monotonic() - started
     pixels = len(tiles) * config.grid.tile_size**2
     logger.info("predicted %d tiles with %s v%s", len(tiles), info["name"], info["version"])
-    summary = {"stage": "predict", "model": info, "tiles": results, "device": dev,
-               "pixels": pixels, "px_per_s": round(pixels / elapsed, 1), "duration_s": round(elapsed, 2)}
+    summary = {
+        "stage": "predict",
+        "model": info,
+        "tiles": results,
+        "device": dev,
+        "pixels": pixels,
+        "px_per_s": round(pixels / elapsed, 1),
+        "duration_s": round(elapsed, 2),
+    }
     ws.write_report("predict", summary)
     return summary

@@ -45,11 +45,26 @@ def run_summary(ws: Workspace, ingest, pivot, trained, predict, publish, seconds
         "quicklook": str(version_dir / "quicklook.png"),
         "stac_catalog": publish["catalog"],
         "product_version": publish["version"],
-        "mlflow": {"tracking_uri": tracking_uri_for(ws.root, ws.config.mlflow.tracking_uri),
-                   "model": predict["model"]["name"], "model_version": predict["model"]["version"],
-                   "run_id": predict["model"]["run_id"]},
+        "mlflow": {
+            "tracking_uri": tracking_uri_for(ws.root, ws.config.mlflow.tracking_uri),
+            "model": predict["model"]["name"],
+            "model_version": predict["model"]["version"],
+            "run_id": predict["model"]["run_id"],
+        },
         "duration_s": round(seconds, 1),
     }
     if trained:
-        summary.update({k: trained[k] for k in ("overall_accuracy", "macro_f1", "kappa", "per_class_f1", "promoted", "promotion_reason")})
+        summary.update(
+            {
+                k: trained[k]
+                for k in (
+                    "overall_accuracy",
+                    "macro_f1",
+                    "kappa",
+                    "per_class_f1",
+                    "promoted",
+                    "promotion_reason",
+                )
+            }
+        )
     return summary

@@ -33,7 +33,14 @@ def load_maps(ws: Workspace):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run the 'predict' stage first")
         with np.load(path) as data:
-            maps.append(TileMap(tile_id=tile.id, geobox=tile.geobox, classes=data["classes"], confidence=data["confidence"]))
+            maps.append(
+                TileMap(
+                    tile_id=tile.id,
+                    geobox=tile.geobox,
+                    classes=data["classes"],
+                    confidence=data["confidence"],
+                )
+            )
     return maps
 
 
@@ -49,31 +56,52 @@ def publish_flow(config: RunConfig, out_dir: str) -> dict:
     nomenclature = load_nomenclature(config.labels.nomenclature)
     maps = load_maps(ws)
     quality = validate_map(
-        np.concatenate([m.classes.ravel() for m in maps]), np.concatenate([m.confidence.ravel() for m in maps]),
-        nomenclature, max_nodata_fraction=config.publish.max_nodata_fraction,
+        np.concatenate([m.classes.ravel() for m in maps]),
+        np.concatenate([m.confidence.ravel() for m in maps]),
+        nomenclature,
+        max_nodata_fraction=config.publish.max_nodata_fraction,
     )
     if not quality.success:
-        ws.write_report("publish", {"stage": "publish", "published": False, "quality": quality.to_dict()})
+        ws.write_report(
+            "publish", {"stage": "publish", "published": False, "quality": quality.to_dict()}
+        )
         quality.raise_for_failure()
     ingest, pivot, predict = (ws.read_report(s) for s in ("ingest", "pivot", "predict"))
     model = predict["model"]
     provenance = Provenance(
-        model_name=model["name"], model_version=str(model["version"]), model_run_id=model["run_id"],
-        model_uri=model["uri"], cube_url=pivot["cube"], cube_version=pivot["cube_version"],
-        period_start=config.period.start.isoformat(), period_end=config.period.end.isoformat(),
+        model_name=model["name"],
+        model_version=str(model["version"]),
+        model_run_id=model["run_id"],
+        model_uri=model["uri"],
+        cube_url=pivot["cube"],
+        cube_version=pivot["cube_version"],
+        period_start=config.period.start.isoformat(),
+        period_end=config.period.end.isoformat(),
         source_item_count=sum(m["items_used"] for m in ingest["modalities"].values()),
         source_collections=[m["collection"] for m in ingest["modalities"].values()],
-        software_version=__version__, config_hash=config.config_hash(),
+        software_version=__version__,
+        config_hash=config.config_hash(),
     )
     version = product_version(str(model["version"]), pivot["cube_version"])
     result = publish_products(
-        maps, nomenclature, provenance, ws.products_dir, collection_id=config.collection_id,
+        maps,
+        nomenclature,
+        provenance,
+        ws.products_dir,
+        collection_id=config.collection_id,
         title=f"Land cover {config.name} {_years(config)}",
-        version=version, schema_dir=Path(config.publish.schema_dir) if config.publish.schema_dir else None,
+        version=version,
+        schema_dir=Path(config.publish.schema_dir) if config.publish.schema_dir else None,
     )
     logger.info("published %s version %s to %s", config.collection_id, version, ws.products_dir)
-    summary = {"stage": "publish", "published": True, "version": version, "quality": quality.to_dict(),
-               "catalog": str(ws.products_dir / "catalog.json"), **{k: v for k, v in result.items() if k != "version"},
-               "duration_s": round(time.monotonic() - started, 2)}
+    summary = {
+        "stage": "publish",
+        "published": True,
+        "version": version,
+        "quality": quality.to_dict(),
+        "catalog": str(ws.products_dir / "catalog.json"),
+        **{k: v for k, v in result.items() if k != "version"},
+        "duration_s": round(time.monotonic() - started, 2),
+    }
     ws.write_report("publish", summary)
     return summary

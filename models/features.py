@@ -45,7 +45,9 @@ def network_input(series: np.ndarray, doy: np.ndarray, spec: ModelSpec) -> np.nd
     for c, name in enumerate(names):
         values = series[:, :, c]
         if name.startswith("age_"):
-            x[:, :, c] = np.where(np.isfinite(values), np.minimum(values, spec.age_cap) / spec.age_cap, 1.0)
+            x[:, :, c] = np.where(
+                np.isfinite(values), np.minimum(values, spec.age_cap) / spec.age_cap, 1.0
+            )
         else:
             scaled = (values - spec.norm_mean.get(name, 0.0)) / spec.norm_std.get(name, 1.0)
             x[:, :, c] = np.where(np.isfinite(scaled), scaled, 0.0)

@@ -82,7 +82,9 @@ class FusionClassifier(nn.Module):
         self.s1 = TemporalEncoder(n1 + 2, spec.hidden)
         self.gate = nn.Sequential(nn.Linear(2 * spec.hidden, 2), nn.Softmax(dim=-1))
         self.head = nn.Sequential(
-            nn.Linear(spec.hidden, spec.hidden), nn.GELU(), nn.Dropout(0.1),
+            nn.Linear(spec.hidden, spec.hidden),
+            nn.GELU(),
+            nn.Dropout(0.1),
             nn.Linear(spec.hidden, len(spec.classes)),
         )
 

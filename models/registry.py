@@ -137,8 +137,12 @@ def log_and_register(
     )
     log.info("registered %s v%s (run %s): %s", model_name, version, run.info.run_id, reason)
     return RegisteredModel(
-        name=model_name, version=version, run_id=run.info.run_id,
-        uri=f"models:/{model_name}/{version}", promoted=promoted, reason=reason,
+        name=model_name,
+        version=version,
+        run_id=run.info.run_id,
+        uri=f"models:/{model_name}/{version}",
+        promoted=promoted,
+        reason=reason,
         champion_version=champion,
     )
 

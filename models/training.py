@@ -37,7 +37,9 @@ def spatial_block_split(
         test_blocks = rng.choice(blocks, size=n_test, replace=False)
         test = np.isin(block_id, test_blocks) & labelled
         train = ~np.isin(block_id, test_blocks) & labelled
-        missing = sum(not (labels[test] == c).any() or not (labels[train] == c).any() for c in classes)
+        missing = sum(
+            not (labels[test] == c).any() or not (labels[train] == c).any() for c in classes
+        )
         if best is None or missing < best[0]:
             best = (missing, test)
         if missing == 0:
@@ -52,8 +54,15 @@ class FitResult:
 
 
 def fit(
-    x: np.ndarray, y_idx: np.ndarray, spec: ModelSpec, *, epochs: int, batch_size: int,
-    learning_rate: float, seed: int, device: str = "cpu",
+    x: np.ndarray,
+    y_idx: np.ndarray,
+    spec: ModelSpec,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    device: str = "cpu",
 ) -> FitResult:
     """Train a fresh network on [N, T, C] inputs and class indices; class-balanced loss."""
     torch.manual_seed(seed)
@@ -88,7 +97,9 @@ def fit(
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, x: np.ndarray, batch_size: int, device: str = "cpu") -> np.ndarray:
+def predict_proba(
+    model: nn.Module, x: np.ndarray, batch_size: int, device: str = "cpu"
+) -> np.ndarray:
     """Softmax probabilities [N, K], batched; bf16 autocast on CUDA."""
     model.eval()
     out = []
@@ -125,7 +136,9 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[int, ...]) ->
     per_class = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
     return {
         "overall_accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
         "kappa": float(cohen_kappa_score(y_true, y_pred, labels=labels)),
         "per_class_f1": {str(c): float(f) for c, f in zip(labels, per_class, strict=True)},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),

@@ -13,6 +13,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from odc.geo.geobox import GeoBox
+
 from pivotmap.tasks.nomenclature import NODATA_CODE
 
 Colormap = Mapping[int, tuple[int, int, int, int]]

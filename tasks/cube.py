@@ -59,8 +59,8 @@ def template(geobox: GeoBox, times: np.ndarray, variables: list[str], attrs: dic
 
 def encoding(ds: xr.Dataset, chunk_xy: int, shard_xy: int) -> dict:
     """int16 + scale_factor, full time per chunk, shards of `shard_xy` pixels, time-delta + zstd."""
-    from zarr.codecs.numcodecs import Delta
     from zarr.codecs import TransposeCodec, ZstdCodec
+    from zarr.codecs.numcodecs import Delta
 
     n_time = ds.sizes["time"]
     enc = {}
@@ -77,7 +77,11 @@ def encoding(ds: xr.Dataset, chunk_xy: int, shard_xy: int) -> dict:
             "filters": [TransposeCodec(order=(1, 2, 0)), Delta(dtype="int16")],
             "compressors": [ZstdCodec(level=3)],
         }
-    enc["time"] = {"units": "days since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": "int32"}
+    enc["time"] = {
+        "units": "days since 1970-01-01",
+        "calendar": "proleptic_gregorian",
+        "dtype": "int32",
+    }
     return enc
 
 
@@ -105,13 +109,18 @@ def create(url: str, tmpl: xr.Dataset, tile_size: int, storage_options: dict | N
         )
 
 
-def write_tile(url: str, ds: xr.Dataset, tile: Tile, outer: GeoBox, storage_options: dict | None = None) -> None:
+def write_tile(
+    url: str, ds: xr.Dataset, tile: Tile, outer: GeoBox, storage_options: dict | None = None
+) -> None:
     """Write one tile's data (dims time, y, x on the tile's GeoBox) into its region of the cube."""
     rows, cols = tile.slices_in(outer)
     payload = ds.drop_vars([c for c in ds.coords], errors="ignore")
     with _quiet():
         payload.to_zarr(
-            url, region={"time": slice(None), "y": rows, "x": cols}, mode="r+", zarr_format=3,
+            url,
+            region={"time": slice(None), "y": rows, "x": cols},
+            mode="r+",
+            zarr_format=3,
             storage_options=storage_options,
         )
 
@@ -137,8 +146,10 @@ def read_tile(cube: xr.Dataset, tile: Tile) -> xr.Dataset:
 def _bounds(cube: xr.Dataset) -> tuple[float, float, float, float]:
     res = float(abs(cube.x[1] - cube.x[0]))
     return (
-        float(cube.x.min()) - res / 2, float(cube.y.min()) - res / 2,
-        float(cube.x.max()) + res / 2, float(cube.y.max()) + res / 2,
+        float(cube.x.min()) - res / 2,
+        float(cube.y.min()) - res / 2,
+        float(cube.x.max()) + res / 2,
+        float(cube.y.max()) + res / 2,
     )
 
 

@@ -60,7 +60,9 @@ def linear_fill(
         filled = np.where(both, vp + w * (vn - vp), np.nan)
         filled = np.where(hold_prev, vp, filled)
         values[b] = np.where(hold_next, vn, filled).astype(np.float32)
-    age = np.minimum(np.where(has_prev, d - prev_day, np.inf), np.where(has_next, next_day - d, np.inf))
+    age = np.minimum(
+        np.where(has_prev, d - prev_day, np.inf), np.where(has_next, next_day - d, np.inf)
+    )
     filled_any = both | hold_prev | hold_next
     age = np.where(filled_any, np.minimum(age, age_cap_days), np.nan).astype(np.float32)
     return FillResult(values=values, age=age)

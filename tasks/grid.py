@@ -34,7 +34,9 @@ class GridSpec:
 
     def __post_init__(self) -> None:
         if not CRS(self.crs).projected:
-            raise RegionError(f"grid crs {self.crs!r} is not projected: use a metric CRS such as EPSG:3035")
+            raise RegionError(
+                f"grid crs {self.crs!r} is not projected: use a metric CRS such as EPSG:3035"
+            )
         if self.resolution <= 0 or self.tile_size <= 0:
             raise RegionError("grid resolution and tile_size must be positive")
 
@@ -57,7 +59,10 @@ class GridSpec:
             raise RegionError(f"{tile_id!r} is not a tile id (expected e.g. E3600N2890)")
         scale = 1.0 if match.group(2) else 1000.0
         x0, y0 = float(match.group(1)) * scale, float(match.group(3)) * scale
-        tile = self.tile(round((x0 - self.origin_x) / self.tile_span), round((y0 - self.origin_y) / self.tile_span))
+        tile = self.tile(
+            round((x0 - self.origin_x) / self.tile_span),
+            round((y0 - self.origin_y) / self.tile_span),
+        )
         if tile.id != tile_id:
             raise RegionError(f"tile id {tile_id!r} is not a tile of this grid")
         return tile

@@ -21,7 +21,9 @@ def read_labels(url: str, geobox: GeoBox, nomenclature: Nomenclature) -> np.ndar
     try:
         with rasterio.open(url) as src:
             if src.crs is None:
-                raise LabelError(f"label raster {url} has no CRS: assign one (e.g. gdal_edit.py -a_srs)")
+                raise LabelError(
+                    f"label raster {url} has no CRS: assign one (e.g. gdal_edit.py -a_srs)"
+                )
             out = np.zeros(geobox.shape, dtype=np.int32)
             reproject(
                 source=rasterio.band(src, 1),

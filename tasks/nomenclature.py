@@ -23,7 +23,8 @@ class LandCoverClass(BaseModel):
     name: str = Field(min_length=1, description="Short class name shown in legends.")
     color: str = Field(description="Legend colour as #RRGGBB.")
     description: str = Field(
-        min_length=1, description="One sentence saying what the class contains (legends, STAC, prompts)."
+        min_length=1,
+        description="One sentence saying what the class contains (legends, STAC, prompts).",
     )
 
     @field_validator("color")
@@ -43,9 +44,12 @@ class Nomenclature(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str = Field(description="Name of the nomenclature, e.g. 'WorldCereal LC'.")
-    classes: list[LandCoverClass] = Field(min_length=2, description="The map classes, in legend order.")
+    classes: list[LandCoverClass] = Field(
+        min_length=2, description="The map classes, in legend order."
+    )
     unknown_codes: list[int] = Field(
-        default_factory=lambda: [0], description="Label codes that mean 'unknown' and are ignored in training."
+        default_factory=lambda: [0],
+        description="Label codes that mean 'unknown' and are ignored in training.",
     )
 
     @model_validator(mode="after")
@@ -79,7 +83,9 @@ def load_nomenclature(path: str | Path) -> Nomenclature:
     """Read a nomenclature YAML file; errors name the file and the problem."""
     path = Path(path)
     if not path.is_file():
-        raise NomenclatureError(f"nomenclature file not found: {path} — set `labels.nomenclature` in the config")
+        raise NomenclatureError(
+            f"nomenclature file not found: {path} — set `labels.nomenclature` in the config"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
         return Nomenclature.model_validate(raw)

@@ -17,7 +17,9 @@ AGE_ATTRS = (
 
 def daily_times(start: dt.date, end: dt.date) -> np.ndarray:
     """The pivot's time axis: every day from start to end inclusive."""
-    return np.arange(np.datetime64(start, "D"), np.datetime64(end, "D") + 1).astype("datetime64[ns]")
+    return np.arange(np.datetime64(start, "D"), np.datetime64(end, "D") + 1).astype(
+        "datetime64[ns]"
+    )
 
 
 def pivot_tile(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pystac
 from odc.geo.geobox import GeoBox
+
 from pivotmap.tasks import cog, quicklook, stac_products
 from pivotmap.tasks.nomenclature import NODATA_CODE, Nomenclature
 

@@ -12,6 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from odc.geo.geobox import GeoBox
+
 from pivotmap.tasks.cog import mosaic_layout
 from pivotmap.tasks.nomenclature import NODATA_CODE, Nomenclature
 

@@ -13,7 +13,18 @@ S1_VARIABLES = ("VV", "VH")
 _S2_EARTH_SEARCH = dict(
     zip(
         S2_VARIABLES,
-        ("blue", "green", "red", "rededge1", "rededge2", "rededge3", "nir", "nir08", "swir16", "swir22"),
+        (
+            "blue",
+            "green",
+            "red",
+            "rededge1",
+            "rededge2",
+            "rededge3",
+            "nir",
+            "nir08",
+            "swir16",
+            "swir22",
+        ),
         strict=True,
     )
 )

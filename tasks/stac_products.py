@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pystac
 from odc.geo.geobox import GeoBox
-from pivotmap.tasks.nomenclature import NODATA_CODE, Nomenclature
 from pystac.validation import JsonSchemaSTACValidator
+
+from pivotmap.tasks.nomenclature import NODATA_CODE, Nomenclature
 
 # Versions chosen because index.json in shared/stac-schemas holds a local copy of each.
 PROJECTION_SCHEMA = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"

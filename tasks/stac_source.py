@@ -45,7 +45,9 @@ def _static_items(url: str, collection: str) -> Iterable[pystac.Item]:
     try:
         root = pystac.Catalog.from_file(url)
     except FileNotFoundError as exc:
-        raise SourceError(f"STAC catalogue not found: {url} — check `source.url` in the config") from exc
+        raise SourceError(
+            f"STAC catalogue not found: {url} — check `source.url` in the config"
+        ) from exc
     except Exception as exc:  # pystac raises many types for unreadable JSON
         raise SourceError(f"cannot read STAC catalogue {url}: {exc}") from exc
     children = {child.id: child for child in root.get_children()}
@@ -93,7 +95,9 @@ def _intersects(item: pystac.Item, region_lonlat: Geometry) -> bool:
     return Geometry(item.geometry, crs="EPSG:4326").intersects(region_lonlat)
 
 
-def require_items(items: list[pystac.Item], collection: str, url: str, start: dt.date, end: dt.date) -> None:
+def require_items(
+    items: list[pystac.Item], collection: str, url: str, start: dt.date, end: dt.date
+) -> None:
     """A run over an empty period cannot make a map: stop with the inputs named."""
     if not items:
         raise SourceError(

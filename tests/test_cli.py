@@ -41,10 +41,16 @@ def _last_json(out: str) -> dict:
 
 
 def test_missing_catalogue_exits_non_zero_naming_it(tmp_path):
-    result = _pivotmap("ingest", "--config", str(_config(tmp_path)), "--out", str(tmp_path / "o"), "--json")
+    result = _pivotmap(
+        "ingest", "--config", str(_config(tmp_path)), "--out", str(tmp_path / "o"), "--json"
+    )
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("pivotmap: error:")]
-    assert len(errors) == 1 and "STAC catalogue not found" in errors[0] and "data/catalog.json" in errors[0]
+    assert (
+        len(errors) == 1
+        and "STAC catalogue not found" in errors[0]
+        and "data/catalog.json" in errors[0]
+    )
     assert _last_json(result.stdout)["ok"] is False
 
 
@@ -52,14 +58,22 @@ def test_missing_catalogue_exits_non_zero_naming_it(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        ({"source": {"s2_collection": "sentinel-2-c1-l2a"}}, "'sentinel-2-c1-l2a' is not in catalogue"),
+        (
+            {"source": {"s2_collection": "sentinel-2-c1-l2a"}},
+            "'sentinel-2-c1-l2a' is not in catalogue",
+        ),
         ({"period": {"start": "2021-01-01", "end": "2021-12-31"}}, "no items of 'sentinel-2-l2a'"),
     ],
 )
-def test_unknown_collection_and_empty_period(flanders, tmp_path, capsys, prefect_server, changes, expected):
+def test_unknown_collection_and_empty_period(
+    flanders, tmp_path, capsys, prefect_server, changes, expected
+):
     raw = yaml.safe_load((CONFIGS / "flanders.yaml").read_text())
     raw["source"]["url"] = str(flanders / "catalog.json")
-    raw["labels"] = {"url": str(flanders / "labels/lc.tif"), "nomenclature": str(CONFIGS / "flanders-nomenclature.yaml")}
+    raw["labels"] = {
+        "url": str(flanders / "labels/lc.tif"),
+        "nomenclature": str(CONFIGS / "flanders-nomenclature.yaml"),
+    }
     raw.pop("publish")
     for section, values in changes.items():
         raw[section] = {**raw[section], **values}

@@ -30,7 +30,11 @@ def _run(argv: list[str], capsys) -> tuple[int, dict]:
 
 
 def _digests(folder: Path, pattern: str) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob(pattern)) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob(pattern))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +79,25 @@ def test_champion_resolves_to_the_published_model(demo):
 
     out, summary = demo
     _, spec, info = load_champion(tracking_uri=tracking_uri_for(out), model_name="pivotmap-demo")
-    assert info["version"] == summary["mlflow"]["model_version"] and info["run_id"] == summary["mlflow"]["run_id"]
+    assert (
+        info["version"] == summary["mlflow"]["model_version"]
+        and info["run_id"] == summary["mlflow"]["run_id"]
+    )
     assert spec.classes == (1, 2, 3, 4, 5, 6)
 
 
 def test_rerun_resumes_and_republishing_is_idempotent(demo, capsys):
     out, summary = demo
     before = _digests(out / "products", "*")
-    code, again = _run(["produce", "--config", str(out / "demo.yaml"), "--out", str(out), "--no-train"], capsys)
+    code, again = _run(
+        ["produce", "--config", str(out / "demo.yaml"), "--out", str(out), "--no-train"], capsys
+    )
     assert code == 0 and again["product_version"] == summary["product_version"]
     ingest = json.loads((out / "reports" / "ingest.json").read_text())
-    assert all(not m["tiles_written"] and len(m["tiles_already_done"]) == 4 for m in ingest["modalities"].values())
+    assert all(
+        not m["tiles_written"] and len(m["tiles_already_done"]) == 4
+        for m in ingest["modalities"].values()
+    )
     assert json.loads((out / "reports" / "publish.json").read_text())["already_published"] is True
     assert _digests(out / "products", "*") == before
 
@@ -94,12 +106,18 @@ def test_second_demo_run_gives_byte_identical_cogs(demo, tmp_path, capsys):
     out, _ = demo
     config = yaml.safe_load((out / "demo.yaml").read_text())
     config["source"]["url"] = str(out / "data" / "catalog.json")
-    config["labels"] = {"url": str(out / "data/labels/lc.tif"), "nomenclature": str(out / "data/labels/nomenclature.yaml")}
+    config["labels"] = {
+        "url": str(out / "data/labels/lc.tif"),
+        "nomenclature": str(out / "data/labels/nomenclature.yaml"),
+    }
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
     code, _ = _run(["produce", "--config", str(path), "--out", str(tmp_path / "again")], capsys)
     assert code == 0
-    first, second = _digests(out / "products", "*.tif"), _digests(tmp_path / "again" / "products", "*.tif")
+    first, second = (
+        _digests(out / "products", "*.tif"),
+        _digests(tmp_path / "again" / "products", "*.tif"),
+    )
     assert len(first) == 8 and first == second
     vrt = "*.vrt"
     assert _digests(out / "products", vrt) == _digests(tmp_path / "again" / "products", vrt)
@@ -111,7 +129,10 @@ def test_failed_map_gate_publishes_nothing(demo, tmp_path, capsys):
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("data"))
     config = yaml.safe_load((out / "demo.yaml").read_text())
     config["source"]["url"] = str(out / "data" / "catalog.json")
-    config["labels"] = {"url": str(out / "data/labels/lc.tif"), "nomenclature": str(out / "data/labels/nomenclature.yaml")}
+    config["labels"] = {
+        "url": str(out / "data/labels/lc.tif"),
+        "nomenclature": str(out / "data/labels/nomenclature.yaml"),
+    }
     path = copy / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
     tile = sorted((copy / "maps").glob("*.npz"))[0]
@@ -123,13 +144,23 @@ def test_failed_map_gate_publishes_nothing(demo, tmp_path, capsys):
     code, result = _run(["publish", "--config", str(path), "--out", str(copy)], capsys)
     assert code == 1 and "QualityGateError" in result["error"] and "77" in result["error"]
     assert (copy / "products" / "catalog.json").read_bytes() == catalog_before
-    assert sorted(p.name for p in (copy / "products").iterdir()) == ["catalog.json", summary["product_version"]]
+    assert sorted(p.name for p in (copy / "products").iterdir()) == [
+        "catalog.json",
+        summary["product_version"],
+    ]
 
 
 @pytest.mark.realdata
 def test_flanders_real_patch_end_to_end(flanders, tmp_path, capsys):
     code, summary = _run(
-        ["produce", "--config", str(CONFIGS / "flanders.yaml"), "--out", str(tmp_path / "flanders")], capsys
+        [
+            "produce",
+            "--config",
+            str(CONFIGS / "flanders.yaml"),
+            "--out",
+            str(tmp_path / "flanders"),
+        ],
+        capsys,
     )
     assert code == 0, summary
     assert summary["items_used"] == {"s2": 118, "s1": 159}
@@ -137,4 +168,8 @@ def test_flanders_real_patch_end_to_end(flanders, tmp_path, capsys):
     assert summary["overall_accuracy"] > 0.6 and summary["macro_f1"] > 0.4
     publish = json.loads((tmp_path / "flanders" / "reports" / "publish.json").read_text())
     assert publish["validated"]
-    print(json.dumps({k: summary[k] for k in ("overall_accuracy", "macro_f1", "kappa", "per_class_f1")}))
+    print(
+        json.dumps(
+            {k: summary[k] for k in ("overall_accuracy", "macro_f1", "kappa", "per_class_f1")}
+        )
+    )

@@ -36,7 +36,9 @@ def test_matches_reference_on_random_gaps():
     result = linear_fill({"b": values}, days, n_days, max_hold_days=7)
     for p in range(n_px):
         expected, age = _reference(values[:, p].astype(np.float64), days, n_days, 7)
-        np.testing.assert_allclose(result.values["b"][:, p], expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+        np.testing.assert_allclose(
+            result.values["b"][:, p], expected, rtol=1e-5, atol=1e-5, equal_nan=True
+        )
         np.testing.assert_array_equal(result.age[:, p], age)
 
 

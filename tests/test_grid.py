@@ -14,20 +14,31 @@ def test_eea_style_ids_round_trip():
 
 
 def test_metre_ids_for_unaligned_origins():
-    grid = GridSpec(crs="EPSG:32631", resolution=10, tile_size=64, origin_x=501360, origin_y=5629040)
+    grid = GridSpec(
+        crs="EPSG:32631", resolution=10, tile_size=64, origin_x=501360, origin_y=5629040
+    )
     (tile,) = grid.tiles_for_bbox((501360, 5629040, 502000, 5629680), "EPSG:32631")
     assert tile.id == "E501360mN5629040m"
     assert grid.tile_from_id(tile.id) == tile
 
 
 def test_one_id_format_per_grid():
-    grid = GridSpec(crs="EPSG:32631", resolution=10, tile_size=64, origin_x=500000, origin_y=5630000)
+    grid = GridSpec(
+        crs="EPSG:32631", resolution=10, tile_size=64, origin_x=500000, origin_y=5630000
+    )
     ids = [t.id for t in grid.tiles_for_bbox((500000, 5630000, 501280, 5631280), "EPSG:32631")]
-    assert ids == ["E500000mN5630640m", "E500640mN5630640m", "E500000mN5630000m", "E500640mN5630000m"]
+    assert ids == [
+        "E500000mN5630640m",
+        "E500640mN5630640m",
+        "E500000mN5630000m",
+        "E500640mN5630000m",
+    ]
 
 
 def test_lonlat_region_and_union_extent():
-    grid = GridSpec(crs="EPSG:32631", resolution=10, tile_size=64, origin_x=500000, origin_y=5630000)
+    grid = GridSpec(
+        crs="EPSG:32631", resolution=10, tile_size=64, origin_x=500000, origin_y=5630000
+    )
     tiles = grid.tiles_for_bbox((3.0, 50.83, 3.012, 50.838), "EPSG:4326")
     extent = grid.union_geobox(tiles)
     assert len(tiles) >= 2
@@ -37,7 +48,9 @@ def test_lonlat_region_and_union_extent():
 
 
 def test_region_outside_extent_is_a_clear_error():
-    grid = GridSpec(crs="EPSG:3035", resolution=10, tile_size=1000, extent=(900000, 900000, 7400000, 5500000))
+    grid = GridSpec(
+        crs="EPSG:3035", resolution=10, tile_size=1000, extent=(900000, 900000, 7400000, 5500000)
+    )
     with pytest.raises(RegionError, match="outside the grid's valid extent"):
         grid.tiles_for_bbox((-75.0, 40.0, -74.0, 41.0), "EPSG:4326")
 

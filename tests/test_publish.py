@@ -11,11 +11,12 @@ import numpy as np
 import pystac
 import pytest
 import rasterio
+from rio_cogeo import cog_validate
+
 from pivotmap.tasks import cog, stac_products
 from pivotmap.tasks.grid import GridSpec
 from pivotmap.tasks.nomenclature import NODATA_CODE, LandCoverClass, Nomenclature
 from pivotmap.tasks.publish import Provenance, PublishError, TileMap, publish_products
-from rio_cogeo import cog_validate
 
 GRID = GridSpec(crs="EPSG:32631", resolution=10, tile_size=32, origin_x=500000, origin_y=5630000)
 PUBLISH_ARGS = {"collection_id": "pivotmap-test", "title": "Test land cover"}

@@ -48,10 +48,17 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> dict:
         torch.manual_seed(i)
         models[str(i)] = build_model(SPEC)
         results[str(i)] = log_and_register(
-            tracking_uri=uri, artifact_root=None, experiment="test", model_name=NAME,
-            model=models[str(i)], spec=SPEC, params={"epochs": 1, "opt": {"lr": 1e-3}},
-            metrics={"macro_f1": f1, "f1": {1: f1, 2: f1, 3: f1}}, validation_key=key,
-            artifacts={"summary": summary}, tags={"pivotmap.stage": "test"},
+            tracking_uri=uri,
+            artifact_root=None,
+            experiment="test",
+            model_name=NAME,
+            model=models[str(i)],
+            spec=SPEC,
+            params={"epochs": 1, "opt": {"lr": 1e-3}},
+            metrics={"macro_f1": f1, "f1": {1: f1, 2: f1, 3: f1}},
+            validation_key=key,
+            artifacts={"summary": summary},
+            tags={"pivotmap.stage": "test"},
             input_example=_inputs(2) if i == 1 else None,
         )
     assert os.environ.get("MLFLOW_TRACKING_URI") == env_before  # global state restored
@@ -96,7 +103,9 @@ def test_run_records_metrics_tags_and_artifacts(registry: dict) -> None:
 def test_load_champion_returns_champion_weights(registry: dict) -> None:
     net, spec, info = load_champion(tracking_uri=registry["uri"], model_name=NAME)
     assert info == {
-        "name": NAME, "version": "3", "run_id": registry["results"]["3"].run_id,
+        "name": NAME,
+        "version": "3",
+        "run_id": registry["results"]["3"].run_id,
         "uri": f"models:/{NAME}/3",
     }
     assert spec == SPEC and not net.training
@@ -148,14 +157,21 @@ def test_unknown_model_and_alias_raise_lookup_error(registry: dict, tmp_path: Pa
 
 def test_bad_inputs_fail_before_logging(registry: dict) -> None:
     common = dict(
-        tracking_uri=registry["uri"], artifact_root=None, experiment="test", model_name=NAME,
-        model=registry["models"]["1"], spec=SPEC, params={}, validation_key=KEY,
+        tracking_uri=registry["uri"],
+        artifact_root=None,
+        experiment="test",
+        model_name=NAME,
+        model=registry["models"]["1"],
+        spec=SPEC,
+        params={},
+        validation_key=KEY,
     )
     with pytest.raises(ValueError, match="macro_f1"):
         log_and_register(**common, metrics={"accuracy": 0.9})
     with pytest.raises(RuntimeError):  # weights that do not fit the spec
-        log_and_register(**{**common, "spec": ModelSpec(classes=(1, 2), hidden=8)},
-                         metrics={"macro_f1": 0.9})
+        log_and_register(
+            **{**common, "spec": ModelSpec(classes=(1, 2), hidden=8)}, metrics={"macro_f1": 0.9}
+        )
 
 
 def test_promotion_decision_rules() -> None:

@@ -82,7 +82,7 @@ def test_region_is_tiled_exactly_by_the_grid(small: DemoRegion) -> None:
     )
     assert small.grid() == grid
     tiles = grid.tiles_for_bbox(small.bbox, small.crs)
-    assert [t.id for t in tiles] == ["E0500N5630"]
+    assert [t.id for t in tiles] == ["E500000mN5630000m"]  # 320 m tiles: ids in metres
     geobox = grid.union_geobox(tiles)
     with rasterio.open(small.labels_path) as src:
         assert (src.height, src.width) == geobox.shape

@@ -5,7 +5,13 @@ import torch
 
 from pivotmap.models.features import fit_normalisation, has_data, network_input
 from pivotmap.models.network import ModelSpec, build_model, count_parameters
-from pivotmap.models.training import fit, metrics, predict_proba, spatial_block_split, stratified_sample
+from pivotmap.models.training import (
+    fit,
+    metrics,
+    predict_proba,
+    spatial_block_split,
+    stratified_sample,
+)
 
 
 def test_spatial_split_holds_out_whole_blocks_and_every_class():
@@ -19,7 +25,9 @@ def test_spatial_split_holds_out_whole_blocks_and_every_class():
     for b in range(16):  # a block is either all test or all train (among labelled pixels)
         assert blocks[b][labelled[b]].all() or not blocks[b].any()
     assert not test[labels == 0].any()
-    assert set(np.unique(labels[test])) == {1, 2} and set(np.unique(labels[~test & (labels > 0)])) == {1, 2}
+    assert set(np.unique(labels[test])) == {1, 2} and set(
+        np.unique(labels[~test & (labels > 0)])
+    ) == {1, 2}
     assert 0.15 < test.sum() / (labels > 0).sum() < 0.35
 
 
@@ -46,7 +54,9 @@ def test_training_learns_a_separable_problem_and_one_modality_suffices():
     rng = np.random.default_rng(0)
     n, t = 600, 12
     y = rng.integers(0, 3, n)
-    spec = ModelSpec(classes=(10, 20, 30), s2_channels=("B08", "age_s2"), s1_channels=("VV", "age_s1"), hidden=16)
+    spec = ModelSpec(
+        classes=(10, 20, 30), s2_channels=("B08", "age_s2"), s1_channels=("VV", "age_s1"), hidden=16
+    )
     series = np.zeros((n, t, 4), dtype=np.float32)
     phase = np.linspace(0, np.pi, t)
     series[:, :, 0] = np.sin(phase[None, :] + y[:, None]) + rng.normal(0, 0.2, (n, t))
@@ -55,7 +65,9 @@ def test_training_learns_a_separable_problem_and_one_modality_suffices():
     x = network_input(series, np.arange(t) * 30, spec)
     model = fit(x[:400], y[:400], spec, epochs=15, batch_size=64, learning_rate=5e-3, seed=0).model
     proba = predict_proba(model, x[400:], 128)
-    scores = metrics(np.array(spec.classes)[y[400:]], np.array(spec.classes)[proba.argmax(1)], spec.classes)
+    scores = metrics(
+        np.array(spec.classes)[y[400:]], np.array(spec.classes)[proba.argmax(1)], spec.classes
+    )
     assert scores["overall_accuracy"] > 0.9 and set(scores["per_class_f1"]) == {"10", "20", "30"}
     s1_only = series.copy()
     s1_only[:, :, :2] = np.nan  # S2 missing for every date

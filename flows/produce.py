@@ -11,6 +11,7 @@ from pivotmap.flows.ingest import ingest_flow
 from pivotmap.flows.pivot import pivot_flow
 from pivotmap.flows.predict import predict_flow
 from pivotmap.flows.publish import publish_flow
+from pivotmap.flows.report import publish_run_report
 from pivotmap.flows.train import train_flow
 from pivotmap.flows.workspace import Workspace
 
@@ -25,7 +26,9 @@ def produce_flow(config: RunConfig, out_dir: str, force: bool = False, train: bo
     trained = train_flow(config, str(ws.root)) if train else None
     predict = predict_flow(config, str(ws.root))
     publish = publish_flow(config, str(ws.root))
-    return run_summary(ws, ingest, pivot, trained, predict, publish, time.monotonic() - started)
+    summary = run_summary(ws, ingest, pivot, trained, predict, publish, time.monotonic() - started)
+    publish_run_report(summary, ws.reports_dir)
+    return summary
 
 
 def run_summary(ws: Workspace, ingest, pivot, trained, predict, publish, seconds: float) -> dict:

@@ -63,6 +63,7 @@ def test_missing_catalogue_exits_non_zero_naming_it(tmp_path):
             "'sentinel-2-c1-l2a' is not in catalogue",
         ),
         ({"period": {"start": "2021-01-01", "end": "2021-12-31"}}, "no items of 'sentinel-2-l2a'"),
+        ({"region": {"bbox": [601360, 5729040, 602000, 5729680]}}, "no items of 'sentinel-2-l2a'"),
     ],
 )
 def test_unknown_collection_and_empty_period(

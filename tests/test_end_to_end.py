@@ -72,6 +72,10 @@ def test_demo_products_are_complete_and_traceable(demo, schema_dir):
     assert {"B04", "VV", "age_s2", "age_s1"} <= set(cube.data_vars) and cube.sizes["time"] == 365
     assert cube.B04.attrs["grid_mapping"] == "spatial_ref" and "age_definition" in cube.attrs
     assert float(cube.age_s2.min()) >= 0
+    report = (out / "reports" / "run-report.md").read_text()
+    assert (
+        "Accuracy on spatially held-out labels" in report and summary["product_version"] in report
+    )
 
 
 def test_champion_resolves_to_the_published_model(demo):

@@ -31,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="predict with the current champion instead of training",
     )
+    download = sub.add_parser("download", help="download a published map for a bounding box")
+    download.add_argument(
+        "--catalog", required=True, help="catalog.json of a published map (path or s3://)"
+    )
+    download.add_argument("--bbox", required=True, help="W,S,E,N in degrees (EPSG:4326)")
+    download.add_argument("--out", required=True, help="output GeoTIFF (COG)")
+    download.add_argument("--asset", default="class", help="'class' (default) or 'confidence'")
+    download.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON line on stdout"
+    )
     for stage in STAGES:
         _common(sub.add_parser(stage, help=f"run the {stage} stage only"))
     return parser
@@ -49,6 +59,8 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
 def run(args: argparse.Namespace) -> dict:
     from pivotmap.flows.config import load_run_config
 
+    if args.command == "download":
+        return _download(args)
     if args.command == "demo":
         from pivotmap.flows.demo import prepare_demo
         from pivotmap.flows.produce import produce_flow
@@ -74,6 +86,21 @@ def _stage(name: str, config, args) -> dict:
     if name in ("ingest", "pivot"):
         return flow(config, args.out, force=args.force)
     return flow(config, args.out)
+
+
+def _download(args: argparse.Namespace) -> dict:
+    from pivotmap.flows.progress import track
+    from pivotmap.tasks.download import download_map, find_items, parse_bbox
+
+    bbox = parse_bbox(args.bbox)
+    items = find_items(args.catalog, bbox)
+    bar = iter(track(range(len(items)), "download", total=len(items)))
+    result = download_map(
+        items, bbox, Path(args.out), args.asset, on_file=lambda _: next(bar, None)
+    )
+    for _ in bar:  # close the bar
+        pass
+    return {"ok": True, **result}
 
 
 def _human(summary: dict) -> str:

@@ -218,6 +218,11 @@ class PublishConfig(_Frozen):
     max_nodata_fraction: float = Field(
         default=0.5, ge=0, le=1, description="Quality gate on map nodata."
     )
+    target: str | None = Field(
+        default=None,
+        description="Where users download products: a folder or s3://bucket/prefix (S3 endpoint and "
+        "credentials from the AWS_* environment); default the run folder's products/.",
+    )
 
     _resolve_schema = field_validator("schema_dir")(_resolve)
 

@@ -93,13 +93,17 @@ def publish_flow(config: RunConfig, out_dir: str) -> dict:
         version=version,
         schema_dir=Path(config.publish.schema_dir) if config.publish.schema_dir else None,
     )
-    logger.info("published %s version %s to %s", config.collection_id, version, ws.products_dir)
+    if config.publish.target:
+        from pivotmap.tasks.publish import mirror_published
+
+        result["mirror"] = mirror_published(ws.products_dir, version, config.publish.target)
+        result["catalog"] = result["mirror"]["target"].rstrip("/") + "/catalog.json"
+    logger.info("published %s version %s to %s", config.collection_id, version, result["catalog"])
     summary = {
         "stage": "publish",
         "published": True,
         "version": version,
         "quality": quality.to_dict(),
-        "catalog": str(ws.products_dir / "catalog.json"),
         **{k: v for k, v in result.items() if k != "version"},
         "duration_s": round(time.monotonic() - started, 2),
     }

@@ -340,3 +340,38 @@ def publish_products(
         "validated": schema_dir is not None,
         "duration_s": round(time.perf_counter() - started, 3),
     }
+
+
+def mirror_published(out_dir: Path, version: str, target_url: str, on_file=None) -> dict[str, Any]:
+    """Copy a published version from `out_dir` to `target_url` (folder or s3://), catalogue last.
+
+    Readers of the target keep getting the previous version until its catalog.json is replaced;
+    objects already there with the same content are not sent again.
+    """
+    from pivotmap.tasks import storage
+
+    source, target = Path(out_dir) / version, storage.parse(target_url)
+    if not (source / "collection.json").is_file():
+        raise PublishError(f"{source} is not a published version: publish it first")
+    catalog = Path(out_dir) / "catalog.json"
+    if target.is_s3:
+        stats = storage.upload_tree(source, target.join(version), on_file)
+        client = storage.s3_client()
+        key = target.join("catalog.json").path
+        storage.put_file(client, catalog, target.bucket, key)  # the switch, last
+        return {"target": target.url(), **stats}
+    dest = Path(target.path)
+    if dest.resolve() == Path(out_dir).resolve():
+        return {"target": str(dest), "uploaded": 0, "unchanged": len(_files(source))}
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = dest / f".staging-{version}-{uuid.uuid4().hex[:12]}"
+    shutil.copytree(source, staging)
+    try:
+        already = _commit(staging, dest / version)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    tmp = dest / f".catalog.json.{uuid.uuid4().hex}.tmp"
+    shutil.copyfile(catalog, tmp)
+    os.replace(tmp, dest / "catalog.json")
+    n = len(_files(dest / version))
+    return {"target": str(dest), "uploaded": 0 if already else n, "unchanged": n if already else 0}

@@ -1,0 +1,164 @@
+"""One place for storage URLs: local paths, `file://` and `s3://` (boto3; endpoint and credentials
+from the environment, never from code, config or logs)."""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+SHA_KEY = "sha256"  # object metadata key holding the content hash (idempotent uploads)
+
+
+class StorageError(RuntimeError):
+    """A storage URL is invalid, unreachable or refused the operation."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed storage URL: `scheme` is 'file' or 's3'; `path` a local path or an S3 key prefix."""
+
+    scheme: str
+    bucket: str
+    path: str
+
+    @property
+    def is_s3(self) -> bool:
+        return self.scheme == "s3"
+
+    def join(self, *parts: str) -> Location:
+        for part in parts:
+            _check_relative(part)
+        if self.is_s3:
+            key = "/".join(p.strip("/") for p in (self.path, *parts) if p.strip("/"))
+            return Location("s3", self.bucket, key)
+        return Location("file", "", str(Path(self.path, *parts)))
+
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.path}" if self.is_s3 else self.path
+
+
+def parse(url: str) -> Location:
+    """Normalise a bare path, `file://` URL or `s3://bucket/prefix` once, at the boundary."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"{url!r} has no bucket: write s3://BUCKET/PREFIX")
+        return Location("s3", parsed.netloc, parsed.path.lstrip("/"))
+    if parsed.scheme in ("", "file"):
+        return Location("file", "", str(Path(parsed.path if parsed.scheme else url).resolve()))
+    raise StorageError(f"unsupported storage URL {url!r}: use a path, file:// or s3://")
+
+
+def _check_relative(part: str) -> None:
+    """Keys built from names (regions, versions, tiles) must not escape their prefix."""
+    pure = PurePosixPath(part)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in part:
+        raise StorageError(f"path component {part!r} would escape its prefix")
+
+
+def s3_client():
+    """A boto3 S3 client configured only from the environment (AWS_* variables, AWS_ENDPOINT_URL)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_bytes(loc: Location) -> bytes:
+    if loc.is_s3:
+        try:
+            return s3_client().get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read()
+        except Exception as exc:
+            raise StorageError(f"cannot read {loc.url()}: {_safe(exc)}") from exc
+    try:
+        return Path(loc.path).read_bytes()
+    except OSError as exc:
+        raise StorageError(f"cannot read {loc.url()}: {exc.strerror}") from exc
+
+
+def download(loc: Location, dest: Path) -> Path:
+    """Copy one object or file to `dest`."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if loc.is_s3:
+        try:
+            s3_client().download_file(loc.bucket, loc.path, str(dest))
+        except Exception as exc:
+            raise StorageError(f"cannot download {loc.url()}: {_safe(exc)}") from exc
+    else:
+        shutil.copyfile(loc.path, dest)
+    return dest
+
+
+def upload_tree(
+    local: Path, target: Location, on_file: Callable[[Path], None] | None = None
+) -> dict:
+    """Upload every file under `local` to `target`/<relative path>; identical objects are skipped."""
+    client = s3_client()
+    existing = _existing_hashes(client, target)
+    sent = skipped = 0
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        rel = path.relative_to(local).as_posix()
+        key = target.join(rel).path
+        digest = sha256_file(path)
+        if existing.get(key) == digest:
+            skipped += 1
+        else:
+            put_file(client, path, target.bucket, key, digest)
+            sent += 1
+        if on_file:
+            on_file(path)
+    return {"uploaded": sent, "unchanged": skipped}
+
+
+def put_file(client, path: Path, bucket: str, key: str, digest: str | None = None) -> None:
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if path.suffix == ".tif":
+        content_type = "image/tiff; application=geotiff; profile=cloud-optimized"
+    try:
+        client.upload_file(
+            str(path), bucket, key,
+            ExtraArgs={"ContentType": content_type, "Metadata": {SHA_KEY: digest or sha256_file(path)}},
+        )  # fmt: skip
+    except Exception as exc:
+        raise StorageError(
+            f"cannot upload {path.name} to s3://{bucket}/{key}: {_safe(exc)}"
+        ) from exc
+
+
+def _existing_hashes(client, target: Location) -> dict[str, str]:
+    """Hashes of objects already under `target` (from their metadata)."""
+    hashes = {}
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=target.bucket, Prefix=target.path.rstrip("/") + "/"
+        )
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        for key in keys:
+            head = client.head_object(Bucket=target.bucket, Key=key)
+            if SHA_KEY in head.get("Metadata", {}):
+                hashes[key] = head["Metadata"][SHA_KEY]
+    except Exception as exc:
+        raise StorageError(f"cannot list s3://{target.bucket}/{target.path}: {_safe(exc)}") from exc
+    return hashes
+
+
+def _safe(exc: Exception) -> str:
+    """An error text without anything that looks like a credential."""
+    text = " ".join(str(exc).split())
+    for marker in ("Signature=", "X-Amz-Credential=", "X-Amz-Security-Token="):
+        if marker in text:
+            text = text.split(marker)[0] + marker + "…"
+    return text

@@ -83,7 +83,7 @@ def _stage(name: str, config, args) -> dict:
 
     module = importlib.import_module(f"pivotmap.flows.{name}")
     flow = getattr(module, f"{name}_flow")
-    if name in ("ingest", "pivot"):
+    if name in ("ingest", "pivot", "predict"):
         return flow(config, args.out, force=args.force)
     return flow(config, args.out)
 

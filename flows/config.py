@@ -60,6 +60,22 @@ class SourceConfig(_Frozen):
         description="Sentinel-1 collection id (RTC or GRD); null to skip S1.",
     )
     timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout for STAC APIs.")
+    max_retries: int = Field(
+        default=3,
+        ge=0,
+        le=10,
+        description="STAC API: retries of a request answered 429/5xx or not connected (backoff).",
+    )
+    backoff_s: float = Field(
+        default=0.5, ge=0, description="STAC API: backoff factor in seconds (doubles per retry)."
+    )
+    page_size: int | None = Field(
+        default=100, ge=1, description="STAC API: items per page (`limit`); null: server default."
+    )
+    href_modifier: str | None = Field(
+        default=None,
+        description="'module:function' applied to each item, e.g. to sign asset URLs; null: none.",
+    )
 
     _resolve_url = field_validator("url")(_resolve)
 
@@ -87,20 +103,29 @@ class GridConfig(_Frozen):
 
 
 class RegionConfig(_Frozen):
-    """The area to map: a bounding box or a GeoJSON file."""
+    """The area to map: a bounding box, a GeoJSON file or a GeoPackage layer (e.g. a country)."""
 
     bbox: tuple[float, float, float, float] | None = Field(
         default=None, description="xmin, ymin, xmax, ymax in `crs`."
     )
     crs: str = Field(default="EPSG:4326", description="CRS of `bbox`.")
-    geojson: str | None = Field(default=None, description="GeoJSON file with the region outline.")
+    geojson: str | None = Field(
+        default=None, description="GeoJSON file with the region outline (EPSG:4326 or its `crs`)."
+    )
+    geopackage: str | None = Field(
+        default=None, description="GeoPackage file whose features, unioned, are the region."
+    )
+    layer: str | None = Field(
+        default=None, description="GeoPackage layer; default: the only (or first) feature layer."
+    )
 
-    _resolve_geojson = field_validator("geojson")(_resolve)
+    _resolve_geojson = field_validator("geojson", "geopackage")(_resolve)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RegionConfig:
-        if (self.bbox is None) == (self.geojson is None):
-            raise ValueError("set exactly one of region.bbox and region.geojson")
+        given = [k for k in ("bbox", "geojson", "geopackage") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of region.bbox, region.geojson and region.geopackage")
         if self.bbox and not (self.bbox[0] < self.bbox[2] and self.bbox[1] < self.bbox[3]):
             raise ValueError(f"region.bbox {self.bbox} is not (xmin, ymin, xmax, ymax)")
         return self
@@ -131,11 +156,39 @@ class IngestConfig(_Frozen):
     )
     scl_mask: tuple[int, ...] = Field(
         default=DEFAULT_SCL_MASK,
-        description="SCL classes masked out (default: no data, saturated, shadow, clouds, cirrus).",
+        description="SCL classes masked out (default: no data, saturated, shadow, clouds, cirrus; "
+        "add 11 to mask snow).",
     )
     s1_orbit_state: Literal["ascending", "descending"] | None = Field(
         default=None, description="Keep only this S1 orbit direction; null keeps both."
     )
+    scl_dilation_px: int = Field(
+        default=0, ge=0, le=50, description="Grow the SCL mask by this many 10 m pixels."
+    )
+    s2_without_scl: Literal["error", "skip"] = Field(
+        default="error",
+        description="An S2 item without SCL: stop with an error naming it, or skip it (reported).",
+    )
+    s2_harmonisation: Literal["metadata", "baseline"] = Field(
+        default="metadata",
+        description="S2 offset: 'metadata' = raster:bands where declared, else processing "
+        "baseline (>= 04.00: -0.1); 'baseline' = always from the processing baseline.",
+    )
+    workers: int = Field(
+        default=4, ge=1, description="Threads reading COGs when no Dask scheduler is given."
+    )
+    scheduler_address: str | None = Field(
+        default=None,
+        description="Address of a running Dask scheduler for tile x date reads; null: local threads.",
+    )
+
+    @field_validator("scl_mask")
+    @classmethod
+    def _scl_classes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        bad = [v for v in value if not 0 <= v <= 11]
+        if bad:
+            raise ValueError(f"ingest.scl_mask {bad} are not SCL classes (0..11)")
+        return tuple(sorted(set(value)))
 
 
 class PivotConfig(_Frozen):
@@ -179,7 +232,38 @@ class TrainConfig(_Frozen):
     epochs: int = Field(default=40, ge=1, description="Training epochs.")
     batch_size: int = Field(default=256, ge=8, description="Pixels per batch.")
     learning_rate: float = Field(default=2e-3, gt=0, description="AdamW learning rate.")
-    hidden: int = Field(default=32, ge=8, description="Width of the temporal encoders.")
+    hidden: int = Field(default=64, ge=8, description="Width of the temporal encoders.")
+    modalities: tuple[Literal["s2", "s1"], ...] = Field(
+        default=("s2", "s1"),
+        min_length=1,
+        description="Modalities the network encodes (fused when both).",
+    )
+    label_fraction: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Train on this share of the labelled training pixels (few-label runs).",
+    )
+    pretrain_epochs: int = Field(
+        default=10,
+        ge=0,
+        description="Masked-reconstruction pretraining epochs on unlabelled pixels; 0 = none.",
+    )
+    max_unlabelled_pixels: int = Field(
+        default=20000,
+        ge=2,
+        description="Pretrain and distil on at most this many pixels outside held-out blocks.",
+    )
+    baseline_trees: int = Field(
+        default=200, ge=0, description="Random-forest baseline size; 0 = no baseline."
+    )
+    baseline_every: int = Field(
+        default=2, ge=1, description="Random-forest features every this many network time steps."
+    )
+    distill_epochs: int = Field(
+        default=0, ge=0, description="Distil a smaller student for this many epochs; 0 = none."
+    )
+    distill_hidden: int = Field(default=16, ge=8, description="Width of the distilled student.")
     max_train_pixels: int = Field(
         default=20000,
         ge=100,
@@ -201,6 +285,17 @@ class PredictConfig(_Frozen):
     batch_size: int = Field(default=8192, ge=1, description="Pixels per inference batch.")
     model_alias: str = Field(
         default="champion", description="Registry alias resolved for prediction."
+    )
+    dask: str = Field(
+        default="local",
+        description="'local' (a LocalCluster; one worker per GPU with dask-cuda where GPUs exist), "
+        "'none' (in this process) or the address of an existing Dask scheduler (tcp://host:8786).",
+    )
+    workers: int | None = Field(
+        default=None, ge=1, description="Local CPU workers (default: cores, at most 4)."
+    )
+    window: int = Field(
+        default=64, ge=16, description="Tiles are read and classified in windows of this edge (pixels)."
     )
 
 

@@ -47,6 +47,7 @@ def prepare_demo(out_dir: Path, seed: int = 42) -> tuple[RunConfig, Path]:
     """Generate the data under OUT/data (skipped when already there) and write OUT/demo.yaml."""
     from pivotmap.tasks.synthetic import generate_demo_region
 
+    out_dir = out_dir.resolve()  # catalogue hrefs are built from it
     out_dir.mkdir(parents=True, exist_ok=True)
     data = out_dir / "data"
     if not (data / "catalog.json").is_file():

@@ -1,84 +1,98 @@
-"""Predict flow: the champion model over every tile of the pivot cube → class and confidence."""
+"""Predict flow: the champion model over every tile of the pivot cube → class and confidence.
+
+Tiles run in parallel on Dask (local CPUs, one worker per GPU with dask-cuda, or an existing
+cluster); each tile is streamed in windows so a worker's memory does not grow with tile size.
+Finished tiles (same model version, same cube) are skipped on a re-run.
+"""
 
 from __future__ import annotations
 
 import time
 
-import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from pivotmap.flows.config import RunConfig
 from pivotmap.flows.progress import track
 from pivotmap.flows.workspace import Workspace
-from pivotmap.models.features import day_of_year, has_data, network_input, raw_series, sampled
-from pivotmap.models.training import pick_device, predict_proba
-from pivotmap.tasks import cube
-from pivotmap.tasks.grid import Tile
-from pivotmap.tasks.nomenclature import NODATA_CODE
+from pivotmap.models.inference import TileJob, run_tile_job, save_for_workers
 
 
-def classify_tile(model, spec, ds, batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Class codes and confidence (0–100) of one tile; 255 where the cube has no data."""
-    h, w = ds.sizes["y"], ds.sizes["x"]
-    ds = sampled(ds, spec.step_days)
-    series = raw_series(ds, spec.channels[:-2])
-    ok = has_data(series)
-    classes = np.full(h * w, NODATA_CODE, dtype=np.uint8)
-    confidence = np.full(h * w, NODATA_CODE, dtype=np.uint8)
-    if ok.any():
-        proba = predict_proba(
-            model, network_input(series[ok], day_of_year(ds), spec), batch_size, device
-        )
-        classes[ok] = np.asarray(spec.classes, dtype=np.uint8)[proba.argmax(1)]
-        confidence[ok] = np.rint(proba.max(1) * 100).astype(np.uint8)
-    return classes.reshape(h, w), confidence.reshape(h, w)
+def tile_jobs(ws: Workspace, model_dir: str, device: str, tiles) -> list[TileJob]:
+    extent = ws.extent(ws.tiles())
+    cfg = ws.config.predict
+    jobs = []
+    for tile in tiles:
+        rows, cols = tile.slices_in(extent)
+        jobs.append(
+            TileJob(
+                tile_id=tile.id, rows=(rows.start, rows.stop), cols=(cols.start, cols.stop),
+                pivot_url=ws.pivot_url, model_dir=model_dir, out_path=str(ws.maps_dir / f"{tile.id}.npz"),
+                batch_size=cfg.batch_size, window=cfg.window, device=device,
+            )
+        )  # fmt: skip
+    return jobs
 
 
 @task(cache_policy=NONE)
-def predict_tile(ws: Workspace, tile: Tile, pivot, model, spec, device: str) -> dict:
-    ds = cube.read_tile(pivot, tile)
-    classes, confidence = classify_tile(model, spec, ds, ws.config.predict.batch_size, device)
-    ws.maps_dir.mkdir(parents=True, exist_ok=True)
-    path = ws.maps_dir / f"{tile.id}.npz"
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, classes=classes, confidence=confidence)
-    tmp.replace(path)  # a crashed tile never leaves a half file under its final name
-    return {"tile": tile.id, "mapped_fraction": round(float((classes != NODATA_CODE).mean()), 4)}
+def run_jobs(jobs: list[TileJob], address: str, workers: int | None) -> list[dict]:
+    """Run tile jobs in this process ('none') or on a Dask cluster; results in job order."""
+    if address == "none" or len(jobs) <= 1:
+        return [run_tile_job(job) for job in track(jobs, "predict", total=len(jobs))]
+    from distributed import as_completed
+
+    from pivotmap.flows.cluster import dask_client
+
+    with dask_client(address, workers) as client:
+        futures = client.map(run_tile_job, jobs, pure=False)
+        done = {}
+        for future in track(as_completed(futures), "predict", total=len(futures)):
+            result = future.result()
+            done[result["tile"]] = result
+    return [done[job.tile_id] for job in jobs]
 
 
 @flow(name="predict")
-def predict_flow(config: RunConfig, out_dir: str, device: str | None = None) -> dict:
-    """Resolve `models:/<name>@<alias>` and classify every tile."""
+def predict_flow(
+    config: RunConfig, out_dir: str, device: str | None = None, force: bool = False
+) -> dict:
+    """Resolve `models:/<name>@<alias>` and classify every tile not already done."""
+    from pivotmap.flows.cluster import worker_device
     from pivotmap.models.registry import load_champion, tracking_uri_for
 
     started = time.monotonic()
     logger = get_run_logger()
     ws = Workspace.open(config, out_dir)
-    dev = pick_device(device)
+    dev = device or worker_device()
     model, spec, info = load_champion(
         tracking_uri=tracking_uri_for(ws.root, config.mlflow.tracking_uri),
-        model_name=config.model_name,
-        alias=config.predict.model_alias,
-        device=dev,
+        model_name=config.model_name, alias=config.predict.model_alias, device="cpu",
+    )  # fmt: skip
+    model_dir = save_for_workers(
+        model, spec, ws.root / "models" / f"{info['name']}-v{info['version']}"
     )
-    pivot = cube.open_cube(ws.pivot_url)
+    key = f"{info['name']}/{info['version']}@{ws.read_report('pivot')['cube_version']}"
     tiles = ws.tiles()
-    results = [
-        predict_tile(ws, tile, pivot, model, spec, dev)
-        for tile in track(tiles, "predict", total=len(tiles))
-    ]
+    todo = [t for t in tiles if force or not ws.is_done("predict", t.id, key)]
+    results = run_jobs(
+        tile_jobs(ws, str(model_dir), dev, todo), config.predict.dask, config.predict.workers
+    )
+    for result in results:
+        ws.mark_done("predict", result["tile"], key, result)
     elapsed = time.monotonic() - started
-    pixels = len(tiles) * config.grid.tile_size**2
-    logger.info("predicted %d tiles with %s v%s", len(tiles), info["name"], info["version"])
+    pixels = sum(r["pixels"] for r in results)
+    logger.info(
+        "predicted %d tiles (%d already done) with %s v%s",
+        len(todo),
+        len(tiles) - len(todo),
+        info["name"],
+        info["version"],
+    )
     summary = {
-        "stage": "predict",
-        "model": info,
-        "tiles": results,
-        "device": dev,
-        "pixels": pixels,
-        "px_per_s": round(pixels / elapsed, 1),
-        "duration_s": round(elapsed, 2),
-    }
+        "stage": "predict", "model": info, "device": dev, "tiles": results,
+        "tiles_already_done": [t.id for t in tiles if t not in todo], "pixels": pixels,
+        "px_per_s": round(pixels / elapsed, 1) if pixels else 0.0, "duration_s": round(elapsed, 2),
+        "peak_rss_mb_per_worker": max((r["peak_rss_mb"] for r in results), default=0.0),
+    }  # fmt: skip
     ws.write_report("predict", summary)
     return summary

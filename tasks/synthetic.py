@@ -259,7 +259,7 @@ def generate_demo_region(
 ) -> DemoRegion:
     """Write a seeded synthetic S1/S2 static STAC catalogue with labels; same seed, same bytes."""
     first, last = _check_arguments(tiles_x, tiles_y, tile_size, start, end)
-    layout = _Layout(Path(out_dir), tiles_y * tile_size, tiles_x * tile_size, seed)
+    layout = _Layout(Path(out_dir).resolve(), tiles_y * tile_size, tiles_x * tile_size, seed)
     _prepare_out_dir(layout.out_dir)
     scene = _make_scene(np.random.default_rng([seed, 0]), layout.height, layout.width)
     s2_dates = _dates(first, last, S2_STEP_DAYS)

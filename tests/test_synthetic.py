@@ -288,3 +288,15 @@ def test_regenerating_into_a_demo_folder_replaces_it(tmp_path: Path) -> None:
     assert region.catalog_path.is_file()
     item_dirs = [p for p in (tmp_path / "d" / "sentinel-2-l2a").iterdir() if p.is_dir()]
     assert len(item_dirs) == 2, "items of the previous run must not linger"
+
+
+def test_relative_output_folder_gives_readable_hrefs(tmp_path, monkeypatch) -> None:
+    """`pivotmap demo --out demo-out` passes a relative folder: asset hrefs must still resolve."""
+    monkeypatch.chdir(tmp_path)
+    region = generate_demo_region(
+        Path("rel-out"), tiles_x=1, tiles_y=1, tile_size=32, end="2023-01-20"
+    )
+    catalog = pystac.Catalog.from_file(str(region.catalog_path))
+    item = next(catalog.get_items(recursive=True))
+    href = item.assets[next(iter(item.assets))].get_absolute_href()
+    assert Path(href).is_file(), href

@@ -295,7 +295,9 @@ class PredictConfig(_Frozen):
         default=None, ge=1, description="Local CPU workers (default: cores, at most 4)."
     )
     window: int = Field(
-        default=64, ge=16, description="Tiles are read and classified in windows of this edge (pixels)."
+        default=64,
+        ge=16,
+        description="Tiles are read and classified in windows of this edge (pixels).",
     )
 
 
@@ -318,6 +320,38 @@ class PublishConfig(_Frozen):
         description="Where users download products: a folder or s3://bucket/prefix (S3 endpoint and "
         "credentials from the AWS_* environment); default the run folder's products/.",
     )
+    validate_stac: Literal["online", "offline", "off"] | None = Field(
+        default=None,
+        description="Check the STAC against its JSON schemas before publishing: 'online' (fetch "
+        "them), 'offline' (from schema_dir) or 'off'; default offline when schema_dir is set, "
+        "else online.",
+    )
+    mosaic_cog: bool = Field(
+        default=False, description="Also write the mosaic as one COG (beside the VRT)."
+    )
+    max_share_change: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Warn when a class share moved more than this since the previous published map.",
+    )
+    license: str = Field(default="CC-BY-4.0", description="SPDX licence id of the map products.")
+    providers: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="STAC providers of the products: {name, roles, url, description} each.",
+    )
+
+    @model_validator(mode="after")
+    def _offline_needs_schemas(self) -> PublishConfig:
+        if self.validate_stac == "offline" and not self.schema_dir:
+            raise ValueError("publish.validate_stac: offline needs publish.schema_dir")
+        return self
+
+    @property
+    def validation(self) -> str:
+        if self.validate_stac:
+            return self.validate_stac
+        return "offline" if self.schema_dir else "online"
 
     _resolve_schema = field_validator("schema_dir")(_resolve)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -22,6 +23,21 @@ def product_version(model_version: str, cube_version: str) -> str:
 def _years(config: RunConfig) -> str:
     start, end = config.period.start.year, config.period.end.year
     return str(start) if start == end else f"{start}–{end}"
+
+
+def previous_shares(products_dir: Path) -> dict[str, float] | None:
+    """Class shares (of mapped pixels) of the version catalog.json serves now, if any."""
+    catalog = products_dir / "catalog.json"
+    if not catalog.is_file():
+        return None
+    links = json.loads(catalog.read_text())["links"]
+    child = next((link["href"] for link in links if link["rel"] == "child"), None)
+    areas = (products_dir / child).parent / "class_areas.json" if child else None
+    if areas is None or not areas.is_file():
+        return None
+    counts = {str(c["code"]): c["pixels"] for c in json.loads(areas.read_text())["classes"]}
+    total = sum(counts.values()) or 1
+    return {code: n / total for code, n in counts.items()}
 
 
 def load_maps(ws: Workspace):
@@ -60,6 +76,8 @@ def publish_flow(config: RunConfig, out_dir: str) -> dict:
         np.concatenate([m.confidence.ravel() for m in maps]),
         nomenclature,
         max_nodata_fraction=config.publish.max_nodata_fraction,
+        previous_fraction=previous_shares(ws.products_dir),
+        max_share_change=config.publish.max_share_change,
     )
     if not quality.success:
         ws.write_report(
@@ -92,6 +110,10 @@ def publish_flow(config: RunConfig, out_dir: str) -> dict:
         title=f"Land cover {config.name} {_years(config)}",
         version=version,
         schema_dir=Path(config.publish.schema_dir) if config.publish.schema_dir else None,
+        validation=config.publish.validation,
+        license=config.publish.license,
+        providers=config.publish.providers,
+        mosaic_cog=config.publish.mosaic_cog,
     )
     if config.publish.target:
         from pivotmap.tasks.publish import mirror_published

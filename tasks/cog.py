@@ -175,3 +175,12 @@ def write_mosaic_vrt(
     ET.indent(root)
     path.write_text(ET.tostring(root, encoding="unicode") + "\n", encoding="utf-8")
     return path
+
+
+def write_mosaic_cog(path: Path, vrt: Path) -> Path:
+    """The whole mosaic as one paletted COG (what users who do not read VRT ask for)."""
+    from rasterio.shutil import copy as gdal_copy
+
+    with rasterio.Env(**_GDAL_ENV):
+        gdal_copy(str(vrt), str(path), driver="COG", overview_resampling="NEAREST", **_COG_OPTIONS)
+    return path

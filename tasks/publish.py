@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import json
 import os
@@ -144,7 +145,11 @@ def _stage_tile(
 
 
 def _stage_run_products(
-    staging: Path, maps: Sequence[TileMap], nomenclature: Nomenclature, title: str
+    staging: Path,
+    maps: Sequence[TileMap],
+    nomenclature: Nomenclature,
+    title: str,
+    mosaic_cog: bool = False,
 ) -> dict[str, pystac.Asset]:
     """Write the mosaic VRT, quicklook PNG and class-area table; return their assets."""
     classes = [(m.classes, m.geobox) for m in maps]
@@ -160,7 +165,17 @@ def _stage_run_products(
     mosaic.extra_fields["classification:classes"] = stac_products.classification_classes(
         nomenclature
     )
+    extra = {}
+    if mosaic_cog:
+        tif = cog.write_mosaic_cog(staging / "mosaic_class.tif", vrt)
+        extra["mosaic_cog"] = stac_products.file_asset(
+            tif, "./mosaic_class.tif", pystac.MediaType.COG, ["data"], "Class mosaic (COG)"
+        )
+        extra["mosaic_cog"].extra_fields["classification:classes"] = mosaic.extra_fields[
+            "classification:classes"
+        ]
     return {
+        **extra,
         "mosaic": mosaic,
         "quicklook": stac_products.file_asset(
             png, "./quicklook.png", pystac.MediaType.PNG, ["overview"], "Quicklook with legend"
@@ -188,16 +203,16 @@ def _stage(
     staging: Path,
     maps: Sequence[TileMap],
     nomenclature: Nomenclature,
-    provenance: Provenance,
+    run: stac_products.RunMetadata,
     *,
     collection_id: str,
     title: str,
     version: str,
+    mosaic_cog: bool = False,
 ) -> pystac.Collection:
     """Write every file of the version into `staging`; returns the in-memory Collection."""
-    run = provenance.run_metadata()
     items = [_stage_tile(staging, m, nomenclature, run) for m in maps]
-    assets = _stage_run_products(staging, maps, nomenclature, title)
+    assets = _stage_run_products(staging, maps, nomenclature, title, mosaic_cog)
     collection = stac_products.build_collection(collection_id, title, version, items, assets, run)
     _save_collection(collection, staging, staging.parent)
     return collection
@@ -275,6 +290,21 @@ def _write_root_catalog(out_dir: Path, version: str, collection_id: str, title: 
     _fsync(out_dir)
 
 
+def _validate_online(collection: pystac.Collection) -> None:
+    """Validate with the schemas fetched from their published URLs (pystac's default)."""
+    try:
+        collection.validate_all()
+    except pystac.errors.STACValidationError as exc:
+        raise PublishError(
+            f"STAC for collection {collection.id!r} is invalid; nothing published: {exc}"
+        ) from exc
+    except OSError as exc:  # no network: say how to validate offline
+        raise PublishError(
+            f"cannot fetch the STAC schemas to validate {collection.id!r} ({exc}); set "
+            "publish.validate_stac: offline with publish.schema_dir, or 'off'"
+        ) from exc
+
+
 def _validate_staged(collection: pystac.Collection, schema_dir: Path) -> None:
     """Refuse to publish STAC that breaks its schemas (checked offline)."""
     try:
@@ -295,12 +325,19 @@ def publish_products(
     title: str,
     version: str,
     schema_dir: Path | None = None,
+    validation: str | None = None,
+    license: str = "CC-BY-4.0",
+    providers: Sequence[dict] = (),
+    mosaic_cog: bool = False,
 ) -> dict[str, Any]:
     """Publish `maps` as `out_dir/<version>/` (COGs, mosaic, quicklook, stats, STAC), atomically.
 
     Re-publishing identical content is a no-op (`already_published`); catalog.json switches to
-    the version only once its folder is whole.
+    the version only once its folder is whole. `validation` is 'offline' (schemas from
+    `schema_dir`), 'online' (schemas fetched by pystac) or 'off'; default offline when
+    `schema_dir` is given, else off.
     """
+    validation = validation or ("offline" if schema_dir is not None else "off")
     started = time.perf_counter()
     _check_request(maps, nomenclature, version)
     out_dir = Path(out_dir)
@@ -311,17 +348,19 @@ def publish_products(
     staging = out_dir / f".staging-{version}-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     try:
-        collection = _stage(
-            staging,
-            maps,
-            nomenclature,
-            provenance,
-            collection_id=collection_id,
-            title=title,
-            version=version,
+        run = dataclasses.replace(
+            provenance.run_metadata(),
+            license=license,
+            providers=tuple(pystac.Provider.from_dict(p) for p in providers),
         )
-        if schema_dir is not None:
+        collection = _stage(
+            staging, maps, nomenclature, run, collection_id=collection_id, title=title,
+            version=version, mosaic_cog=mosaic_cog,
+        )  # fmt: skip
+        if validation == "offline":
             _validate_staged(collection, Path(schema_dir))
+        elif validation == "online":
+            _validate_online(collection)
         already = _commit(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
@@ -337,7 +376,7 @@ def publish_products(
         "bytes": sum(p.stat().st_size for p in files),
         "class_areas": json.loads((final / "class_areas.json").read_text(encoding="utf-8")),
         "already_published": already,
-        "validated": schema_dir is not None,
+        "validated": validation,
         "duration_s": round(time.perf_counter() - started, 3),
     }
 

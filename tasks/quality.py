@@ -9,6 +9,7 @@ in numpy and are reported the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -202,11 +203,15 @@ def validate_map(
     nomenclature: Nomenclature,
     *,
     max_nodata_fraction: float = 0.5,
+    previous_fraction: dict[str, float] | None = None,
+    max_share_change: float = 0.1,
 ) -> QualityResult:
     """Validate a class map and its confidence (sampled to at most 1e6 pixels, seed 0).
 
     Known codes, confidence in 0..100 on mapped pixels and the nodata fraction are critical;
-    a class of the nomenclature that never occurs is a warning.
+    a class of the nomenclature that never occurs, and a class share that moved by more than
+    `max_share_change` since the previously published map (`previous_fraction`: code → share of
+    the mapped pixels), are warnings.
     """
     import pandas as pd
 
@@ -230,9 +235,29 @@ def validate_map(
             for c, k in zip(codes, counts, strict=True)
         },
     }
-    return _run_suite(
+    result = _run_suite(
         MAP_SUITE, frame, _map_expectations(nomenclature, max_nodata_fraction), [], stats
     )
+    if previous_fraction is None:
+        return result
+    mapped = {k: v for k, v in stats["class_fraction"].items() if k != str(NODATA_CODE)}
+    total = sum(mapped.values()) or 1.0
+    moved = share_changes(
+        previous_fraction, {k: v / total for k, v in mapped.items()}, max_share_change
+    )
+    return dataclasses.replace(
+        result, failed_warning=(*result.failed_warning, *moved), evaluated=result.evaluated + 1
+    )
+
+
+def share_changes(before: dict[str, float], after: dict[str, float], tolerance: float) -> list[str]:
+    """Classes whose share of the map moved by more than `tolerance` (absolute) between maps."""
+    return [
+        f"class {code} share {before.get(code, 0.0):.1%} → {after.get(code, 0.0):.1%} since the "
+        f"previous published map (more than {tolerance:.0%})"
+        for code in sorted(set(before) | set(after), key=int)
+        if abs(after.get(code, 0.0) - before.get(code, 0.0)) > tolerance
+    ]
 
 
 def _map_expectations(nomenclature: Nomenclature, max_nodata_fraction: float) -> list[Any]:

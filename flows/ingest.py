@@ -1,32 +1,63 @@
-"""Ingest flow: STAC items → masked, regridded observations on their own dates (`obs` cubes)."""
+"""Ingest flow: STAC items → masked, regridded observations on their own dates (`obs` cubes).
+
+Per modality: search the source, check the items (Great Expectations suite; failures are skipped
+and reported), group them by solar day, then read tile blocks × dates on Dask and write each block
+into the obs Zarr cube. A finished tile is marked with a key of its inputs (item ids, period,
+masking settings), so a re-run reads nothing again unless `force` is set or the inputs changed.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import pystac
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import flow
 
 from pivotmap.flows.config import RunConfig
 from pivotmap.flows.progress import track
 from pivotmap.flows.workspace import Workspace
 from pivotmap.tasks import cube
-from pivotmap.tasks.grid import Tile
-from pivotmap.tasks.load import load_s1, load_s2, solar_day
-from pivotmap.tasks.sensors import (
-    S1_VARIABLES,
-    S2_VARIABLES,
-    AssetError,
-    orbit_state,
-    s1_asset_map,
-    s2_asset_map,
+from pivotmap.tasks.grid import GridSpec, Tile
+from pivotmap.tasks.item_checks import NO_SCL, ItemRules, check_items
+from pivotmap.tasks.load import (
+    DateRead,
+    DateResult,
+    by_day,
+    gdal_env,
+    item_reads,
+    read_date,
+    to_dataset,
 )
-from pivotmap.tasks.stac_source import require_items, search_items
+from pivotmap.tasks.sensors import S1_VARIABLES, S2_VARIABLES, orbit_state
+from pivotmap.tasks.stac_source import (
+    ApiSettings,
+    SourceError,
+    load_href_modifier,
+    require_items,
+    search_items,
+)
 
+BATCH_BYTES = 1 << 30  # values held per read batch (float32, before the write)
 MODALITY_VARIABLES = {"s2": list(S2_VARIABLES), "s1": list(S1_VARIABLES)}
+Compute = Callable[[list], list]
+
+
+@dataclass(frozen=True)
+class IngestIO:
+    """Where reads run (`compute`), the GDAL settings they get, and the obs writer."""
+
+    compute: Compute
+    env: dict[str, str]
+    writer: ObsWriter
 
 
 def region_lonlat(tiles: list[Tile]):
@@ -37,65 +68,198 @@ def region_lonlat(tiles: list[Tile]):
     return geom.to_crs("EPSG:4326")
 
 
-def screen_items(modality: str, items: list[pystac.Item], config: RunConfig) -> tuple[list, list]:
-    """Items fit for the cube, and the others with the reason they were skipped."""
-    kept, skipped = [], []
-    for item in items:
-        reason = _reject_reason(modality, item, config)
-        if reason:
-            skipped.append({"item": item.id, "reason": reason})
-        else:
-            kept.append(item)
-    return kept, skipped
-
-
-def _reject_reason(modality: str, item: pystac.Item, config: RunConfig) -> str | None:
-    try:
-        (s2_asset_map if modality == "s2" else s1_asset_map)(item)
-    except AssetError as exc:
-        return str(exc)
-    if modality == "s2":
-        cloud = item.properties.get("eo:cloud_cover")
-        if cloud is not None and cloud > config.ingest.max_cloud_cover:
-            return f"eo:cloud_cover {cloud:.1f} > max_cloud_cover {config.ingest.max_cloud_cover}"
-    wanted = config.ingest.s1_orbit_state
-    if modality == "s1" and wanted and orbit_state(item) != wanted:
-        return f"orbit {orbit_state(item)} is not {wanted}"
-    return None
-
-
 def items_key(items: list[pystac.Item]) -> str:
     return hashlib.sha256("\n".join(sorted(i.id for i in items)).encode()).hexdigest()[:16]
 
 
-@task(cache_policy=NONE)
-def search_task(
-    config: RunConfig, modality: str, collection: str, tiles: list[Tile]
-) -> list[pystac.Item]:
+def inputs_key(config: RunConfig, items: list[pystac.Item]) -> str:
+    """What a finished tile depends on: the items, the period and the masking settings."""
+    ing = config.ingest
+    payload = {
+        "items": items_key(items),
+        "period": config.period.model_dump(mode="json"),
+        "mask": [list(ing.scl_mask), ing.scl_dilation_px, ing.s2_harmonisation],
+        "reader": "pivotmap-v2",
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- items
+
+
+def search(config: RunConfig, collection: str, tiles: list[Tile]) -> list[pystac.Item]:
+    """Items of `collection` over the tiles and period, hrefs passed through the modifier."""
     src, period = config.source, config.period
+    api = ApiSettings(src.timeout_s, src.max_retries, src.backoff_s, src.page_size)
     items = search_items(
-        src.kind, src.url, collection, region_lonlat(tiles), period.start, period.end, src.timeout_s
+        src.kind,
+        src.url,
+        collection,
+        region_lonlat(tiles),
+        period.start,
+        period.end,
+        api=api,
+        href_modifier=load_href_modifier(src.href_modifier),
     )
     require_items(items, collection, src.url, period.start, period.end)
     return items
 
 
-@task(cache_policy=NONE)
-def ingest_tile(
-    ws: Workspace, modality: str, tile: Tile, items: list[pystac.Item], times: np.ndarray
-) -> dict:
-    """Load one tile's items of one modality and write them into the obs cube."""
-    mine = [it for it in items if _touches(it, tile)]
-    if not mine:
-        return {"tile": tile.id, "items": 0, "valid_fraction": 0.0}
-    if modality == "s2":
-        ds = load_s2(mine, tile.geobox, ws.config.ingest.scl_mask)
-    else:
-        ds = load_s1(mine, tile.geobox)
-    ds = ds.reindex(time=times)
-    cube.write_tile(ws.obs_url(modality), ds, tile, ws.extent(ws.tiles()))
-    valid = float(np.isfinite(ds[MODALITY_VARIABLES[modality][0]].values).mean())
-    return {"tile": tile.id, "items": len(mine), "valid_fraction": round(valid, 4)}
+def screen_items(modality: str, items: list[pystac.Item], config: RunConfig) -> tuple[list, list]:
+    """Items fit for the cube, and the others with the reason they were skipped."""
+    ing, period = config.ingest, config.period
+    rules = ItemRules(
+        modality, period.start, period.end, ing.max_cloud_cover,
+        ing.s1_orbit_state if modality == "s1" else None,
+    )  # fmt: skip
+    checked = check_items(items, rules)
+    if modality == "s2" and ing.s2_without_scl == "error":
+        no_scl = [k for k, v in checked.failures.items() if any(NO_SCL in r for r in v)]
+        if no_scl:
+            raise SourceError(
+                f"{len(no_scl)} S2 item(s) have no SCL asset and cannot be cloud-masked, e.g. "
+                f"{', '.join(no_scl[:3])} — use a collection that serves SCL or set "
+                "`ingest.s2_without_scl: skip` to leave them out"
+            )
+    return checked.passed, checked.skipped()
+
+
+def one_orbit_per_day(
+    days: dict[np.datetime64, list[pystac.Item]],
+) -> tuple[dict[np.datetime64, list[pystac.Item]], list[dict]]:
+    """S1: a day keeps one orbit direction (the run's most common); other passes are reported.
+
+    Ascending and descending backscatter differ; mosaicking them into one date would mix them.
+    """
+    overall = Counter(orbit_state(it) for group in days.values() for it in group)
+    kept, skipped = {}, []
+    for day, group in days.items():
+        states = Counter(orbit_state(it) for it in group)
+        best = max(states, key=lambda s: (overall[s], states[s], s or ""))
+        kept[day] = [it for it in group if orbit_state(it) == best]
+        skipped += [
+            {
+                "item": it.id,
+                "reason": f"same solar day as a {best} pass (set ingest.s1_orbit_state)",
+            }
+            for it in group
+            if orbit_state(it) != best
+        ]
+    return kept, skipped
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+@contextmanager
+def reader(config: RunConfig) -> Iterator[Compute]:
+    """Run lists of delayed reads on the configured Dask scheduler, or on local threads."""
+    import dask
+
+    address, workers = config.ingest.scheduler_address, config.ingest.workers
+    if address:
+        from distributed import Client
+
+        try:
+            client = Client(address, set_as_default=False, timeout="30s")
+        except OSError as exc:
+            raise RuntimeError(
+                f"cannot connect to the Dask scheduler {address}: {exc} — check "
+                "`ingest.scheduler_address`, or set it to null to read on local threads"
+            ) from exc
+        with client:
+            yield lambda lazy: client.compute(lazy, sync=True)
+        return
+    yield lambda lazy: list(dask.compute(*lazy, scheduler="threads", num_workers=workers))
+
+
+def blocks(tile: Tile) -> list[Tile]:
+    """The tile split into shard-sized blocks (tiles of a finer grid with the same origin)."""
+    _, edge = cube.shard_size(tile.grid.tile_size)
+    g = tile.grid
+    fine = GridSpec(g.crs, g.resolution, edge, g.origin_x, g.origin_y, g.extent)
+    n = g.tile_size // edge
+    return [fine.tile(tile.ix * n + i, tile.iy * n + j) for j in range(n) for i in range(n)]
+
+
+def batches(tiles: list[Tile], n_dates: int, n_vars: int) -> list[list[tuple[Tile, Tile]]]:
+    """(tile, block) pairs grouped so one batch's values fit BATCH_BYTES.
+
+    A batch is read date by date with each COG opened once for all its blocks, so larger
+    batches mean fewer opens; the bound keeps a worker's memory in check (values are float32,
+    and stacking the dates copies them once).
+    """
+    pairs = [(t, b) for t in tiles for b in blocks(t)]
+    per_px = max(n_dates, 1) * n_vars * 4 * 2
+    budget = max(1, BATCH_BYTES // per_px)
+    out: list[list[tuple[Tile, Tile]]] = [[]]
+    used = 0
+    for pair in pairs:
+        px = pair[1].grid.tile_size ** 2
+        if out[-1] and used + px > budget:
+            out.append([])
+            used = 0
+        out[-1].append(pair)
+        used += px
+    return out if out[0] else []
+
+
+def read_batch(
+    ws: Workspace,
+    modality: str,
+    batch: list[tuple[Tile, Tile]],
+    days: dict[np.datetime64, list[pystac.Item]],
+    compute: Compute,
+    env: dict[str, str],
+) -> tuple[list[np.datetime64], list[DateResult]]:
+    """Read every date touching the batch's blocks; one task per date, all blocks in it."""
+    import dask
+
+    tiles = list(dict.fromkeys(t for t, _ in batch))
+    mine = {d: [it for it in g if any(_touches(it, t) for t in tiles)] for d, g in days.items()}
+    mine = {d: g for d, g in mine.items() if g}
+    ing = ws.config.ingest
+    plans = item_reads([it for g in mine.values() for it in g], modality, ing.s2_harmonisation)
+    geoboxes = tuple(b.geobox for _, b in batch)
+    tasks = [
+        DateRead(modality, geoboxes, tuple(plans[i.id] for i in g), ing.scl_mask,
+                 ing.scl_dilation_px)
+        for g in mine.values()
+    ]  # fmt: skip
+    return list(mine), compute([dask.delayed(read_date)(t, env) for t in tasks])
+
+
+def write_batch(
+    url: str,
+    modality: str,
+    batch: list[tuple[Tile, Tile]],
+    days: list[np.datetime64],
+    results: list[DateResult],
+    times: np.ndarray,
+    outer,
+) -> dict[str, list[int]]:
+    """Write each block of a batch into the obs cube; (valid, total) pixel-dates per tile."""
+    counts: dict[str, list[int]] = {}
+    first = MODALITY_VARIABLES[modality][0]
+    for k, (tile, block) in enumerate(batch):
+        ds = _block_dataset(results, days, block, times, modality, k)
+        cube.write_tile(url, ds, block, outer)
+        values = ds[first].values
+        seen = counts.setdefault(tile.id, [0, 0])
+        seen[0] += int(np.isfinite(values).sum())
+        seen[1] += values.size
+    return counts
+
+
+def _block_dataset(results, days, block: Tile, times: np.ndarray, modality: str, k: int):
+    import xarray as xr
+
+    if not results:
+        shape = (len(times), *block.geobox.shape.yx)
+        nan = np.full(shape, np.nan, dtype="float32")
+        return xr.Dataset({v: (("time", "y", "x"), nan) for v in MODALITY_VARIABLES[modality]})
+    ds = to_dataset(results, np.array(days, dtype="datetime64[ns]"), block.geobox, k)
+    return ds.reindex(time=times)
 
 
 def _touches(item: pystac.Item, tile: Tile) -> bool:
@@ -106,72 +270,228 @@ def _touches(item: pystac.Item, tile: Tile) -> bool:
     )
 
 
+# ---------------------------------------------------------------------------- flow
+
+
 @flow(name="ingest")
 def ingest_flow(config: RunConfig, out_dir: str, force: bool = False) -> dict:
-    """Search both modalities, screen the items and write each tile's observations."""
+    """Search both modalities, check the items and write each tile's observations."""
+    summary = run_ingest(config, out_dir, force)
+    _skipped_artifact(summary)
+    return summary
+
+
+def _skipped_artifact(summary: dict) -> None:
+    """The skipped items and their reasons as a table in the Prefect UI."""
+    from prefect.artifacts import create_table_artifact
+
+    rows = [
+        {"modality": m, "stage": s.get("stage", "check"), "item": s["item"], "reason": s["reason"]}
+        for m, v in summary["modalities"].items()
+        for s in v["skipped_items"]
+    ]
+    create_table_artifact(
+        rows or [{"modality": "", "stage": "", "item": "", "reason": "no item skipped"}],
+        key="ingest-skipped-items",
+        description="STAC items left out of the obs cubes, with the reason",
+    )
+
+
+def run_ingest(config: RunConfig, out_dir: str, force: bool = False) -> dict:
+    """The ingest stage without Prefect (the flow's body; tests call it directly)."""
     started = time.monotonic()
     ws = Workspace.open(config, out_dir)
     tiles = ws.tiles()
     summary: dict = {"stage": "ingest", "tiles": [t.id for t in tiles], "modalities": {}}
-    for modality, collection in (
-        ("s2", config.source.s2_collection),
-        ("s1", config.source.s1_collection),
-    ):
-        if collection:
-            summary["modalities"][modality] = _ingest_modality(
-                ws, modality, collection, tiles, force
-            )
+    writer = ObsWriter(ws)
+    try:
+        with reader(config) as compute:
+            io = IngestIO(compute, gdal_env(), writer)
+            for modality, collection in (
+                ("s2", config.source.s2_collection),
+                ("s1", config.source.s1_collection),
+            ):
+                if collection:
+                    summary["modalities"][modality] = ingest_modality(
+                        ws, modality, collection, tiles, force, io
+                    )
+    finally:
+        writer.close()
     summary["duration_s"] = round(time.monotonic() - started, 2)
     ws.write_report("ingest", summary)
     return summary
 
 
-def _ingest_modality(
-    ws: Workspace, modality: str, collection: str, tiles: list[Tile], force: bool
+def ingest_modality(
+    ws: Workspace,
+    modality: str,
+    collection: str,
+    tiles: list[Tile],
+    force: bool,
+    io: IngestIO,
 ) -> dict:
-    logger = get_run_logger()
-    found = search_task(ws.config, modality, collection, tiles)
+    """Search, check, group and write one modality; the summary lists every skipped item."""
+    found = search(ws.config, collection, tiles)
     items, skipped = screen_items(modality, found, ws.config)
-    require_items(
-        items, collection, ws.config.source.url, ws.config.period.start, ws.config.period.end
-    )
-    times = np.array(sorted({solar_day(it) for it in items}), dtype="datetime64[ns]")
-    key = items_key(items)
-    url = ws.obs_url(modality)
-    stage = f"ingest-{modality}"
-    if force or not all(ws.is_done(stage, t.id, key) for t in tiles):
-        if force or not _store_matches(url, key):
-            tmpl = cube.template(
-                ws.extent(tiles), times, MODALITY_VARIABLES[modality], {"items_key": key}
-            )
-            cube.create(url, tmpl, ws.config.grid.tile_size)
-            ws.clear_stage(stage)
-    done, reused = [], []
-    for tile in track(tiles, f"ingest {modality}", total=len(tiles)):
-        if ws.is_done(stage, tile.id, key):
-            reused.append(tile.id)
-            continue
-        info = ingest_tile(ws, modality, tile, items, times)
-        ws.mark_done(stage, tile.id, key, info)
-        done.append(info)
-    logger.info(
-        "%s: %d items kept, %d skipped, %d tiles written",
-        modality,
-        len(items),
-        len(skipped),
-        len(done),
-    )
-    return {
+    days = by_day(items)
+    if modality == "s1":
+        days, same_day = one_orbit_per_day(days)
+        skipped += same_day
+        items = [it for g in days.values() for it in g]
+    period = ws.config.period
+    require_items(items, collection, ws.config.source.url, period.start, period.end)
+    times = np.array(list(days), dtype="datetime64[ns]")
+    key = inputs_key(ws.config, items)
+    url, stage = ws.obs_url(modality), f"ingest-{modality}"
+    _prepare_store(ws, modality, tiles, times, days, key, force)
+    todo = [t for t in tiles if force or not ws.is_done(stage, t.id, key)]
+    reused = [t.id for t in tiles if t not in todo]
+    failed = [f for t in reused for f in _marker(ws, stage, t).get("read_failures", [])]
+    done = write_tiles(ws, modality, todo, days, times, key, io)
+    failed += [f for info in done for f in info["read_failures"]]
+    _log().info("%s: %d items kept, %d skipped, %d read failures, %d tiles written",
+                modality, len(items), len(skipped), len(failed), len(done))  # fmt: skip
+    summary = {
         "collection": collection,
         "items_found": len(found),
         "items_used": len(items),
         "item_ids": [it.id for it in items],
-        "skipped_items": skipped,
+        "skipped_items": skipped + [{**f, "stage": "read"} for f in _unique(failed)],
         "dates": len(times),
         "tiles_written": done,
         "tiles_already_done": reused,
         "cube": url,
     }
+    if modality == "s1":
+        summary["orbit_states"] = dict(Counter(orbit_state(it) or "unknown" for it in items))
+    return summary
+
+
+class ObsWriter:
+    """Writes batches on one background thread, so a batch's write overlaps the next reads
+    (also the next modality's); a tile is marked done once all its blocks are written."""
+
+    def __init__(self, ws: Workspace) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.ws = ws
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="obs-writer")
+        self.pending: tuple | None = None
+
+    def submit(self, stage: str, key: str, batch, infos: dict, last_block: dict, *args) -> None:
+        """Queue `write_batch(*args)`; first wait for the batch before (one write in flight)."""
+        self.drain()
+        self.pending = (stage, key, batch, infos, last_block, self.pool.submit(write_batch, *args))
+
+    def drain(self) -> None:
+        """Wait for the queued write and mark the tiles whose last block it held."""
+        if self.pending is None:
+            return
+        stage, key, batch, infos, last_block, future = self.pending
+        self.pending = None
+        for tile_id, (valid, total) in future.result().items():
+            counts = infos[tile_id]["_counts"]
+            counts[0], counts[1] = counts[0] + valid, counts[1] + total
+        for tile, block in batch:
+            if last_block[tile.id] is block:
+                info = infos[tile.id]
+                valid, total = info.pop("_counts")
+                info["valid_fraction"] = round(valid / total, 4) if total else 0.0
+                info["read_failures"] = _unique(info["read_failures"])
+                self.ws.mark_done(stage, tile.id, key, info)
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self.pool.shutdown()
+
+
+def write_tiles(
+    ws: Workspace,
+    modality: str,
+    tiles: list[Tile],
+    days: dict[np.datetime64, list[pystac.Item]],
+    times: np.ndarray,
+    key: str,
+    io: IngestIO,
+) -> list[dict]:
+    """Read the tiles batch by batch and queue each batch's write; returns the tiles' infos
+    (completed in place when their writes finish)."""
+    url, stage, outer = ws.obs_url(modality), f"ingest-{modality}", ws.extent(ws.tiles())
+    plan = batches(tiles, len(times), len(MODALITY_VARIABLES[modality]))
+    infos = {t.id: _tile_info(t, days) for t in tiles}
+    last_block = {t.id: b for batch in plan for t, b in batch}
+    for batch in track(plan, f"ingest {modality}", total=len(plan)):
+        dates, results = read_batch(ws, modality, batch, days, io.compute, io.env)
+        batch_tiles = {t.id for t, _ in batch}
+        for item, why in ((i, w) for r in results for i, w in r.failures):
+            for t in batch_tiles:
+                infos[t]["read_failures"].append({"item": item, "reason": why})
+        io.writer.submit(stage, key, batch, infos, last_block,
+                         url, modality, batch, dates, results, times, outer)  # fmt: skip
+    return [infos[t.id] for t in tiles]
+
+
+def _tile_info(tile: Tile, days: dict) -> dict:
+    mine = [[it for it in g if _touches(it, tile)] for g in days.values()]
+    return {
+        "tile": tile.id,
+        "items": sum(len(g) for g in mine),
+        "dates": sum(1 for g in mine if g),
+        "valid_fraction": 0.0,
+        "read_failures": [],
+        "_counts": [0, 0],  # valid, total pixel-dates written so far
+    }
+
+
+def _prepare_store(ws, modality, tiles, times, days, key, force) -> None:
+    """(Re)create the obs cube when forced or when its inputs changed; markers follow it."""
+    url, stage = ws.obs_url(modality), f"ingest-{modality}"
+    if not force and all(ws.is_done(stage, t.id, key) for t in tiles):
+        return
+    if not force and _store_matches(url, key):
+        return
+    tmpl = cube.template(ws.extent(tiles), times, MODALITY_VARIABLES[modality], {"items_key": key})
+    if modality == "s1":
+        states = [orbit_state(g[0]) or "unknown" for g in days.values()]
+        tmpl = tmpl.assign_coords(orbit_state=("time", np.array(states, dtype="<U10")))
+        tmpl["orbit_state"].attrs["long_name"] = "Sentinel-1 orbit direction (sat:orbit_state)"
+    create_obs(url, tmpl, ws.config.grid.tile_size)
+    ws.clear_stage(stage)
+
+
+def create_obs(url: str, tmpl, tile_size: int) -> None:
+    """Create an obs cube: the cube encoding with one chunk per shard (= per tile block).
+
+    Obs cubes are written block by block and read tile by tile, never pixel by pixel, so the
+    pivot cube's small inner chunks would only add per-chunk work (about half the write time).
+    """
+    _, shard = cube.shard_size(tile_size)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        tmpl.to_zarr(
+            url,
+            mode="w",
+            compute=False,
+            zarr_format=3,
+            consolidated=True,
+            encoding=cube.encoding(tmpl, shard, shard),
+        )
+
+
+def _marker(ws: Workspace, stage: str, tile_id: str) -> dict:
+    return json.loads(ws.marker(stage, tile_id).read_text())
+
+
+def _unique(rows: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for row in rows:
+        if row["item"] not in seen:
+            seen.add(row["item"])
+            out.append(row)
+    return out
 
 
 def _store_matches(url: str, key: str) -> bool:
@@ -179,3 +499,12 @@ def _store_matches(url: str, key: str) -> bool:
         return cube.open_cube(url).attrs.get("items_key") == key
     except Exception:  # no store yet, or an unreadable one: rebuild it
         return False
+
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a flow run (tests, scripts)
+        return logging.getLogger("pivotmap.ingest")

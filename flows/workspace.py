@@ -50,19 +50,13 @@ class Workspace:
 
     def tiles(self) -> list[Tile]:
         """The grid tiles covering the configured region."""
-        grid = self.config.grid.spec()
-        region = self.config.region
-        if region.bbox is not None:
-            return grid.tiles_for_bbox(region.bbox, region.crs)
-        from odc.geo.geom import Geometry
+        from pivotmap.tasks.region import region_geometry
 
-        geojson = json.loads(Path(region.geojson).read_text())
-        features = geojson.get("features", [geojson])
-        geoms = [Geometry(f.get("geometry", f), crs="EPSG:4326") for f in features]
-        union = geoms[0]
-        for g in geoms[1:]:
-            union = union.union(g)
-        return grid.tiles_for_geometry(union)
+        r = self.config.region
+        geom = region_geometry(
+            bbox=r.bbox, crs=r.crs, geojson=r.geojson, geopackage=r.geopackage, layer=r.layer
+        )
+        return self.config.grid.spec().tiles_for_geometry(geom)
 
     def extent(self, tiles: list[Tile]) -> GeoBox:
         return self.config.grid.spec().union_geobox(tiles)

@@ -1,20 +1,124 @@
-"""Load items onto a tile's GeoBox with odc-stac: S2 scaled and SCL-masked, S1 in dB.
+"""Read one date of items onto windows of the grid: S2 scaled and SCL-masked, S1 in dB.
 
-Both return float32 Datasets (time, y, x) with NaN where there is no valid observation; time is
-the solar day of the acquisition (midnight), one entry per day with at least one item.
+The unit of work is a `DateRead`: the items of one solar day and one or more destination windows
+(blocks of tiles), so each COG of the date is opened once. Reads are windowed, never a whole
+granule: where the window is the source grid refined by an integer factor (20 m SCL/bands onto
+the 10 m grid of the same CRS) it is a plain windowed read; otherwise odc-loader's rasterio reader
+reprojects (overviews and warping as odc-stac does). S2 reads SCL first and skips the bands of an
+item whose window is all masked. A failure to read an item (a missing or corrupt COG) drops that
+item only and is returned with its reason, so the run summary can name it; odc-stac's
+`fail_on_error=False` would lose which item failed.
+
+GDAL/AWS settings travel as an explicit, secret-free dict (`gdal_env()`) that each task enters,
+never as worker globals; credentials come from each worker's own environment.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections import defaultdict
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import numpy as np
 import pystac
 import xarray as xr
 from odc.geo.geobox import GeoBox
 
-from pivotmap.tasks.sensors import s1_asset_map, s2_asset_map, scale_offset
+from pivotmap.tasks.sensors import (
+    S1_VARIABLES,
+    S2_VARIABLES,
+    Harmonisation,
+    s1_asset_map,
+    s2_asset_map,
+    s2_scale_offset,
+)
+
+SCL = "SCL"
+GDAL_DEFAULTS = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_MAX_RETRY": "5",
+    "GDAL_HTTP_RETRY_DELAY": "1",
+    "GDAL_HTTP_TIMEOUT": "60",
+    "GDAL_HTTP_MULTIRANGE": "YES",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
+    "VSI_CACHE": "TRUE",
+}
+_PASSED_THROUGH = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_NO_SIGN_REQUEST", "AWS_REQUEST_PAYER")
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class AssetRead:
+    """One asset of one item: where it is and how DN become values."""
+
+    variable: str
+    href: str
+    scale: float = 1.0
+    offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class ItemRead:
+    """The assets of one item needed for the cube."""
+
+    item_id: str
+    assets: tuple[AssetRead, ...]
+
+
+@dataclass(frozen=True)
+class DateRead:
+    """All items of one date onto one or more windows: the small, frozen unit sent to Dask.
+
+    Several windows (tile blocks) share one task so that each COG of the date is opened once.
+    """
+
+    modality: str
+    geoboxes: tuple[GeoBox, ...]
+    items: tuple[ItemRead, ...]
+    scl_mask: tuple[int, ...] = ()
+    dilation_px: int = 0
+
+    def __dask_tokenize__(self) -> tuple:
+        boxes = tuple((str(g.crs), tuple(g.transform)[:6], g.shape.yx) for g in self.geoboxes)
+        return (DateRead, self.modality, boxes, self.items, self.scl_mask, self.dilation_px)
+
+
+@dataclass(frozen=True)
+class DateResult:
+    """Per window, one date's values per variable (float32, NaN = invalid); failed items."""
+
+    values: tuple[dict[str, np.ndarray], ...]
+    failures: tuple[tuple[str, str], ...] = ()
+    items_read: int = 0
+
+
+def item_reads(
+    items: list[pystac.Item], modality: str, harmonisation: Harmonisation = "metadata"
+) -> dict[str, ItemRead]:
+    """What to read of each item (asset hrefs, scale and offset), keyed by item id."""
+    return {it.id: _item_read(it, modality, harmonisation) for it in items}
+
+
+def _item_read(item: pystac.Item, modality: str, harmonisation: Harmonisation) -> ItemRead:
+    if modality == "s2":
+        amap = s2_asset_map(item)
+        assets = [AssetRead(SCL, _href(item, amap.mask))]
+        for var, key in amap.variables.items():
+            scale, offset = s2_scale_offset(item, key, harmonisation)
+            assets.append(AssetRead(var, _href(item, key), scale, offset))
+    else:
+        amap = s1_asset_map(item)
+        assets = [AssetRead(var, _href(item, key)) for var, key in amap.variables.items()]
+    return ItemRead(item.id, tuple(assets))
+
+
+def _href(item: pystac.Item, key: str) -> str:
+    return item.assets[key].get_absolute_href() or item.assets[key].href
 
 
 def solar_day(item: pystac.Item) -> np.datetime64:
@@ -22,72 +126,298 @@ def solar_day(item: pystac.Item) -> np.datetime64:
     lon = 0.0
     if item.bbox:
         lon = (item.bbox[0] + item.bbox[2]) / 2
-    when = item.datetime.astimezone(dt.UTC).replace(tzinfo=None) + dt.timedelta(hours=lon / 15)
+    when = item.datetime or item.common_metadata.start_datetime
+    when = when.astimezone(dt.UTC).replace(tzinfo=None) + dt.timedelta(hours=lon / 15)
     return np.datetime64(when.date(), "ns")
 
 
-def _by_day(items: list[pystac.Item]) -> dict[np.datetime64, list[pystac.Item]]:
+def by_day(items: list[pystac.Item]) -> dict[np.datetime64, list[pystac.Item]]:
+    """Items grouped by solar day, days in order, items in (datetime, id) order within a day."""
     groups: dict[np.datetime64, list[pystac.Item]] = defaultdict(list)
     for item in items:
         groups[solar_day(item)].append(item)
     return dict(sorted(groups.items()))
 
 
-def _odc_load(items, bands, geobox, resampling) -> xr.Dataset:
-    import odc.stac
-
-    ds = odc.stac.load(
-        items, bands=bands, geobox=geobox, groupby="solar_day", resampling=resampling, chunks=None
-    )
-    days = list(_by_day(items))
-    if ds.sizes["time"] != len(days):
-        raise RuntimeError(f"odc-stac grouped {ds.sizes['time']} days, expected {len(days)}")
-    return ds.assign_coords(time=np.array(days, dtype="datetime64[ns]"))
+# ---------------------------------------------------------------------------- GDAL settings
 
 
-def load_s2(items: list[pystac.Item], geobox: GeoBox, scl_mask: tuple[int, ...]) -> xr.Dataset:
-    """Reflectance of the 10 S2 bands, NaN where SCL is in `scl_mask` or a band is nodata.
+def gdal_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """GDAL/AWS settings for readers, from this process's environment; never secrets.
 
-    Scale and offset come from each item's `raster:bands`, so reflectances from before and after
-    processing baseline 04.00 (offset -0.1) are comparable.
+    `AWS_ENDPOINT_URL(_S3)` (an S3-compatible store) becomes GDAL's endpoint, scheme and
+    path-style addressing. Access keys are left to each worker's environment.
     """
-    amap = s2_asset_map(items[0])
-    bands = [*amap.variables.values(), amap.mask]
-    resampling = {amap.mask: "nearest", "*": "bilinear"}
-    raw = _odc_load(items, bands, geobox, resampling)
-    masked = raw[amap.mask].isin(list(scl_mask)) | (raw[amap.mask] == 0)
-    per_day = _by_day(items)
-    out = {}
-    for var, key in amap.variables.items():
-        scale, offset = _per_day_scale_offset(per_day, key)
-        dn = raw[key]
-        values = dn.astype("float32") * scale[:, None, None] + offset[:, None, None]
-        out[var] = values.where((dn != 0) & ~masked).astype("float32")
-    ds = xr.Dataset(out, coords={"time": raw.time, "y": raw.y, "x": raw.x})
+    env = dict(GDAL_DEFAULTS)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parts = urlsplit(endpoint)
+        env["AWS_S3_ENDPOINT"] = parts.netloc or parts.path
+        env["AWS_HTTPS"] = "NO" if parts.scheme == "http" else "YES"
+        env["AWS_VIRTUAL_HOSTING"] = "FALSE"
+    env.update({k: os.environ[k] for k in _PASSED_THROUGH if os.environ.get(k)})
+    env.update(overrides or {})
+    return env
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_date(task: DateRead, env: dict[str, str]) -> DateResult:
+    """Read and mosaic one date (first valid item wins per pixel) inside the given GDAL env."""
+    import rasterio
+
+    with rasterio.Env(**env):
+        return _read_s2(task) if task.modality == "s2" else _read_s1(task)
+
+
+def _empty(task: DateRead, variables: tuple[str, ...]) -> tuple[list[dict], list[np.ndarray]]:
+    shapes = [g.shape.yx for g in task.geoboxes]
+    out = [{v: np.full(s, np.nan, dtype="float32") for v in variables} for s in shapes]
+    return out, [np.zeros(s, dtype=bool) for s in shapes]
+
+
+def _read_s2(task: DateRead) -> DateResult:
+    out, filled = _empty(task, S2_VARIABLES)
+    failures, read = [], 0
+    for item in task.items:
+        try:
+            valid = [v & ~f for v, f in zip(_scl_valid(item, task), filled, strict=True)]
+            wanted = [bool(v.any()) for v in valid]
+            if not any(wanted):
+                continue  # all masked here: the bands are not read at all
+            bands = {a.variable: _read_values(a, task.geoboxes, wanted) for a in item.assets[1:]}
+            read += 1
+        except Exception as exc:  # one bad COG skips its item, not the run
+            failures.append((item.item_id, _read_error(exc)))
+            continue
+        for k in (k for k, w in enumerate(wanted) if w):
+            for band in bands.values():
+                valid[k] &= np.isfinite(band[k])
+            for var, band in bands.items():
+                out[k][var][valid[k]] = band[k][valid[k]]
+            filled[k] |= valid[k]
+    return DateResult(tuple(out), tuple(failures), read)
+
+
+def _scl_valid(item: ItemRead, task: DateRead) -> list[np.ndarray]:
+    scl = _read_raw(item.assets[0].href, task.geoboxes, "nearest", "uint8", 0)
+    masks = [np.isin(s, (0, *task.scl_mask)) for s in scl]
+    if task.dilation_px:
+        masks = [dilate(m, task.dilation_px) for m in masks]
+    return [~m for m in masks]
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Grow a boolean mask by `pixels` (a disc), e.g. to catch cloud edges SCL misses."""
+    from scipy.ndimage import binary_dilation
+
+    r = np.arange(-pixels, pixels + 1)
+    disc = (r[:, None] ** 2 + r[None, :] ** 2) <= pixels**2
+    return binary_dilation(mask, structure=disc)
+
+
+def _read_s1(task: DateRead) -> DateResult:
+    out, filled = _empty(task, S1_VARIABLES)
+    failures, read = [], 0
+    for item in task.items:
+        try:
+            linear = {a.variable: _read_raw(a.href, task.geoboxes, "bilinear", "float32", np.nan)
+                      for a in item.assets}  # fmt: skip
+            read += 1
+        except Exception as exc:
+            failures.append((item.item_id, _read_error(exc)))
+            continue
+        for k in range(len(task.geoboxes)):
+            valid = ~filled[k]
+            for band in linear.values():
+                valid &= np.isfinite(band[k]) & (band[k] > 0)
+            for var, band in linear.items():
+                out[k][var][valid] = 10.0 * np.log10(band[k][valid])
+            filled[k] |= valid
+    return DateResult(tuple(out), tuple(failures), read)
+
+
+def _read_values(asset: AssetRead, geoboxes, wanted: list[bool]) -> list[np.ndarray | None]:
+    """DN → float32 value (scale, offset); DN 0 (no data) → NaN; None where not wanted."""
+    out = []
+    for dn in _read_raw(asset.href, geoboxes, "bilinear", "float32", np.nan, wanted):
+        if dn is not None:
+            dn[dn == 0] = np.nan
+            dn = (dn * np.float32(asset.scale) + np.float32(asset.offset)).astype("float32")
+        out.append(dn)
+    return out
+
+
+def _read_raw(
+    href: str,
+    geoboxes: tuple[GeoBox, ...],
+    resampling: str,
+    dtype: str,
+    fill,
+    wanted: list[bool] | None = None,
+) -> list[np.ndarray | None]:
+    """The asset's pixels on each geobox (opened once): a direct windowed read where the grids
+    align, else odc-loader's warped read."""
+    import rasterio
+
+    out: list[np.ndarray | None] = []
+    with rasterio.open(href, sharing=False) as src:
+        for k, geobox in enumerate(geoboxes):
+            if wanted is not None and not wanted[k]:
+                out.append(None)
+                continue
+            dst = np.full(geobox.shape.yx, fill, dtype=dtype)
+            plan = aligned_window(src.crs, src.transform, src.shape, geobox)
+            if plan is not None:
+                _read_window(src, plan, resampling, dst, fill)
+            else:
+                _warped_read(href, geobox, resampling, dst, fill)
+            out.append(dst)
+    return out
+
+
+def _warped_read(href: str, geobox: GeoBox, resampling: str, dst: np.ndarray, fill) -> None:
+    from odc.loader import RasterLoadParams, RasterSource, RioReader
+    from odc.loader._rio import LocalContext
+
+    cfg = RasterLoadParams(dtype=str(dst.dtype), fill_value=fill, resampling=resampling)
+    RioReader(RasterSource(href), LocalContext()).read(cfg, geobox, dst=dst)
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Source window (row, col slices) and where it lands in the destination (k× finer)."""
+
+    src: tuple[slice, slice]
+    dst: tuple[slice, slice]
+    factor: int = 1
+
+
+def aligned_window(crs, transform, shape: tuple[int, int], geobox: GeoBox) -> WindowPlan | None:
+    """A plain read plan when `geobox` is the source grid refined by an integer factor, else None.
+
+    Then no warp is needed: the window is read (and upsampled by GDAL's resampled RasterIO),
+    which is several times faster than a general reprojection; partial overlap is clipped.
+    """
+    from odc.geo import CRS
+
+    gt, st = geobox.transform, transform
+    if crs is None or st.b or st.d or gt.b or gt.d or CRS(crs) != geobox.crs:
+        return None
+    k = st.a / gt.a
+    if round(k) < 1 or abs(k - round(k)) > 1e-6 or abs(st.e / gt.e - k) > 1e-6:
+        return None
+    k = round(k)
+    col0, row0 = (gt.c - st.c) / st.a, (gt.f - st.f) / st.e
+    ny, nx = geobox.shape.yx
+    if abs(col0 - round(col0)) > 1e-6 or abs(row0 - round(row0)) > 1e-6 or ny % k or nx % k:
+        return None
+    col0, row0 = round(col0), round(row0)
+    r0, r1 = max(row0, 0), min(row0 + ny // k, shape[0])
+    c0, c1 = max(col0, 0), min(col0 + nx // k, shape[1])
+    if r1 <= r0 or c1 <= c0:
+        return WindowPlan((slice(0, 0), slice(0, 0)), (slice(0, 0), slice(0, 0)))
+    dst = (slice((r0 - row0) * k, (r1 - row0) * k), slice((c0 - col0) * k, (c1 - col0) * k))
+    return WindowPlan((slice(r0, r1), slice(c0, c1)), dst, k)
+
+
+def _read_window(src, plan: WindowPlan, resampling: str, dst: np.ndarray, fill) -> None:
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window
+
+    (r, c), (dr, dc) = plan.src, plan.dst
+    if r.stop <= r.start:
+        return
+    out = dst[dr, dc]
+    window = Window(c.start, r.start, c.stop - c.start, r.stop - r.start)
+    src.read(1, window=window, out=out, resampling=Resampling[resampling])
+    nodata = src.nodata
+    if nodata is None or np.isnan(nodata):
+        return
+    out[out == nodata] = fill
+    if plan.factor > 1 and resampling != "nearest":
+        # interpolation next to a no-data source pixel mixes in its value: drop that fringe
+        bad = src.read(1, window=window) == nodata
+        if bad.any():
+            bad = dilate(bad, 1).repeat(plan.factor, 0).repeat(plan.factor, 1)
+            out[bad] = fill
+
+
+def _read_error(exc: Exception) -> str:
+    text = " ".join(str(exc).split())[:300]
+    return f"cannot read COG: {type(exc).__name__}: {text}"
+
+
+# ---------------------------------------------------------------------------- convenience
+
+
+def load_dates(
+    items: list[pystac.Item],
+    geobox: GeoBox,
+    modality: str,
+    *,
+    scl_mask: tuple[int, ...] = (),
+    dilation_px: int = 0,
+    harmonisation: Harmonisation = "metadata",
+    env: dict[str, str] | None = None,
+    workers: int = 4,
+) -> xr.Dataset:
+    """All dates of `items` on `geobox` as a Dataset (time, y, x); failures in attrs."""
+    import dask
+
+    plans = item_reads(items, modality, harmonisation)
+    days = by_day(items)
+    tasks = [
+        DateRead(modality, (geobox,), tuple(plans[i.id] for i in group), scl_mask, dilation_px)
+        for group in days.values()
+    ]
+    env = gdal_env() if env is None else env
+    lazy = [dask.delayed(read_date, pure=True)(t, env) for t in tasks]
+    results = dask.compute(*lazy, scheduler="threads", num_workers=workers)
+    ds = to_dataset(list(results), np.array(list(days), dtype="datetime64[ns]"), geobox)
     ds.attrs["n_items"] = len(items)
+    ds.attrs["failed_items"] = [list(f) for r in results for f in r.failures]
     return ds
 
 
-def _per_day_scale_offset(per_day: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
-    pairs = [scale_offset(day_items[0], key) for day_items in per_day.values()]
-    scale = np.array([p[0] for p in pairs], dtype="float32")
-    offset = np.array([p[1] for p in pairs], dtype="float32")
-    return scale, offset
+def to_dataset(
+    results: list[DateResult], times: np.ndarray, geobox: GeoBox, window: int = 0
+) -> xr.Dataset:
+    """Stack per-date results of one window into (time, y, x) float32 variables with coords."""
+    from odc.geo.xr import xr_coords
+
+    coords = xr_coords(geobox, crs_coord_name="spatial_ref")
+    coords["time"] = xr.DataArray(times, dims="time")
+    names = list(results[0].values[window]) if results else []
+    data = {
+        v: (("time", "y", "x"), np.stack([r.values[window][v] for r in results])) for v in names
+    }
+    return xr.Dataset(data, coords=coords)
+
+
+def load_s2(
+    items: list[pystac.Item],
+    geobox: GeoBox,
+    scl_mask: tuple[int, ...],
+    dilation_px: int = 0,
+    harmonisation: Harmonisation = "metadata",
+) -> xr.Dataset:
+    """Reflectance of the 10 S2 bands, NaN where SCL is in `scl_mask` (or 0) or a band is nodata.
+
+    Scale and offset come from each item's `raster:bands` (or its processing baseline), so
+    reflectances from before and after processing baseline 04.00 (offset -0.1) are comparable.
+    """
+    return load_dates(
+        items,
+        geobox,
+        "s2",
+        scl_mask=scl_mask,
+        dilation_px=dilation_px,
+        harmonisation=harmonisation,
+    )
 
 
 def load_s1(items: list[pystac.Item], geobox: GeoBox) -> xr.Dataset:
     """VV and VH backscatter in dB (10·log10 of linear power; non-positive power is NaN)."""
-    amap = s1_asset_map(items[0])
-    raw = _odc_load(items, list(amap.variables.values()), geobox, "bilinear")
-    out = {}
-    for var, key in amap.variables.items():
-        linear = raw[key].astype("float32")
-        nodata = raw[key].attrs.get("nodata")
-        valid = linear > 0
-        if nodata is not None:
-            valid &= linear != nodata
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[var] = (10 * np.log10(linear.where(valid))).astype("float32")
-    ds = xr.Dataset(out, coords={"time": raw.time, "y": raw.y, "x": raw.x})
-    ds.attrs["n_items"] = len(items)
-    return ds
+    return load_dates(items, geobox, "s1")

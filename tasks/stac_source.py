@@ -1,13 +1,24 @@
-"""Find Sentinel items in a static STAC catalogue or a STAC API, with clear errors."""
+"""Find Sentinel items in a static STAC catalogue (local or `s3://`) or a STAC API, with clear errors.
+
+STAC APIs are searched with pystac-client: each request has a timeout, `next` links are followed
+(page size `page_size`), and 429/5xx answers are retried a bounded number of times with
+exponential backoff (honouring `Retry-After`); connection failures are retried the same bounded
+number of times; a request that times out and other 4xx answers are not retried.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+import importlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import pystac
 from odc.geo.geom import Geometry
+
+RETRY_STATUS = (429, 500, 502, 503, 504)
+HrefModifier = Callable[[pystac.Item], pystac.Item | None]
 
 
 class SourceError(RuntimeError):
@@ -23,6 +34,16 @@ class SearchResult:
     skipped: list[dict] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ApiSettings:
+    """How a STAC API is called: timeout per request, retries, backoff and page size."""
+
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    backoff_s: float = 0.5
+    page_size: int | None = None
+
+
 def search_items(
     kind: str,
     url: str,
@@ -31,23 +52,58 @@ def search_items(
     start: dt.date,
     end: dt.date,
     timeout_s: float = 60.0,
+    *,
+    api: ApiSettings | None = None,
+    href_modifier: HrefModifier | None = None,
 ) -> list[pystac.Item]:
     """Items of `collection` intersecting `region_lonlat` with a datetime within [start, end]."""
     if kind == "static":
         items = _static_items(url, collection)
     else:
-        items = _api_items(url, collection, region_lonlat, start, end, timeout_s)
+        settings = api or ApiSettings(timeout_s=timeout_s)
+        items = _api_items(url, collection, region_lonlat, start, end, settings)
     kept = [it for it in items if _in_period(it, start, end) and _intersects(it, region_lonlat)]
-    return sorted(kept, key=lambda it: (it.datetime, it.id))
+    kept = [modify_hrefs(it, href_modifier) for it in kept]
+    return sorted(kept, key=lambda it: (it.datetime or it.common_metadata.start_datetime, it.id))
+
+
+def load_href_modifier(spec: str | None) -> HrefModifier | None:
+    """The callable named `module:function` (e.g. `planetary_computer:sign_inplace`), or None."""
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    try:
+        func = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise SourceError(
+            f"href modifier {spec!r} cannot be imported ({exc}) — set `source.href_modifier` to "
+            "'package.module:function' of an installed package"
+        ) from exc
+    if not callable(func):
+        raise SourceError(f"href modifier {spec!r} is not callable")
+    return func
+
+
+def modify_hrefs(item: pystac.Item, modifier: HrefModifier | None) -> pystac.Item:
+    """Apply `modifier` (in place or returning a new item, like planetary_computer.sign)."""
+    if modifier is None:
+        return item
+    result = modifier(item)
+    return result if isinstance(result, pystac.Item) else item
+
+
+# ---------------------------------------------------------------------------- static catalogues
 
 
 def _static_items(url: str, collection: str) -> Iterable[pystac.Item]:
     try:
-        root = pystac.Catalog.from_file(url)
+        root = pystac.Catalog.from_file(url, stac_io=_stac_io(url))
     except FileNotFoundError as exc:
         raise SourceError(
             f"STAC catalogue not found: {url} — check `source.url` in the config"
         ) from exc
+    except SourceError:
+        raise
     except Exception as exc:  # pystac raises many types for unreadable JSON
         raise SourceError(f"cannot read STAC catalogue {url}: {exc}") from exc
     children = {child.id: child for child in root.get_children()}
@@ -59,29 +115,114 @@ def _static_items(url: str, collection: str) -> Iterable[pystac.Item]:
     return children[collection].get_items(recursive=True)
 
 
-def _api_items(
-    url: str, collection: str, region: Geometry, start: dt.date, end: dt.date, timeout_s: float
-) -> Iterable[pystac.Item]:
+def _stac_io(url: str) -> pystac.StacIO | None:
+    return S3StacIO() if url.startswith("s3://") else None
+
+
+class S3StacIO(pystac.stac_io.DefaultStacIO):
+    """pystac I/O that also reads `s3://` (boto3; endpoint and credentials from the environment)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._client = None
+
+    def read_text_from_href(self, href: str) -> str:
+        if not href.startswith("s3://"):
+            return super().read_text_from_href(href)
+        parts = urlsplit(href)
+        try:
+            body = self._s3().get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"]
+            return body.read().decode("utf-8")
+        except Exception as exc:
+            if "NoSuchKey" in type(exc).__name__ or "NoSuchKey" in str(exc):
+                raise FileNotFoundError(href) from exc
+            raise SourceError(
+                f"cannot read {href}: {exc} — check AWS_ENDPOINT_URL and the AWS credentials "
+                "in the environment"
+            ) from exc
+
+    def _s3(self):
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.client("s3")
+        return self._client
+
+
+# ---------------------------------------------------------------------------- STAC APIs
+
+
+def api_io(settings: ApiSettings):
+    """A pystac-client StacApiIO with a timeout and bounded retries with backoff on 429/5xx."""
+    from pystac_client.stac_api_io import StacApiIO
+    from urllib3.util.retry import Retry
+
+    retry = Retry(
+        total=settings.max_retries,
+        connect=settings.max_retries,
+        read=0,
+        status=settings.max_retries,
+        other=0,
+        backoff_factor=settings.backoff_s,
+        backoff_max=60.0,
+        status_forcelist=RETRY_STATUS,
+        allowed_methods=frozenset({"GET", "POST"}),  # STAC search by POST is read-only
+        respect_retry_after_header=True,
+        raise_on_status=False,  # the last answer reaches pystac-client, which names its status
+    )
+    return StacApiIO(timeout=settings.timeout_s, max_retries=retry)
+
+
+def open_api(url: str, settings: ApiSettings):
+    """pystac-client Client for `url`; an unreachable API ends in a SourceError naming it."""
     from pystac_client import Client
-    from pystac_client.exceptions import APIError
 
     try:
-        client = Client.open(url, timeout=timeout_s)
+        return Client.open(url, stac_io=api_io(settings), timeout=settings.timeout_s)
     except Exception as exc:
-        raise SourceError(f"cannot open STAC API {url}: {exc} — check `source.url`") from exc
+        raise SourceError(
+            f"cannot open STAC API {url}: {_reason(exc)} (after {settings.max_retries} retries, "
+            f"timeout {settings.timeout_s:g} s) — check `source.url` and the network"
+        ) from exc
+
+
+def _api_items(
+    url: str, collection: str, region: Geometry, start: dt.date, end: dt.date, api: ApiSettings
+) -> Iterable[pystac.Item]:
+    from pystac_client.exceptions import APIError
+
+    client = open_api(url, api)
     try:
-        client.get_collection(collection)
+        found = client.get_collection(collection)  # pystac-client answers a 404 with None
     except Exception as exc:
-        raise SourceError(f"collection {collection!r} not found in STAC API {url}: {exc}") from exc
+        raise SourceError(
+            f"collection {collection!r} not found in STAC API {url}: {_reason(exc)}"
+        ) from exc
+    if found is None:
+        raise SourceError(
+            f"collection {collection!r} not found in STAC API {url} — check `source.*_collection`"
+        )
     try:
         search = client.search(
             collections=[collection],
             intersects=region.json,
             datetime=f"{start.isoformat()}/{end.isoformat()}T23:59:59Z",
+            limit=api.page_size,
         )
         return list(search.items())
     except APIError as exc:
-        raise SourceError(f"STAC API {url} search failed for {collection!r}: {exc}") from exc
+        raise SourceError(
+            f"STAC API {url} search failed for {collection!r}: {_reason(exc)}"
+        ) from exc
+
+
+def _reason(exc: Exception) -> str:
+    status = getattr(exc, "status_code", None)
+    text = " ".join(str(exc).split())[:300] or type(exc).__name__
+    return f"HTTP {status}: {text}" if status else text
+
+
+# ---------------------------------------------------------------------------- filters
 
 
 def _in_period(item: pystac.Item, start: dt.date, end: dt.date) -> bool:

@@ -1,4 +1,4 @@
-"""A small, real STAC API server over a static catalogue, for tests (stdlib HTTP, one thread).
+"""A small, real STAC API server over a static catalogue, for tests (stdlib, background thread).
 
 `serve_catalog(path)` reads a static STAC catalogue (catalog.json, child collections, their
 items) and serves it on 127.0.0.1 as a STAC API that pystac-client can use unchanged:
@@ -9,11 +9,17 @@ items) and serves it on 127.0.0.1 as a STAC API that pystac-client can use uncha
 * `/search` (GET and POST) with `collections`, `ids`, `bbox`, `intersects`, `datetime` (instant
   or interval `a/b`, open ends `..` or empty) and `limit` (default 10, so results page); the
   `next` link carries a `token` in the query for GET and in a `body` with `merge: true` for POST,
-  as the STAC API spec describes and pystac-client consumes it.
+  as the STAC API spec describes and pystac-client consumes it. Results come in (datetime, id)
+  order; an unknown collection in a search matches nothing (200, empty), while
+  `/collections/{unknown}` is a 404.
 
-Items keep their content; relative asset hrefs become absolute local paths (so odc-stac and
-rasterio open the COGs) and the item links (self, parent, collection, root) point at the API.
-Errors are JSON `{"code", "description"}` with 400, 404 or 405.
+Items keep their content; their links (self, parent, collection, root) point at the API, and
+relative asset hrefs become either `file://` URIs of the local COGs (`assets="file"`, default) or
+URLs on this server (`assets="http"`, `/assets/<path in the catalogue>`, served with HEAD and
+byte-range GET as GDAL's /vsicurl/ reads remote COGs). Not plain absolute paths: pystac resolves a
+scheme-less href against the item's http self link, so odc-stac would ask the API host for
+`http://127.0.0.1:<port>/abs/path.tif`. Errors are JSON `{"code", "description"}` with 400, 404
+or 405.
 
 The yielded root URL is a `str` with a `hits` Counter of requests served, keyed `"METHOD /path"`
 (query left out), e.g. `url.hits["POST /search"]`, so a test can check that paging happened.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -31,7 +38,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from shapely.geometry import box, shape
 
@@ -259,9 +266,10 @@ class Query:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: pystac-client reuses one session
     timeout = 30  # idle keep-alive connections let their thread go
+    disable_nagle_algorithm = True  # else headers and body, sent apart, wait ~40 ms for an ACK
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:  # quiet test output
         pass
 
     def do_GET(self) -> None:
@@ -276,11 +284,18 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
     def _dispatch(self, method: str) -> None:
         parts = urlsplit(self.path)
         path = parts.path.rstrip("/") or "/"
+        is_asset = path.startswith("/assets/")
         with self.server.lock:
-            self.server.hits[f"{method} {path}"] += 1
+            self.server.hits[f"{method} /assets" if is_asset else f"{method} {path}"] += 1
+        if is_asset and method in ("GET", "HEAD"):
+            self._send_file(unquote(path.removeprefix("/assets/")), head=method == "HEAD")
+            return
         try:
             body = self._body()
             status, doc = self.server.api.handle(method, path, parts.query, body)
@@ -296,6 +311,45 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _send_file(self, rel: str, head: bool) -> None:
+        """An asset file, whole or one byte range (`Range: bytes=a-b`, `a-` or `-n`)."""
+        local = self.server.api.asset_files.get(rel)
+        if local is None:
+            data = json.dumps({"code": "Not Found", "description": f"no asset {rel!r}"}).encode()
+            self.send_response(HTTPStatus.NOT_FOUND)
+            self.send_header("Content-Type", JSON)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(b"" if head else data)
+            return
+        size = local.stat().st_size
+        start, end, status = 0, size - 1, HTTPStatus.OK
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
+        if match and (match[1] or match[2]):
+            if match[1]:
+                start = int(match[1])
+                end = min(int(match[2]), size - 1) if match[2] else size - 1
+            else:
+                start = max(0, size - int(match[2]))
+            status = HTTPStatus.PARTIAL_CONTENT
+            if start >= size or start > end:
+                self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+        self.send_response(status)
+        self.send_header("Content-Type", "image/tiff")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start + 1))
+        if status == HTTPStatus.PARTIAL_CONTENT:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if not head:
+            with open(local, "rb") as f:
+                f.seek(start)
+                self.wfile.write(f.read(end - start + 1))
 
     def _body(self) -> Any:
         length = int(self.headers.get("Content-Length") or 0)
@@ -321,10 +375,25 @@ class _Server(ThreadingHTTPServer):
 class _Api:
     """The STAC API documents, built on the static catalogue; `base` is the root URL."""
 
-    def __init__(self, catalog_path: Path) -> None:
+    def __init__(self, catalog_path: Path, assets: str = "file") -> None:
+        if assets not in ("file", "http"):
+            raise ValueError(f"assets must be 'file' or 'http', not {assets!r}")
+        catalog_path = Path(catalog_path)
+        if catalog_path.is_dir():
+            catalog_path = catalog_path / "catalog.json"
         self.root, self.collections, self.items = _load_catalog(catalog_path)
         self.all_items = sorted((i for v in self.items.values() for i in v), key=_sort_key)
+        self.assets = assets
         self.base = ""
+        # Files the server may send: local assets under the catalogue folder, by relative path.
+        top = catalog_path.parent.resolve()
+        self.asset_files: dict[str, Path] = {}
+        for item in self.all_items:
+            for asset in item.get("assets", {}).values():
+                local = Path(asset["href"])
+                if not _is_url(asset["href"]) and local.is_relative_to(top):
+                    self.asset_files[local.relative_to(top).as_posix()] = local
+        self._rel = {str(local): rel for rel, local in self.asset_files.items()}
 
     # -- URLs and documents ---------------------------------------------------------------------
     def url(self, path: str = "") -> str:
@@ -346,8 +415,19 @@ class _Api:
         ]
         return doc
 
+    def _asset_href(self, href: str) -> str:
+        if _is_url(href):
+            return href
+        if self.assets == "http" and href in self._rel:
+            return self.url("assets/" + quote(self._rel[href]))
+        return Path(href).as_uri()
+
     def _item_doc(self, item: dict) -> dict:
         doc = dict(item)
+        doc["assets"] = {
+            key: {**asset, "href": self._asset_href(asset["href"])}
+            for key, asset in item.get("assets", {}).items()
+        }
         cid = item["collection"]
         kept = [lk for lk in item.get("links", []) if _is_url(lk.get("href", ""))]
         kept = [lk for lk in kept if lk.get("rel") not in ("self", "root", "parent", "collection")]
@@ -495,18 +575,21 @@ class _Api:
 
 
 @contextmanager
-def serve_catalog(catalog_path: Path) -> Iterator[ServerURL]:
+def serve_catalog(catalog_path: Path, assets: str = "file") -> Iterator[ServerURL]:
     """Serve the static catalogue at `catalog_path` (catalog.json or its folder) as a STAC API.
 
+    `assets`: "file" gives items `file://` asset hrefs, "http" serves the COGs from this server.
     Yields the root URL (`http://127.0.0.1:<port>/`), a str whose `hits` counts requests.
     """
-    api = _Api(Path(catalog_path))
+    api = _Api(Path(catalog_path), assets)
     server = _Server(api)
     host, port = server.server_address[:2]
     url = ServerURL(f"http://{host}:{port}/")
     url.hits = server.hits
     api.base = str(url)
-    thread = threading.Thread(target=server.serve_forever, name="stac-api", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="stac-api", daemon=True
+    )
     thread.start()
     try:
         yield url

@@ -3,7 +3,13 @@
 A cube is created once for the whole region (metadata only, `compute=False`), then each tile
 writes its own region; tile edges are shard edges, so tiles never write the same object.
 Within a chunk the codec chain transposes to time-last and delta-encodes along time before
-zstd: a pixel's series is contiguous and interpolated days compress to almost nothing.
+zstd: a pixel's series is contiguous and interpolated days compress to almost nothing. The pivot
+cube delta-encodes twice (a linear stretch becomes zeros, up to int16 rounding) and spends a
+higher zstd level: it is written once and read by every model.
+
+The pivot is written in raw int16 blocks (`write_block`); new days are written past the visible
+time axis through an extended-shape handle and become visible together in one final write of
+the root metadata (`publish_days`), so a reader never sees a half-written day.
 """
 
 from __future__ import annotations
@@ -40,6 +46,24 @@ VARIABLES: dict[str, VarSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a cube is chunked and compressed (the obs and the pivot cube differ)."""
+
+    time_chunk: int | None = None  # None: the whole time axis in one chunk
+    delta_order: int = 1  # delta filters along time; 2 for smooth (interpolated) series
+    zstd_level: int = 3
+
+
+OBS_LAYOUT = Layout()
+
+
+def pivot_layout(time_chunk_days: int | None, n_days: int) -> Layout:
+    """The pivot's layout: time chunks of `time_chunk_days` (default: the first build's length,
+    so no chunk is padded), kept when days are appended; delta² and zstd 5."""
+    return Layout(time_chunk=time_chunk_days or max(n_days, 32), delta_order=2, zstd_level=5)
+
+
 def template(geobox: GeoBox, times: np.ndarray, variables: list[str], attrs: dict) -> xr.Dataset:
     """A lazy all-NaN cube over `geobox` and `times`, with CF coordinates and attributes."""
     coords = xr_coords(geobox, crs_coord_name="spatial_ref")
@@ -57,12 +81,12 @@ def template(geobox: GeoBox, times: np.ndarray, variables: list[str], attrs: dic
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
-def encoding(ds: xr.Dataset, chunk_xy: int, shard_xy: int) -> dict:
-    """int16 + scale_factor, full time per chunk, shards of `shard_xy` pixels, time-delta + zstd."""
+def encoding(ds: xr.Dataset, chunk_xy: int, shard_xy: int, layout: Layout = OBS_LAYOUT) -> dict:
+    """int16 + scale_factor, time-contiguous chunks, shards of `shard_xy` pixels, delta + zstd."""
     from zarr.codecs import TransposeCodec, ZstdCodec
     from zarr.codecs.numcodecs import Delta
 
-    n_time = ds.sizes["time"]
+    n_time = layout.time_chunk or ds.sizes["time"]
     enc = {}
     for name in ds.data_vars:
         spec = VARIABLES[name]
@@ -74,14 +98,17 @@ def encoding(ds: xr.Dataset, chunk_xy: int, shard_xy: int) -> dict:
             "fill_value": FILL,
             "chunks": (n_time, chunk_xy, chunk_xy),
             "shards": (n_time, shard_xy, shard_xy),
-            "filters": [TransposeCodec(order=(1, 2, 0)), Delta(dtype="int16")],
-            "compressors": [ZstdCodec(level=3)],
+            "filters": [TransposeCodec(order=(1, 2, 0))]
+            + [Delta(dtype="int16")] * layout.delta_order,
+            "compressors": [ZstdCodec(level=layout.zstd_level)],
         }
     enc["time"] = {
         "units": "days since 1970-01-01",
         "calendar": "proleptic_gregorian",
         "dtype": "int32",
     }
+    if layout.time_chunk:
+        enc["time"]["chunks"] = (layout.time_chunk,)
     return enc
 
 
@@ -94,7 +121,13 @@ def shard_size(tile_size: int) -> tuple[int, int]:
     return chunk, shard
 
 
-def create(url: str, tmpl: xr.Dataset, tile_size: int, storage_options: dict | None = None) -> None:
+def create(
+    url: str,
+    tmpl: xr.Dataset,
+    tile_size: int,
+    storage_options: dict | None = None,
+    layout: Layout = OBS_LAYOUT,
+) -> None:
     """Write the cube's metadata and coordinates (no data) at `url`, replacing any cube there."""
     chunk, shard = shard_size(tile_size)
     with _quiet():
@@ -104,7 +137,7 @@ def create(url: str, tmpl: xr.Dataset, tile_size: int, storage_options: dict | N
             compute=False,
             zarr_format=3,
             consolidated=True,
-            encoding=encoding(tmpl, chunk, shard),
+            encoding=encoding(tmpl, chunk, shard, layout),
             storage_options=storage_options,
         )
 
@@ -143,6 +176,78 @@ def read_tile(cube: xr.Dataset, tile: Tile) -> xr.Dataset:
     return window.map(lambda var: var.astype("float32"), keep_attrs=True)
 
 
+def open_group(url: str, storage_options: dict | None = None, mode: str = "r+"):
+    """The cube's Zarr group (local path or `s3://`; S3 endpoint and keys from the environment)."""
+    import zarr
+
+    with _quiet():
+        return zarr.open_group(
+            url, mode=mode, storage_options=storage_options, use_consolidated=False
+        )
+
+
+def read_block(group, names: list[str], rows: slice, cols: slice) -> dict[str, np.ndarray]:
+    """Decoded float32 values (NaN where missing) of `names` in one spatial window, all dates."""
+    out = {}
+    for name in names:
+        arr = group[name]
+        with _quiet():
+            raw = arr[:, rows, cols]
+        scale = float(arr.attrs.get("scale_factor", 1.0))
+        offset = float(arr.attrs.get("add_offset", 0.0))
+        values = raw.astype(np.float32) * np.float32(scale) + np.float32(offset)
+        out[name] = np.where(raw == arr.attrs.get("_FillValue", FILL), np.nan, values)
+    return out
+
+
+def write_block(
+    group, encoded: dict[str, np.ndarray], first_day: int, rows: slice, cols: slice, n_days: int
+) -> None:
+    """Write int16 blocks (time from `first_day`) into a cube whose time axis becomes `n_days`.
+
+    Days past the visible axis go through an extended-shape handle: their chunks exist on
+    storage but readers see them only after `publish_days`.
+    """
+    for name, block in encoded.items():
+        arr = _with_days(group[name], n_days)
+        with _quiet():
+            arr[first_day : first_day + block.shape[0], rows, cols] = block
+
+
+def publish_days(group, times: np.ndarray, attrs: dict) -> None:
+    """Grow the time axis to `times`, set the cube attributes, then switch the root metadata.
+
+    Variable and coordinate metadata are written first; the consolidated root metadata (what
+    `xr.open_zarr` reads) is written last, in one object: the new days appear all at once.
+    """
+    import zarr
+
+    n_days = len(times)
+    days = (np.asarray(times, dtype="datetime64[D]") - np.datetime64("1970-01-01", "D")).astype(
+        "int32"
+    )
+    with _quiet():
+        for name, arr in group.arrays():
+            if arr.metadata.dimension_names and arr.metadata.dimension_names[0] == "time":
+                if name == "time":
+                    _with_days(arr, n_days)[:] = days
+                if arr.shape[0] != n_days:
+                    arr.resize((n_days, *arr.shape[1:]))
+        group.update_attributes(attrs)
+        zarr.consolidate_metadata(group.store_path.store, path=group.store_path.path or None)
+
+
+def _with_days(arr, n_days: int):
+    """`arr` itself, or a handle that sees `n_days` along time without saving that shape."""
+    import zarr
+    from zarr.core.array import AsyncArray
+
+    if arr.shape[0] == n_days:
+        return arr
+    meta = arr.metadata.update_shape((n_days, *arr.shape[1:]))
+    return zarr.Array(AsyncArray(meta, arr.store_path, arr._async_array.config))
+
+
 def _bounds(cube: xr.Dataset) -> tuple[float, float, float, float]:
     res = float(abs(cube.x[1] - cube.x[0]))
     return (
@@ -159,5 +264,5 @@ class _quiet(warnings.catch_warnings):
     def __enter__(self):
         super().__enter__()
         warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
-        warnings.filterwarnings("ignore", message=".*consolidated metadata.*")
+        warnings.filterwarnings("ignore", message=".*onsolidated metadata.*")
         return self

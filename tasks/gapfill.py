@@ -1,23 +1,107 @@
-"""Gap filling onto a daily axis: linear in time between valid observations, per pixel.
+"""Gap filling onto a daily axis, behind a small pluggable interface; linear in time by default.
 
-Vectorised over pixels: the previous and next valid day of every (day, pixel) are found with one
-cumulative max/min each along time, shared by all bands of a modality, so the cost is a few
-passes over the array whatever the gap pattern.
+A method turns observations on their own dates (band -> [T, ...] with NaN gaps) into daily values
+plus the information age. The default, `linear`, is one compiled pass (numba, GIL released) that
+walks the days once per block of pixels and emits every band of a modality at once, either as
+float32 or directly as the cube's int16 encoding. `fill_chunked` runs a method over spatial
+chunks on Dask threads (the compiled code releases the GIL, so chunks really run side by side).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
+import numba
 import numpy as np
+
+INT16_FILL = -32768
+_BLOCK = 512  # pixels walked together: their state and output rows stay in cache
 
 
 @dataclass(frozen=True)
 class FillResult:
-    """Daily values per band and the information age in days (NaN where nothing was filled)."""
+    """Daily values per band and the information age in days (NaN / fill where nothing was filled)."""
 
-    values: dict[str, np.ndarray]  # band -> [D, ...] float32
-    age: np.ndarray  # [D, ...] float32, days to the nearest valid observation
+    values: dict[str, np.ndarray]  # band -> [D, ...] float32 (or int16 when encoded)
+    age: np.ndarray  # [D, ...] float32 (or int16 when encoded), days to the nearest valid obs
+
+
+@runtime_checkable
+class GapFillMethod(Protocol):
+    """What the pivot needs from a gap-filling method."""
+
+    name: str
+    version: str  # bump when the output of the method changes: it is part of the cube version
+
+    def fill(
+        self,
+        obs: dict[str, np.ndarray],
+        obs_day: np.ndarray,
+        n_days: int,
+        max_hold_days: int,
+        age_cap_days: int,
+        scales: dict[str, float] | None = None,
+    ) -> FillResult:
+        """Daily values for days [0, n_days); `scales` asks for int16 = round(value / scale)."""
+        ...
+
+    def first_changed_day(
+        self, valid: np.ndarray, obs_day: np.ndarray, first_new_day: int, max_hold_days: int
+    ) -> int:
+        """Earliest day whose output may change when observations on days >= first_new_day change."""
+        ...
+
+
+@dataclass(frozen=True)
+class LinearFill:
+    """Linear in time between valid observations; ends held for at most max_hold_days."""
+
+    name: str = "linear"
+    version: str = "1"
+
+    def fill(self, obs, obs_day, n_days, max_hold_days, age_cap_days, scales=None) -> FillResult:
+        """See `linear_fill`."""
+        return linear_fill(obs, obs_day, n_days, max_hold_days, age_cap_days, scales)
+
+    def first_changed_day(self, valid, obs_day, first_new_day, max_hold_days) -> int:
+        """Day after each pixel's last valid observation before first_new_day (earliest of all).
+
+        A pixel with none before it only changes within max_hold_days of the new observation.
+        """
+        before = np.asarray(obs_day) < first_new_day
+        if valid.size == 0:
+            return max(0, first_new_day - max_hold_days)
+        flat = valid.reshape(valid.shape[0], -1)[before]
+        days = np.asarray(obs_day)[before]
+        seen = flat.any(axis=0)
+        if not seen.all():
+            return max(0, first_new_day - max_hold_days)
+        last = flat.shape[0] - 1 - np.argmax(flat[::-1], axis=0)
+        return int(days[last].min()) + 1
+
+
+METHODS: dict[str, GapFillMethod] = {}
+
+
+def register_method(method: GapFillMethod) -> GapFillMethod:
+    """Make `method` selectable by name (`pivot.method` in a run config)."""
+    if not isinstance(method, GapFillMethod):
+        raise TypeError(f"{method!r} does not implement GapFillMethod (name, version, fill, ...)")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> GapFillMethod:
+    """The registered method called `name`; the error lists the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(METHODS))
+        raise ValueError(f"unknown gap-filling method {name!r}; known: {known}") from None
+
+
+register_method(LinearFill())
 
 
 def linear_fill(
@@ -26,72 +110,163 @@ def linear_fill(
     n_days: int,
     max_hold_days: int,
     age_cap_days: int = 366,
+    scales: dict[str, float] | None = None,
 ) -> FillResult:
     """Fill `obs` (band -> [T, ...] with NaN gaps, observed on day indices `obs_day`) daily.
 
     A day is valid for the modality where every band is finite. Between two valid observations
     values are interpolated linearly; before the first / after the last one the nearest value is
     held for at most `max_hold_days`, then left NaN. Observations outside [0, n_days) are used
-    as anchors for interpolation but not emitted.
+    as anchors for interpolation but not emitted. With `scales` (band -> scale factor, plus
+    "age") the output is the int16 code `value / scale` with -32768 where nothing was filled;
+    there a gap is drawn with an integer step per day from the rounded earlier observation
+    (the slope rounded to one code unit per day, so the error on a day k days into a gap is at
+    most k/2 units, e.g. 0.0002 reflectance 4 days in): a second delta along time then turns
+    an interpolated stretch into zeros, which is what makes the daily cube small.
     """
     bands = list(obs)
-    valid = np.all([np.isfinite(obs[b]) for b in bands], axis=0)  # [T, ...]
+    if not bands:
+        raise ValueError("linear_fill needs at least one band")
     obs_day = np.asarray(obs_day, dtype=np.int64)
+    arrays = [np.asarray(obs[b]) for b in bands]
+    space = arrays[0].shape[1:]
+    if arrays[0].shape[0] != obs_day.size:
+        raise ValueError(f"obs have {arrays[0].shape[0]} dates but obs_day has {obs_day.size}")
+    flat = [a.reshape(obs_day.size, -1) for a in arrays]
+    valid = np.isfinite(flat[0])
+    for a in flat[1:]:
+        valid &= np.isfinite(a)
     order = np.argsort(obs_day, kind="stable")
-    obs_day, valid = obs_day[order], valid[order]
-    prev_i, next_i = _neighbours(valid)  # indices into the obs axis, per (obs slot, pixel)
-    days = np.arange(n_days)
-    slot = np.searchsorted(obs_day, days, side="right") - 1  # last obs at or before each day
-    prev_at, next_at = _neighbours_for_days(prev_i, next_i, slot, obs_day, days, valid)
-    prev_day = _day_of(prev_at, obs_day)
-    next_day = _day_of(next_at, obs_day)
-    d = days.reshape((-1,) + (1,) * (valid.ndim - 1)).astype(np.float64)
-    has_prev, has_next = prev_at >= 0, next_at >= 0
-    both = has_prev & has_next
-    span = np.where(both, next_day - prev_day, 1.0)
-    w = np.where(both, (d - prev_day) / np.where(span == 0, 1.0, span), 0.0).astype(np.float32)
-    hold_prev = has_prev & ~has_next & (d - prev_day <= max_hold_days)
-    hold_next = has_next & ~has_prev & (next_day - d <= max_hold_days)
-    values = {}
-    for b in bands:
-        series = obs[b][order].astype(np.float32)
-        vp = _gather(series, prev_at)
-        vn = _gather(series, next_at)
-        filled = np.where(both, vp + w * (vn - vp), np.nan)
-        filled = np.where(hold_prev, vp, filled)
-        values[b] = np.where(hold_next, vn, filled).astype(np.float32)
-    age = np.minimum(
-        np.where(has_prev, d - prev_day, np.inf), np.where(has_next, next_day - d, np.inf)
+    order = order[valid[order].any(axis=1)]  # dates where no pixel is valid carry nothing
+    stack = np.stack([a[order].astype(np.float32, copy=False) for a in flat])
+    valid = valid[order]
+    encode = scales is not None
+    inv = np.array([1.0 / (scales or {}).get(b, 1.0) for b in [*bands, "age"]], dtype=np.float64)
+    dtype = np.int16 if encode else np.float32
+    out = np.empty((len(bands), n_days, stack.shape[2]), dtype=dtype)
+    age = np.empty((n_days, stack.shape[2]), dtype=dtype)
+    _fill_kernel(stack, valid, obs_day[order], max_hold_days, age_cap_days, inv, encode, out, age)
+    values = {b: out[i].reshape((n_days, *space)) for i, b in enumerate(bands)}
+    return FillResult(values=values, age=age.reshape((n_days, *space)))
+
+
+def fill_chunked(
+    method: GapFillMethod,
+    obs: dict[str, np.ndarray],
+    obs_day: np.ndarray,
+    n_days: int,
+    max_hold_days: int,
+    age_cap_days: int,
+    scales: dict[str, float] | None = None,
+    chunk_x: int = 128,
+) -> FillResult:
+    """`method.fill` on [T, y, x] obs, split along x into Dask tasks run on the threaded scheduler."""
+    import dask
+
+    width = next(iter(obs.values())).shape[-1]
+    starts = range(0, width, chunk_x)
+    parts = dask.compute(
+        *[
+            dask.delayed(method.fill)(
+                {b: v[..., s : s + chunk_x] for b, v in obs.items()},
+                obs_day,
+                n_days,
+                max_hold_days,
+                age_cap_days,
+                scales,
+            )
+            for s in starts
+        ],
+        scheduler="threads",
     )
-    filled_any = both | hold_prev | hold_next
-    age = np.where(filled_any, np.minimum(age, age_cap_days), np.nan).astype(np.float32)
-    return FillResult(values=values, age=age)
+    values = {b: np.concatenate([p.values[b] for p in parts], axis=-1) for b in obs}
+    return FillResult(values, np.concatenate([p.age for p in parts], axis=-1))
 
 
-def _neighbours(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per obs slot: index of the last valid slot at or before it, and the first at or after it."""
-    t = valid.shape[0]
-    idx = np.arange(t).reshape((-1,) + (1,) * (valid.ndim - 1))
-    prev_i = np.maximum.accumulate(np.where(valid, idx, -1), axis=0)
-    nxt = np.where(valid, idx, t)
-    next_i = np.flip(np.minimum.accumulate(np.flip(nxt, axis=0), axis=0), axis=0)
-    return prev_i, np.where(next_i == t, -1, next_i)
+@numba.njit(cache=True, nogil=True)
+def _fill_kernel(
+    values, valid, obs_day, max_hold, age_cap, inv, encode, out, age
+):  # pragma: no cover
+    """out[b, d, p], age[d, p] from values[b, t, p] on sorted obs_day[t]; one walk per block.
+
+    Per pixel the bracketing valid observations (lo, hi) change only on observation days, so
+    they are updated there; every other day costs one multiply-add per band.
+    """
+    n_bands, n_obs, n_px = values.shape
+    far = 1 << 40
+    for blk in range((n_px + _BLOCK - 1) // _BLOCK):
+        p0 = blk * _BLOCK
+        n = min(_BLOCK, n_px - p0)
+        prev = np.full(n, -1, np.int64)
+        lo = np.zeros(n, np.int64)
+        hi = np.zeros(n, np.int64)
+        pd = np.full(n, -far, np.int64)
+        nd = np.full(n, far, np.int64)
+        slope = np.zeros(n, np.float64)
+        w = np.empty(n, np.float64)
+        ages = np.empty(n, np.float64)
+        ok = np.empty(n, np.bool_)
+        base = np.zeros((n_bands, n), np.float64)
+        step = np.zeros((n_bands, n), np.float64)
+        t = 0
+        for d in range(out.shape[1]):
+            if d == 0 or (t < n_obs and obs_day[t] <= d):
+                while t < n_obs and obs_day[t] <= d:
+                    for i in range(n):
+                        if valid[t, p0 + i]:
+                            prev[i] = t
+                    t += 1
+                _bracket(prev, t, valid, p0, obs_day, lo, hi, pd, nd, slope, far)
+                for b in range(n_bands):
+                    for i in range(n):
+                        vp = values[b, lo[i], p0 + i]
+                        per_day = (values[b, hi[i], p0 + i] - vp) * slope[i]
+                        if encode:  # integer start and integer step per day: see linear_fill
+                            base[b, i] = np.round(vp * inv[b])
+                            step[b, i] = np.round(per_day * inv[b])
+                        else:
+                            base[b, i] = vp
+                            step[b, i] = per_day
+            for i in range(n):
+                k = d - pd[i]
+                a = min(k, nd[i] - d)
+                ok[i] = (slope[i] > 0.0) | (a <= max_hold)
+                w[i] = k if ok[i] else np.nan  # NaN makes every band and the age unfilled
+                ages[i] = min(a, age_cap) if ok[i] else np.nan
+            for b in range(n_bands):
+                if encode:
+                    for i in range(n):
+                        out[b, d, p0 + i] = _code(base[b, i] + step[b, i] * w[i])
+                else:
+                    for i in range(n):
+                        out[b, d, p0 + i] = base[b, i] + step[b, i] * w[i]
+            if encode:
+                for i in range(n):
+                    age[d, p0 + i] = _code(np.round(ages[i] * inv[n_bands]))
+            else:
+                for i in range(n):
+                    age[d, p0 + i] = ages[i]
 
 
-def _neighbours_for_days(prev_i, next_i, slot, obs_day, days, valid):
-    """Map per-slot neighbours to per-day ones (a day between slots looks at the next slot)."""
-    t = valid.shape[0]
-    before = np.clip(slot, 0, t - 1)
-    prev_at = np.where((slot >= 0).reshape((-1,) + (1,) * (valid.ndim - 1)), prev_i[before], -1)
-    after_slot = np.where((slot >= 0) & (obs_day[before] == days), slot, slot + 1)
-    inside = (after_slot < t).reshape((-1,) + (1,) * (valid.ndim - 1))
-    next_at = np.where(inside, next_i[np.clip(after_slot, 0, t - 1)], -1)
-    return prev_at, next_at
+@numba.njit(inline="always")
+def _bracket(prev, t, valid, p0, obs_day, lo, hi, pd, nd, slope, far):  # pragma: no cover
+    """Per pixel: valid slots before/after (lo, hi), their days, and 1/span when both exist."""
+    n_obs = valid.shape[0]
+    for i in range(prev.size):
+        k = t
+        while k < n_obs and not valid[k, p0 + i]:
+            k += 1
+        has_prev, has_next = prev[i] >= 0, k < n_obs
+        lo[i] = prev[i] if has_prev else min(k, n_obs - 1)
+        hi[i] = k if has_next else lo[i]
+        pd[i] = obs_day[prev[i]] if has_prev else -far
+        nd[i] = obs_day[k] if has_next else far
+        slope[i] = 1.0 / (nd[i] - pd[i]) if has_prev and has_next else 0.0
 
 
-def _day_of(at: np.ndarray, obs_day: np.ndarray) -> np.ndarray:
-    return np.where(at >= 0, obs_day[np.clip(at, 0, None)], 0).astype(np.float64)
-
-
-def _gather(series: np.ndarray, at: np.ndarray) -> np.ndarray:
-    return np.take_along_axis(series, np.clip(at, 0, None), axis=0)
+@numba.njit(inline="always")
+def _code(v):  # pragma: no cover
+    """An integral value as its int16 code (clipped), -32768 for NaN."""
+    if np.isnan(v):
+        return INT16_FILL
+    return min(max(v, -32767.0), 32767.0)

@@ -67,3 +67,60 @@ def test_hold_limit_and_cap():
     filled = np.isfinite(result.values["b"][:, 0])
     assert filled.sum() == 21 and filled[40] and not filled[39] and filled[60] and not filled[61]
     assert np.nanmax(result.age) == 5
+
+
+def test_encoded_output_steps_by_whole_codes_and_stays_close():
+    rng = np.random.default_rng(3)
+    days = np.array([0, 7, 20, 33])
+    values = rng.uniform(0.05, 0.4, size=(4, 50)).astype(np.float32)
+    exact = linear_fill({"b": values}, days, 34, max_hold_days=0).values["b"]
+    coded = linear_fill({"b": values}, days, 34, 0, scales={"b": 1e-4, "age": 1.0})
+    codes = coded.values["b"].astype(np.int64)
+    assert coded.values["b"].dtype == np.int16 and coded.age.dtype == np.int16
+    assert np.all(np.diff(codes[1:7], 2, axis=0) == 0)  # a constant whole step inside a gap
+    k = np.concatenate([np.arange(7), np.arange(13), np.arange(14)])[:, None]
+    assert np.all(np.abs(codes - exact / 1e-4) <= k / 2 + 0.5 + 1e-3)
+    np.testing.assert_array_equal(codes[days], np.round(values / 1e-4))
+
+
+def test_methods_are_pluggable_and_chunked_filling_matches():
+    from pivotmap.tasks.gapfill import METHODS, fill_chunked, get_method, register_method
+
+    assert get_method("linear").name == "linear"
+    with pytest.raises(ValueError, match="unknown gap-filling method 'spline'; known: linear"):
+        get_method("spline")
+
+    class Nearest:
+        name, version = "nearest-test", "1"
+
+        def fill(self, obs, obs_day, n_days, max_hold_days, age_cap_days, scales=None):
+            return linear_fill(obs, obs_day, n_days, max_hold_days, age_cap_days, scales)
+
+        def first_changed_day(self, valid, obs_day, first_new_day, max_hold_days):
+            return 0
+
+    try:
+        register_method(Nearest())
+        assert get_method("nearest-test").version == "1"
+    finally:
+        METHODS.pop("nearest-test", None)
+    with pytest.raises(TypeError, match="does not implement GapFillMethod"):
+        register_method(object())
+    values = np.random.default_rng(0).normal(size=(6, 4, 300)).astype(np.float32)
+    values[:, :, ::7] = np.nan
+    days = np.array([0, 3, 9, 10, 15, 30])
+    whole = linear_fill({"b": values}, days, 31, 5)
+    parts = fill_chunked(get_method("linear"), {"b": values}, days, 31, 5, 366, chunk_x=64)
+    np.testing.assert_array_equal(parts.values["b"], whole.values["b"])
+    np.testing.assert_array_equal(parts.age, whole.age)
+
+
+def test_first_changed_day_is_the_day_after_the_last_valid_observation():
+    from pivotmap.tasks.gapfill import get_method
+
+    method = get_method("linear")
+    days = np.array([0, 10, 20])
+    valid = np.array([[True, True], [True, False], [False, False]])
+    assert method.first_changed_day(valid, days, 25, max_hold_days=5) == 1
+    assert method.first_changed_day(valid[:, :1], days, 25, max_hold_days=5) == 11
+    assert method.first_changed_day(valid[2:], days[2:], 25, max_hold_days=5) == 20

@@ -1,21 +1,29 @@
-"""The pixel time-series classifier: one temporal encoder per modality, gated fusion, a head.
+"""The pixel time-series classifier: one temporal encoder per modality, attention fusion, a head.
 
 Input per pixel is the pivot cube sampled every `step_days` days: a tensor [N, T, C] whose
 channels are listed in `ModelSpec.channels` (S2 bands + age_s2, VV/VH + age_s1, then sin/cos of
 the day of year). Missing values arrive as 0 with their age channel set to the cap, so the
 network knows what was observed and what was filled.
+
+Each modality's encoder (`encoders.ModalityEncoder`) pools its T steps into a few tokens; a
+fusion transformer attends across the tokens of both modalities. A modality with no information
+in a pixel (every age at the cap) is masked out of the fusion, so one modality alone still
+classifies; training drops a modality at random (`modality_dropout`) so that this case is learnt.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from pivotmap.models.encoders import Block, ModalityEncoder
+
 S2_BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
 S1_BANDS = ("VV", "VH")
+FUSION = "fusion-attention"
+LEGACY = "tempconv"  # the skeleton's network: models registered before the fusion encoders
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,21 @@ class ModelSpec:
     norm_mean: dict[str, float] = field(default_factory=dict)
     norm_std: dict[str, float] = field(default_factory=dict)
     age_cap: float = 60.0
+    arch: str = FUSION
+    modalities: tuple[str, ...] = ("s2", "s1")
+    tokens: int = 8
+    layers: int = 1
+    fusion_layers: int = 1
+    heads: int = 4
+    modality_dropout: float = 0.15
+    patch: int = 2
+
+    def __post_init__(self) -> None:
+        unknown = set(self.modalities) - {"s2", "s1"}
+        if unknown or not self.modalities:
+            raise ValueError(f"ModelSpec.modalities must be s2 and/or s1, got {self.modalities}")
+        if self.arch not in (FUSION, LEGACY):
+            raise ValueError(f"ModelSpec.arch {self.arch!r} is not {FUSION!r} or {LEGACY!r}")
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -39,16 +62,102 @@ class ModelSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def replace(self, **changes) -> ModelSpec:
+        """A copy with some fields changed."""
+        return ModelSpec(**{**self.to_dict(), **changes})
+
     @classmethod
     def from_dict(cls, raw: dict) -> ModelSpec:
         raw = dict(raw)
-        for key in ("classes", "s2_channels", "s1_channels"):
-            raw[key] = tuple(raw[key])
+        raw.setdefault("arch", LEGACY)  # specs written before `arch` existed
+        for key in ("classes", "s2_channels", "s1_channels", "modalities"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
         return cls(**raw)
 
 
-class TemporalEncoder(nn.Module):
-    """Temporal convolutions then attention pooling over time: [N, T, C] -> [N, H]."""
+class FusionClassifier(nn.Module):
+    """Per-modality encoders -> tokens -> fusion transformer across modalities -> head."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        n2, n1 = len(spec.s2_channels), len(spec.s1_channels)
+        self.slices = {"s2": slice(0, n2), "s1": slice(n2, n2 + n1)}
+        self.time_slice = slice(n2 + n1, n2 + n1 + 2)
+        self.age_index = {
+            m: [i for i, c in enumerate(spec.channels[self.slices[m]]) if c.startswith("age_")]
+            for m in spec.modalities
+        }
+        widths = {"s2": n2, "s1": n1}
+        self.encoders = nn.ModuleDict(
+            {
+                m: ModalityEncoder(
+                    widths[m] + 2, spec.hidden, spec.tokens, spec.layers, spec.heads, spec.patch
+                )
+                for m in spec.modalities
+            }
+        )
+        self.modality_embed = nn.Parameter(torch.zeros(len(spec.modalities), 1, spec.hidden))
+        self.fusion = nn.ModuleList(
+            Block(spec.hidden, spec.heads) for _ in range(spec.fusion_layers)
+        )
+        self.norm = nn.LayerNorm(spec.hidden)
+        self.head = nn.Sequential(
+            nn.Linear(spec.hidden, spec.hidden),
+            nn.GELU(),
+            nn.Dropout(0.1),
+            nn.Linear(spec.hidden, len(spec.classes)),
+        )
+
+    def present(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, M] True where a modality holds information (some age below the cap)."""
+        cols = []
+        for m in self.spec.modalities:
+            ages = x[..., self.slices[m]][..., self.age_index[m]]
+            cols.append(
+                (ages < 1).flatten(1).any(1) if ages.shape[-1] else x.new_ones(len(x)).bool()
+            )
+        return torch.stack(cols, dim=1)
+
+    def _drop_modalities(self, present: torch.Tensor) -> torch.Tensor:
+        """Training only: hide one random modality from a share of the pixels."""
+        n, m = present.shape
+        if not self.training or m < 2 or self.spec.modality_dropout <= 0:
+            return present
+        drop = torch.rand(n, device=present.device) < self.spec.modality_dropout
+        which = torch.randint(0, m, (n,), device=present.device)
+        hidden = torch.nn.functional.one_hot(which, m).bool() & drop[:, None]
+        return present & ~hidden
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused tokens [N, M*Q, D] and their mask [N, M*Q] (True = the modality is used)."""
+        t = x[..., self.time_slice]
+        tokens = [
+            self.encoders[m](torch.cat([x[..., self.slices[m]], t], dim=-1))
+            + self.modality_embed[i]
+            for i, m in enumerate(self.spec.modalities)
+        ]
+        present = self._drop_modalities(self.present(x))
+        present = present | ~present.any(1, keepdim=True)  # nothing known: use every modality
+        mask = present.repeat_interleave(self.spec.tokens, dim=1)
+        h = torch.cat(tokens, dim=1)
+        for block in self.fusion:
+            h = block(h, mask)
+        return h, mask
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """One pixel embedding [N, D]: the mean of the used tokens."""
+        h, mask = self.encode(x)
+        weights = mask.to(h.dtype).unsqueeze(-1)
+        return self.norm((h * weights).sum(1) / weights.sum(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+class TemporalConvEncoder(nn.Module):
+    """The skeleton's encoder (kept to load older registered models): [N, T, C] -> [N, H]."""
 
     def __init__(self, in_channels: int, hidden: int) -> None:
         super().__init__()
@@ -63,23 +172,21 @@ class TemporalEncoder(nn.Module):
         self.score = nn.Conv1d(hidden, 1, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv(x.transpose(1, 2))  # [N, H, T]
-        weights = torch.softmax(self.score(h), dim=-1)
-        return (h * weights).sum(dim=-1)
+        h = self.conv(x.transpose(1, 2))
+        return (h * torch.softmax(self.score(h), dim=-1)).sum(dim=-1)
 
 
-class FusionClassifier(nn.Module):
-    """S2 and S1 encoders fused by a learned gate, so one modality alone still classifies."""
+class TempConvClassifier(nn.Module):
+    """The skeleton's gated S2/S1 classifier (`arch: tempconv`), for registered older models."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
         n2, n1 = len(spec.s2_channels), len(spec.s1_channels)
-        self.s2_slice = slice(0, n2)
-        self.s1_slice = slice(n2, n2 + n1)
+        self.s2_slice, self.s1_slice = slice(0, n2), slice(n2, n2 + n1)
         self.time_slice = slice(n2 + n1, n2 + n1 + 2)
-        self.s2 = TemporalEncoder(n2 + 2, spec.hidden)
-        self.s1 = TemporalEncoder(n1 + 2, spec.hidden)
+        self.s2 = TemporalConvEncoder(n2 + 2, spec.hidden)
+        self.s1 = TemporalConvEncoder(n1 + 2, spec.hidden)
         self.gate = nn.Sequential(nn.Linear(2 * spec.hidden, 2), nn.Softmax(dim=-1))
         self.head = nn.Sequential(
             nn.Linear(spec.hidden, spec.hidden),
@@ -96,27 +203,24 @@ class FusionClassifier(nn.Module):
         return self.head(g[:, :1] * h2 + g[:, 1:] * h1)
 
 
-def build_model(spec: ModelSpec | dict) -> FusionClassifier:
+def build_model(spec: ModelSpec | dict) -> nn.Module:
     """The network for `spec` (a ModelSpec or its dict form), with fresh weights."""
     if isinstance(spec, dict):
         spec = ModelSpec.from_dict(spec)
-    return FusionClassifier(spec)
+    return TempConvClassifier(spec) if spec.arch == LEGACY else FusionClassifier(spec)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_pixel(spec: ModelSpec) -> int:
-    """Multiply-adds per pixel of one forward pass (convolutions and linear layers)."""
-    t, h = spec.n_steps, spec.hidden
-    per_encoder = [(len(spec.s2_channels) + 2), (len(spec.s1_channels) + 2)]
-    conv = sum(t * (c * h * 5 + h * h * 5 + h) for c in per_encoder)
-    head = 2 * h * 2 + h * h + h * len(spec.classes)
-    return int(2 * (conv + head))
+def flops_per_pixel(spec: ModelSpec, n_steps: int | None = None) -> int:
+    """FLOPs of one pixel's forward pass (2 per multiply-add of matmuls, convolutions and
+    attention, as counted by torch's FlopCounterMode; element-wise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-
-def doy_features(days_of_year: torch.Tensor) -> torch.Tensor:
-    """sin/cos of the day of year: [T] -> [T, 2]."""
-    angle = 2 * math.pi * days_of_year.float() / 365.25
-    return torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1)
+    model = build_model(spec).eval()
+    x = torch.zeros(1, n_steps or spec.n_steps, len(spec.channels))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())

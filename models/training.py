@@ -1,13 +1,20 @@
-"""Supervised training with a spatial block split, evaluation metrics and batched inference."""
+"""Supervised training with a spatial block split, sampling of the labels and batched inference.
+
+One optimisation loop (`optimise`) serves supervised training, masked-reconstruction
+pretraining (`pretrain.py`) and distillation (`distill.py`): AdamW, one-cycle schedule, seeded
+batches, bf16 autocast on CUDA and plain float32 on CPU.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from pivotmap.models.evaluation import metrics  # noqa: F401  (re-exported: historical home)
 from pivotmap.models.network import ModelSpec, build_model
 
 
@@ -16,6 +23,12 @@ def pick_device(prefer: str | None = None) -> str:
     if prefer == "cpu":
         return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA; a no-op context on CPU."""
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=kind == "cuda")
 
 
 def spatial_block_split(
@@ -53,6 +66,57 @@ class FitResult:
     losses: list[float]
 
 
+def optimise(
+    model: nn.Module,
+    n_samples: int,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    device: str = "cpu",
+    lr_scale: Callable[[str], float] | None = None,
+) -> list[float]:
+    """Minimise `batch_loss(indices)` over seeded shuffled batches; mean loss per epoch.
+    `lr_scale(name)` scales the learning rate of a parameter (e.g. pretrained weights)."""
+    groups: dict[float, list] = {}
+    for name, param in model.named_parameters():
+        groups.setdefault(lr_scale(name) if lr_scale else 1.0, []).append(param)
+    rates = [learning_rate * scale for scale in groups]
+    optimiser = torch.optim.AdamW(
+        [{"params": p, "lr": r} for p, r in zip(groups.values(), rates, strict=True)],
+        weight_decay=1e-4,
+    )
+    steps = epochs * max(1, -(-n_samples // batch_size))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, rates, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        order, total = torch.randperm(n_samples, generator=generator), 0.0
+        for start in range(0, n_samples, batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) < 2:  # BatchNorm (older architecture) needs two samples
+                continue
+            optimiser.zero_grad()
+            with autocast(device):
+                loss = batch_loss(idx)
+            loss.float().backward()
+            optimiser.step()
+            scheduler.step()
+            total += loss.item() * len(idx)
+        losses.append(total / max(1, n_samples))
+    model.eval()
+    return losses
+
+
+def class_weights(y_idx: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (mean 1 over present classes): rare classes count as much."""
+    counts = np.bincount(y_idx, minlength=n_classes).astype(np.float32)
+    return torch.tensor(counts.sum() / np.maximum(counts, 1) / n_classes)
+
+
 def fit(
     x: np.ndarray,
     y_idx: np.ndarray,
@@ -63,36 +127,38 @@ def fit(
     learning_rate: float,
     seed: int,
     device: str = "cpu",
+    init_state: dict[str, torch.Tensor] | None = None,
+    init_lr_scale: float = 1.0,
 ) -> FitResult:
-    """Train a fresh network on [N, T, C] inputs and class indices; class-balanced loss."""
+    """Train a network on [N, T, C] inputs and class indices with a class-balanced loss;
+    `init_state` (e.g. a pretrained encoder) initialises the matching weights, which then
+    learn at `init_lr_scale` times the learning rate."""
     torch.manual_seed(seed)
-    model = build_model(spec).to(device)
-    counts = np.bincount(y_idx, minlength=len(spec.classes)).astype(np.float32)
-    weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), device=device)
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=learning_rate, total_steps=epochs * max(1, -(-len(y_idx) // batch_size))
-    )
+    model = build_model(spec)
+    if init_state:
+        missing = model.load_state_dict(init_state, strict=False).missing_keys
+        if len(missing) == len(model.state_dict()):
+            raise ValueError("init_state shares no weight with the network of `spec`")
+    model = model.to(device)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(y_idx, len(spec.classes)).to(device))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y_idx.astype(np.int64))
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(yt), generator=generator)
-        total = 0.0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            optimiser.zero_grad()
-            loss = loss_fn(model(xt[idx].to(device)), yt[idx].to(device))
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            total += loss.item() * len(idx)
-        losses.append(total / len(order))
-    model.eval()
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        return loss_fn(model(xt[idx].to(device)).float(), yt[idx].to(device))
+
+    losses = optimise(
+        model,
+        len(yt),
+        batch_loss,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        device=device,
+        lr_scale=(lambda name: init_lr_scale if name in init_state else 1.0)
+        if init_state
+        else None,
+    )
     return FitResult(model=model, losses=losses)
 
 
@@ -105,7 +171,7 @@ def predict_proba(
     out = []
     for start in range(0, len(x), batch_size):
         xb = torch.from_numpy(x[start : start + batch_size]).to(device)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        with autocast(device):
             logits = model(xb)
         out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     if not out:
@@ -128,19 +194,17 @@ def stratified_sample(codes: np.ndarray, max_total: int, seed: int) -> np.ndarra
     return np.sort(np.concatenate(picks))
 
 
-def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[int, ...]) -> dict:
-    """Overall accuracy, macro-F1, Cohen's kappa, per-class F1 and the confusion matrix."""
-    from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, f1_score
-
-    labels = list(classes)
-    per_class = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
-    return {
-        "overall_accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(
-            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
-        ),
-        "kappa": float(cohen_kappa_score(y_true, y_pred, labels=labels)),
-        "per_class_f1": {str(c): float(f) for c, f in zip(labels, per_class, strict=True)},
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-        "n_test_pixels": int(len(y_true)),
-    }
+def label_subset(
+    codes: np.ndarray, fraction: float, seed: int, min_per_class: int = 2
+) -> np.ndarray:
+    """Indices of a random `fraction` of the labelled samples, per class (at least
+    `min_per_class` of each class when it has them): the few-label setting."""
+    if fraction >= 1:
+        return np.arange(len(codes))
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in np.unique(codes):
+        members = np.flatnonzero(codes == c)
+        take = min(len(members), max(min_per_class, round(fraction * len(members))))
+        picks.append(rng.choice(members, size=take, replace=False))
+    return np.sort(np.concatenate(picks))

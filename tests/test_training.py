@@ -1,6 +1,7 @@
 """Spatial split, stratified sampling, features and a short real training run on separable data."""
 
 import numpy as np
+import pytest
 import torch
 
 from pivotmap.models.features import fit_normalisation, has_data, network_input
@@ -12,6 +13,15 @@ from pivotmap.models.training import (
     spatial_block_split,
     stratified_sample,
 )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny batches: one thread is faster than two fighting over a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_spatial_split_holds_out_whole_blocks_and_every_class():

@@ -208,6 +208,25 @@ class PivotConfig(_Frozen):
         le=1,
         description="Quality gate: least share of filled values per variable.",
     )
+    method: str = Field(
+        default="linear",
+        description="Gap-filling method, by registered name (pivotmap.tasks.gapfill.METHODS).",
+    )
+    time_chunk_days: int | None = Field(
+        default=None,
+        ge=8,
+        le=4096,
+        description="Days per Zarr chunk along time (a pixel's series within one is contiguous); "
+        "default: the days of the first build, so days appended later start a new chunk.",
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from pivotmap.tasks.gapfill import get_method
+
+        get_method(value)
+        return value
 
 
 class LabelsConfig(_Frozen):
@@ -232,7 +251,7 @@ class TrainConfig(_Frozen):
     epochs: int = Field(default=40, ge=1, description="Training epochs.")
     batch_size: int = Field(default=256, ge=8, description="Pixels per batch.")
     learning_rate: float = Field(default=2e-3, gt=0, description="AdamW learning rate.")
-    hidden: int = Field(default=64, ge=8, description="Width of the temporal encoders.")
+    hidden: int = Field(default=32, ge=8, description="Width of the temporal encoders.")
     modalities: tuple[Literal["s2", "s1"], ...] = Field(
         default=("s2", "s1"),
         min_length=1,
@@ -245,9 +264,16 @@ class TrainConfig(_Frozen):
         description="Train on this share of the labelled training pixels (few-label runs).",
     )
     pretrain_epochs: int = Field(
-        default=10,
+        default=20,
         ge=0,
         description="Masked-reconstruction pretraining epochs on unlabelled pixels; 0 = none.",
+    )
+    pretrain_lr_scale: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Fine-tuning learning rate of the pretrained encoder, relative to the head's "
+        "(0.1 helped with few labels on Flanders, 1.0 with all of them).",
     )
     max_unlabelled_pixels: int = Field(
         default=20000,
@@ -264,6 +290,12 @@ class TrainConfig(_Frozen):
         default=0, ge=0, description="Distil a smaller student for this many epochs; 0 = none."
     )
     distill_hidden: int = Field(default=16, ge=8, description="Width of the distilled student.")
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Torch threads when training on CPU; null = torch's default (all cores). "
+        "1 is faster on a small or shared machine.",
+    )
     max_train_pixels: int = Field(
         default=20000,
         ge=100,

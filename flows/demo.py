@@ -34,11 +34,16 @@ def demo_config_dict(data_dir: str = "data", seed: int = 42) -> dict:
             "nomenclature": f"{data_dir}/labels/nomenclature.yaml",
         },
         "train": {
-            "epochs": 20,
-            "max_train_pixels": 6000,
+            "epochs": 15,
+            "max_train_pixels": 3000,
             "block_size": 16,
             "test_fraction": 0.25,
             "seed": 0,
+            "pretrain_epochs": 2,  # cheap: the demo shows the chain, Flanders the gain
+            "max_unlabelled_pixels": 2000,
+            "baseline_trees": 50,
+            "distill_epochs": 0,
+            "cpu_threads": 1,  # CI's 2 shared cores: one thread trains small batches faster
         },
         # The demo runs anywhere, offline too: the test suite validates its STAC offline.
         "publish": {"validate_stac": "off", "mosaic_cog": True},

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -454,31 +453,19 @@ def _prepare_store(ws, modality, tiles, times, days, key, force) -> None:
         return
     tmpl = cube.template(ws.extent(tiles), times, MODALITY_VARIABLES[modality], {"items_key": key})
     if modality == "s1":
-        states = [orbit_state(g[0]) or "unknown" for g in days.values()]
-        tmpl = tmpl.assign_coords(orbit_state=("time", np.array(states, dtype="<U10")))
-        tmpl["orbit_state"].attrs["long_name"] = "Sentinel-1 orbit direction (sat:orbit_state)"
-    create_obs(url, tmpl, ws.config.grid.tile_size)
-    ws.clear_stage(stage)
-
-
-def create_obs(url: str, tmpl, tile_size: int) -> None:
-    """Create an obs cube: the cube encoding with one chunk per shard (= per tile block).
-
-    Obs cubes are written block by block and read tile by tile, never pixel by pixel, so the
-    pivot cube's small inner chunks would only add per-chunk work (about half the write time).
-    """
-    _, shard = cube.shard_size(tile_size)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        tmpl.to_zarr(
-            url,
-            mode="w",
-            compute=False,
-            zarr_format=3,
-            consolidated=True,
-            encoding=cube.encoding(tmpl, shard, shard),
+        # CF flags, not strings: Zarr v3 has no portable fixed-width string type.
+        codes = {"ascending": 0, "descending": 1}
+        states = [codes.get(orbit_state(g[0]) or "", -1) for g in days.values()]
+        tmpl = tmpl.assign_coords(orbit_state=("time", np.array(states, dtype="int8")))
+        tmpl["orbit_state"].attrs.update(
+            long_name="Sentinel-1 orbit direction (sat:orbit_state)",
+            flag_values=[0, 1],
+            flag_meanings="ascending descending",
+            missing_value=-1,
         )
+    # Obs cubes are written block by block and read tile by tile: one inner chunk per shard.
+    cube.create(url, tmpl, ws.config.grid.tile_size, chunk_per_shard=True)
+    ws.clear_stage(stage)
 
 
 def _marker(ws: Workspace, stage: str, tile_id: str) -> dict:

@@ -127,9 +127,15 @@ def create(
     tile_size: int,
     storage_options: dict | None = None,
     layout: Layout = OBS_LAYOUT,
+    chunk_per_shard: bool = False,
 ) -> None:
-    """Write the cube's metadata and coordinates (no data) at `url`, replacing any cube there."""
+    """Write the cube's metadata and coordinates (no data) at `url`, replacing any cube there.
+
+    `chunk_per_shard` makes the inner chunk the whole shard: right for cubes that are only ever
+    read tile by tile (the obs cubes), where small inner chunks add per-chunk work.
+    """
     chunk, shard = shard_size(tile_size)
+    chunk = shard if chunk_per_shard else chunk
     with _quiet():
         tmpl.to_zarr(
             url,

@@ -58,7 +58,8 @@ def test_obs_cubes_hold_masked_reflectance_and_db_and_reruns_read_nothing(catalo
     np.testing.assert_allclose(obs.B04.values, direct.B04.values, atol=0.6e-4)  # int16 at 1e-4
     assert (obs.B04.isnull().values == direct.B04.isnull().values).all()
     db = _obs(out, "s1")
-    assert list(db.orbit_state.values) == ["ascending"] * 21
+    assert list(db.orbit_state.values) == [0] * 21  # CF flags: 0 = ascending
+    assert db.orbit_state.attrs["flag_meanings"] == "ascending descending"
     assert -25 < float(db.VV.mean()) < 0 and float(db.VH.mean()) < float(db.VV.mean())
 
     for cog in catalogue.rglob("*.tif"):  # nothing can be read any more...

@@ -80,7 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    spec = ModelSpec(classes=(1, 2, 3, 4, 5, 6), n_steps=-(-args.days // 5))
+    from pivotmap.flows.config import TrainConfig
+
+    defaults = TrainConfig()  # the network the chain trains by default
+    spec = ModelSpec(
+        classes=(1, 2, 3, 4, 5, 6), n_steps=-(-args.days // defaults.step_days),
+        step_days=defaults.step_days, hidden=defaults.hidden,
+    )  # fmt: skip
     model = build_model(spec).eval()
     with tempfile.TemporaryDirectory() as tmp:
         url = str(Path(tmp) / "pivot.zarr")

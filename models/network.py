@@ -26,6 +26,13 @@ FUSION = "fusion-attention"
 LEGACY = "tempconv"  # the skeleton's network: models registered before the fusion encoders
 
 
+def classifier_head(hidden: int, n_classes: int) -> nn.Sequential:
+    """The MLP that turns a pixel embedding into class logits (keys head.0 / head.3 in weights)."""
+    return nn.Sequential(
+        nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, n_classes)
+    )
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild the network and feed it: saved next to the weights."""
@@ -103,12 +110,7 @@ class FusionClassifier(nn.Module):
             Block(spec.hidden, spec.heads) for _ in range(spec.fusion_layers)
         )
         self.norm = nn.LayerNorm(spec.hidden)
-        self.head = nn.Sequential(
-            nn.Linear(spec.hidden, spec.hidden),
-            nn.GELU(),
-            nn.Dropout(0.1),
-            nn.Linear(spec.hidden, len(spec.classes)),
-        )
+        self.head = classifier_head(spec.hidden, len(spec.classes))
 
     def present(self, x: torch.Tensor) -> torch.Tensor:
         """[N, M] True where a modality holds information (some age below the cap)."""
@@ -188,12 +190,7 @@ class TempConvClassifier(nn.Module):
         self.s2 = TemporalConvEncoder(n2 + 2, spec.hidden)
         self.s1 = TemporalConvEncoder(n1 + 2, spec.hidden)
         self.gate = nn.Sequential(nn.Linear(2 * spec.hidden, 2), nn.Softmax(dim=-1))
-        self.head = nn.Sequential(
-            nn.Linear(spec.hidden, spec.hidden),
-            nn.GELU(),
-            nn.Dropout(0.1),
-            nn.Linear(spec.hidden, len(spec.classes)),
-        )
+        self.head = classifier_head(spec.hidden, len(spec.classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x[..., self.time_slice]

@@ -42,8 +42,13 @@ class GapFillMethod(Protocol):
         max_hold_days: int,
         age_cap_days: int,
         scales: dict[str, float] | None = None,
+        out: FillResult | None = None,
     ) -> FillResult:
-        """Daily values for days [0, n_days); `scales` asks for int16 = round(value / scale)."""
+        """Daily values for days [0, n_days); `scales` asks for int16 = round(value / scale).
+
+        With `out`, the result is written into its arrays ([n_days, ...], views allowed) and
+        returned; that is how `fill_chunked` runs pixel ranges of one array side by side.
+        """
         ...
 
     def first_changed_day(
@@ -60,9 +65,11 @@ class LinearFill:
     name: str = "linear"
     version: str = "1"
 
-    def fill(self, obs, obs_day, n_days, max_hold_days, age_cap_days, scales=None) -> FillResult:
+    def fill(
+        self, obs, obs_day, n_days, max_hold_days, age_cap_days, scales=None, out=None
+    ) -> FillResult:
         """See `linear_fill`."""
-        return linear_fill(obs, obs_day, n_days, max_hold_days, age_cap_days, scales)
+        return linear_fill(obs, obs_day, n_days, max_hold_days, age_cap_days, scales, out)
 
     def first_changed_day(self, valid, obs_day, first_new_day, max_hold_days) -> int:
         """Day after each pixel's last valid observation before first_new_day (earliest of all).
@@ -111,6 +118,7 @@ def linear_fill(
     max_hold_days: int,
     age_cap_days: int = 366,
     scales: dict[str, float] | None = None,
+    out: FillResult | None = None,
 ) -> FillResult:
     """Fill `obs` (band -> [T, ...] with NaN gaps, observed on day indices `obs_day`) daily.
 
@@ -123,6 +131,10 @@ def linear_fill(
     (the slope rounded to one code unit per day, so the error on a day k days into a gap is at
     most k/2 units, e.g. 0.0002 reflectance 4 days in): a second delta along time then turns
     an interpolated stretch into zeros, which is what makes the daily cube small.
+
+    The obs may be views (e.g. a pixel range of a bigger array: nothing is copied but the valid
+    dates); `out` (arrays [n_days, ...] of the right dtype, views allowed) is written in place
+    instead of allocating, which is how `fill_chunked` runs chunks side by side.
     """
     bands = list(obs)
     if not bands:
@@ -132,22 +144,45 @@ def linear_fill(
     space = arrays[0].shape[1:]
     if arrays[0].shape[0] != obs_day.size:
         raise ValueError(f"obs have {arrays[0].shape[0]} dates but obs_day has {obs_day.size}")
-    flat = [a.reshape(obs_day.size, -1) for a in arrays]
-    valid = np.isfinite(flat[0])
-    for a in flat[1:]:
-        valid &= np.isfinite(a)
+    flat = [_as_2d(a) for a in arrays]
     order = np.argsort(obs_day, kind="stable")
-    order = order[valid[order].any(axis=1)]  # dates where no pixel is valid carry nothing
+    order = order[_dates_with_data(flat[0], order)]  # dates where no pixel has data carry nothing
     stack = np.stack([a[order].astype(np.float32, copy=False) for a in flat])
-    valid = valid[order]
     encode = scales is not None
     inv = np.array([1.0 / (scales or {}).get(b, 1.0) for b in [*bands, "age"]], dtype=np.float64)
     dtype = np.int16 if encode else np.float32
-    out = np.empty((len(bands), n_days, stack.shape[2]), dtype=dtype)
-    age = np.empty((n_days, stack.shape[2]), dtype=dtype)
-    _fill_kernel(stack, valid, obs_day[order], max_hold_days, age_cap_days, inv, encode, out, age)
-    values = {b: out[i].reshape((n_days, *space)) for i, b in enumerate(bands)}
-    return FillResult(values=values, age=age.reshape((n_days, *space)))
+    if out is None:
+        out = FillResult(
+            {b: np.empty((n_days, *space), dtype) for b in bands}, np.empty((n_days, *space), dtype)
+        )
+    targets = [_flat_view(out.values[b]) for b in bands]
+    age = _flat_view(out.age)
+    if any(t.dtype != dtype or t.shape != (n_days, stack.shape[2]) for t in [*targets, age]):
+        raise ValueError(f"out arrays must be {dtype.__name__} [{n_days}, {space}]")
+    if order.size == 0:  # nothing observed: nothing filled
+        for t in [*targets, age]:
+            t[...] = INT16_FILL if encode else np.nan
+        return out
+    valid = np.isfinite(stack).all(axis=0)
+    _fill_kernel(
+        stack, valid, obs_day[order], max_hold_days, age_cap_days, inv, encode, tuple(targets), age
+    )
+    return out
+
+
+def _as_2d(a: np.ndarray) -> np.ndarray:
+    """[T, ...] as [T, pixels]; a copy only where the layout needs one."""
+    return a if a.ndim == 2 else a.reshape(a.shape[0], -1)
+
+
+def _flat_view(a: np.ndarray) -> np.ndarray:
+    """An output [n_days, ...] as a [n_days, pixels] view of the same memory (never a copy)."""
+    flat = a.view()
+    try:
+        flat.shape = (a.shape[0], -1)  # refuses instead of copying
+    except AttributeError:
+        raise ValueError("out arrays must flatten to [days, pixels] without a copy") from None
+    return flat
 
 
 def fill_chunked(
@@ -158,41 +193,60 @@ def fill_chunked(
     max_hold_days: int,
     age_cap_days: int,
     scales: dict[str, float] | None = None,
-    chunk_x: int = 128,
+    chunks: int | None = None,
 ) -> FillResult:
-    """`method.fill` on [T, y, x] obs, split along x into Dask tasks run on the threaded scheduler."""
+    """`method.fill` on [T, y, x] obs in pixel-range chunks run side by side on Dask threads.
+
+    The outputs are allocated once and every chunk writes its own range of them in place
+    (methods take `out=`): nothing is copied or concatenated around the kernel.
+    `chunks` defaults to one per core.
+    """
+    import os
+
     import dask
 
-    width = next(iter(obs.values())).shape[-1]
-    starts = range(0, width, chunk_x)
-    parts = dask.compute(
-        *[
-            dask.delayed(method.fill)(
-                {b: v[..., s : s + chunk_x] for b, v in obs.items()},
-                obs_day,
-                n_days,
-                max_hold_days,
-                age_cap_days,
-                scales,
-            )
-            for s in starts
-        ],
-        scheduler="threads",
+    first = next(iter(obs.values()))
+    space, n_px = first.shape[1:], int(np.prod(first.shape[1:]))
+    flat = {b: _as_2d(v) for b, v in obs.items()}
+    dtype = np.int16 if scales is not None else np.float32
+    rows = {b: np.empty((n_days, n_px), dtype) for b in [*obs, " age"]}
+    n_chunks = max(1, min(chunks or os.cpu_count() or 1, n_px))
+    edges = np.linspace(0, n_px, n_chunks + 1).astype(int)
+    tasks = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        part = FillResult({b: rows[b][:, lo:hi] for b in obs}, rows[" age"][:, lo:hi])
+        args = ({b: v[:, lo:hi] for b, v in flat.items()}, obs_day, n_days, max_hold_days)
+        tasks.append(dask.delayed(method.fill)(*args, age_cap_days, scales, out=part))
+    dask.compute(*tasks, scheduler="threads", num_workers=n_chunks)
+    return FillResult(
+        {b: rows[b].reshape((n_days, *space)) for b in obs}, rows[" age"].reshape((n_days, *space))
     )
-    values = {b: np.concatenate([p.values[b] for p in parts], axis=-1) for b in obs}
-    return FillResult(values, np.concatenate([p.age for p in parts], axis=-1))
+
+
+@numba.njit(cache=True, nogil=True)
+def _dates_with_data(values, order):  # pragma: no cover
+    """Per date in `order`: does any pixel hold a finite value (stops at the first one)."""
+    keep = np.zeros(order.size, np.bool_)
+    for j in range(order.size):
+        row = values[order[j]]
+        for p in range(row.size):
+            if np.isfinite(row[p]):
+                keep[j] = True
+                break
+    return keep
 
 
 @numba.njit(cache=True, nogil=True)
 def _fill_kernel(
     values, valid, obs_day, max_hold, age_cap, inv, encode, out, age
 ):  # pragma: no cover
-    """out[b, d, p], age[d, p] from values[b, t, p] on sorted obs_day[t]; one walk per block.
+    """out[b][d, p], age[d, p] from values[b, t, p] on sorted obs_day[t]; one walk per block.
 
     Per pixel the bracketing valid observations (lo, hi) change only on observation days, so
     they are updated there; every other day costs one multiply-add per band.
     """
     n_bands, n_obs, n_px = values.shape
+    n_days = age.shape[0]
     far = 1 << 40
     for blk in range((n_px + _BLOCK - 1) // _BLOCK):
         p0 = blk * _BLOCK
@@ -209,7 +263,7 @@ def _fill_kernel(
         base = np.zeros((n_bands, n), np.float64)
         step = np.zeros((n_bands, n), np.float64)
         t = 0
-        for d in range(out.shape[1]):
+        for d in range(n_days):
             if d == 0 or (t < n_obs and obs_day[t] <= d):
                 while t < n_obs and obs_day[t] <= d:
                     for i in range(n):
@@ -234,12 +288,13 @@ def _fill_kernel(
                 w[i] = k if ok[i] else np.nan  # NaN makes every band and the age unfilled
                 ages[i] = min(a, age_cap) if ok[i] else np.nan
             for b in range(n_bands):
+                row = out[b]
                 if encode:
                     for i in range(n):
-                        out[b, d, p0 + i] = _code(base[b, i] + step[b, i] * w[i])
+                        row[d, p0 + i] = _code(base[b, i] + step[b, i] * w[i])
                 else:
                     for i in range(n):
-                        out[b, d, p0 + i] = base[b, i] + step[b, i] * w[i]
+                        row[d, p0 + i] = base[b, i] + step[b, i] * w[i]
             if encode:
                 for i in range(n):
                     age[d, p0 + i] = _code(np.round(ages[i] * inv[n_bands]))

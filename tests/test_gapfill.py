@@ -93,8 +93,8 @@ def test_methods_are_pluggable_and_chunked_filling_matches():
     class Nearest:
         name, version = "nearest-test", "1"
 
-        def fill(self, obs, obs_day, n_days, max_hold_days, age_cap_days, scales=None):
-            return linear_fill(obs, obs_day, n_days, max_hold_days, age_cap_days, scales)
+        def fill(self, obs, obs_day, n_days, max_hold_days, age_cap_days, scales=None, out=None):
+            return linear_fill(obs, obs_day, n_days, max_hold_days, age_cap_days, scales, out)
 
         def first_changed_day(self, valid, obs_day, first_new_day, max_hold_days):
             return 0
@@ -110,7 +110,7 @@ def test_methods_are_pluggable_and_chunked_filling_matches():
     values[:, :, ::7] = np.nan
     days = np.array([0, 3, 9, 10, 15, 30])
     whole = linear_fill({"b": values}, days, 31, 5)
-    parts = fill_chunked(get_method("linear"), {"b": values}, days, 31, 5, 366, chunk_x=64)
+    parts = fill_chunked(get_method("linear"), {"b": values}, days, 31, 5, 366, chunks=3)
     np.testing.assert_array_equal(parts.values["b"], whole.values["b"])
     np.testing.assert_array_equal(parts.age, whole.age)
 

@@ -92,8 +92,12 @@ def _s1(rng, fields, day, days) -> dict[str, np.ndarray]:
     return {"VV": vv.astype(np.float32), "VH": vh.astype(np.float32)}
 
 
-def time_gapfill(obs_url: str, days: int) -> dict:
-    """interpolate_na vs pivotmap's chunked linear fill on the same daily B08 array."""
+def time_gapfill(obs_url: str, days: int, repeat: int = 3) -> dict:
+    """interpolate_na vs pivotmap's chunked linear fill on the same daily B08 array.
+
+    Each is run `repeat` times, interleaved, and the best time is kept (as `timeit` does): on
+    a shared VM the first touch of fresh memory and other tenants add noise to single runs.
+    """
     import xarray as xr
 
     from pivotmap.tasks.gapfill import fill_chunked, get_method
@@ -103,17 +107,23 @@ def time_gapfill(obs_url: str, days: int) -> dict:
     method = get_method("linear")
     arr = daily.values
     fill_chunked(method, {"B08": arr[:, :8, :8]}, np.arange(days), days, 0, 366)  # compile
-    t0, c0 = time.perf_counter(), time.process_time()
-    ours = fill_chunked(method, {"B08": arr}, np.arange(days), days, 0, 366).values["B08"]
-    t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
-    t0, c0 = time.perf_counter(), time.process_time()
-    ref = daily.interpolate_na(dim="time").values
-    t_ref, c_ref = time.perf_counter() - t0, time.process_time() - c0
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+    best = {"ours": (np.inf, np.inf), "ref": (np.inf, np.inf)}
+    for _ in range(repeat):
+        for name in best:
+            t0, c0 = time.perf_counter(), time.process_time()
+            if name == "ours":
+                ours = fill_chunked(method, {"B08": arr}, np.arange(days), days, 0, 366)
+            else:
+                ref = daily.interpolate_na(dim="time").values
+            spent = (time.perf_counter() - t0, time.process_time() - c0)
+            best[name] = min(best[name], spent)
+    np.testing.assert_allclose(ours.values["B08"], ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+    (t_ours, c_ours), (t_ref, c_ref) = best["ours"], best["ref"]
     return {
         "gapfill_s": round(t_ours, 3),
         "interpolate_na_s": round(t_ref, 3),
         "gapfill_cpu_ratio": round(c_ref / c_ours, 2),  # CPU seconds, all threads
+        "gapfill_repeat": repeat,
     }
 
 

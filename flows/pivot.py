@@ -18,6 +18,7 @@ from prefect.cache_policies import NONE
 from pivotmap import __version__
 from pivotmap.flows.config import RunConfig
 from pivotmap.flows.progress import track
+from pivotmap.flows.report import kv, stage_artifacts
 from pivotmap.flows.workspace import Workspace
 from pivotmap.tasks import cube
 from pivotmap.tasks.gapfill import get_method
@@ -88,10 +89,12 @@ def pivot_tile_task(
 @flow(name="pivot")
 def pivot_flow(config: RunConfig, out_dir: str, force: bool = False) -> dict:
     """Build, resume or update the pivot cube tile by tile, then run the cube quality suite."""
+    from pivotmap.runtime import keep_freed_memory
     from pivotmap.tasks.quality import validate_cube
 
     started = time.monotonic()
     logger = get_run_logger()
+    keep_freed_memory()  # block after block re-uses the same output memory (see its docstring)
     ws = Workspace.open(config, out_dir)
     ingest = ws.read_report("ingest")
     tiles = ws.tiles()
@@ -115,10 +118,12 @@ def pivot_flow(config: RunConfig, out_dir: str, force: bool = False) -> dict:
         for tile in track(tiles, "pivot", total=len(tiles)):
             if ws.is_done("pivot", tile.id, target.version):
                 reused.append(tile.id)
+                logger.info(kv("pivot.tile", tile=tile.id, status="skipped", key=target.version))
                 continue
             info = pivot_tile_task(ws, tile, obs, pivot, settings, len(times), plan)
             ws.mark_done("pivot", tile.id, target.version, info)
             done.append(info)
+            logger.info(kv("pivot.tile", tile=tile.id, status="written", key=target.version))
         cube.publish_days(pivot, times, _attrs(config, target))
     else:
         reused = [t.id for t in tiles]
@@ -145,6 +150,7 @@ def pivot_flow(config: RunConfig, out_dir: str, force: bool = False) -> dict:
         "duration_s": round(time.monotonic() - started, 2),
     }
     ws.write_report("pivot", summary)
+    stage_artifacts("pivot", summary, config.name, ws.reports_dir)
     quality.raise_for_failure()
     return summary
 

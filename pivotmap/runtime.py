@@ -22,3 +22,31 @@ def apply_offline_defaults() -> None:
     """Set every default the user has not set; called once at each entry point."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
+    """Let this process re-use the memory of big arrays it frees instead of returning it.
+
+    By default glibc serves every array over 32 MiB with a fresh mmap and unmaps it on free,
+    so a worker that fills block after block faults in (and zeroes) all of its output again
+    for every block; on VMs with free-page reporting (Firecracker, cloud hosts) each of those
+    pages is then a host fault too. Arrays up to `limit_bytes` are served from the heap and
+    the heap is never trimmed: the resident size stays at the peak the work needs anyway.
+    Linux/glibc only; returns False (and changes nothing) elsewhere.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, int(limit_bytes))
+            and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        )
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False

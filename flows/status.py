@@ -1,0 +1,180 @@
+"""`pivotmap status`: recent flow runs from a Prefect API and the published map versions; and
+rolling a published map back to an earlier version.
+
+Status never starts a Prefect server: with no API URL (`--api` or PREFECT_API_URL) or an API
+that does not answer, it says so and still lists the products.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+HEALTH_TIMEOUT_S = 3.0
+
+
+def status(
+    api_url: str | None = None,
+    out_dir: str | None = None,
+    catalog: str | None = None,
+    limit: int = 20,
+) -> dict:
+    """Flow runs (newest first) and products; each part says why it is empty when it is."""
+    api_url = api_url or os.environ.get("PREFECT_API_URL") or None
+    api = api_health(api_url)
+    runs = recent_flow_runs(api_url, limit) if api["reachable"] else []
+    if catalog is None and out_dir is not None:
+        catalog = str(Path(out_dir) / "products" / "catalog.json")
+    products = published_products(catalog) if catalog else {"message": "no --out or --catalog"}
+    return {"ok": True, "api": api, "flow_runs": runs, "products": products}
+
+
+def api_health(api_url: str | None) -> dict:
+    """Whether the Prefect API at `api_url` answers its health check."""
+    if not api_url:
+        return {
+            "url": None,
+            "reachable": False,
+            "message": "no Prefect API configured: set PREFECT_API_URL or pass --api URL",
+        }
+    try:
+        with urllib.request.urlopen(
+            f"{api_url.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S
+        ) as answer:
+            ok = answer.status == 200
+    except OSError as exc:
+        reason = getattr(exc, "reason", exc)
+        return {
+            "url": api_url,
+            "reachable": False,
+            "message": f"Prefect API at {api_url} is not reachable: {reason}",
+        }
+    return {"url": api_url, "reachable": ok, "message": "ok" if ok else "unhealthy"}
+
+
+def recent_flow_runs(api_url: str, limit: int = 20) -> list[dict]:
+    """The newest flow runs with their flow, deployment, state and duration."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with SyncPrefectClient(api_url) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=limit)
+        flows = {f.id: f.name for f in client.read_flows(limit=200)}
+        deployments = {d.id: d.name for d in client.read_deployments(limit=200)}
+    return [
+        {
+            "flow": flows.get(r.flow_id, str(r.flow_id)),
+            "name": r.name,
+            "id": str(r.id),
+            "deployment": deployments.get(r.deployment_id) if r.deployment_id else None,
+            "state": r.state_type.value if r.state_type else None,
+            "start": _iso(r.start_time or r.expected_start_time),
+            "duration_s": round(r.total_run_time.total_seconds(), 1),
+            "subflow": r.parent_task_run_id is not None,
+        }
+        for r in runs
+    ]
+
+
+def _iso(moment) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def published_products(catalog_url: str) -> dict:
+    """The version catalog.json serves now and, for a folder, every version kept beside it."""
+    from pivotmap.tasks import storage
+
+    try:
+        root = json.loads(storage.read_bytes(storage.parse(catalog_url)).decode("utf-8"))
+    except (OSError, ValueError, storage.StorageError) as exc:
+        return {"catalog": catalog_url, "message": f"no published map at {catalog_url}: {exc}"}
+    child = next((link["href"] for link in root["links"] if link["rel"] == "child"), None)
+    current = Path(child).parent.name if child else None
+    out = {"catalog": catalog_url, "title": root.get("title"), "current": current}
+    if "://" not in catalog_url or catalog_url.startswith("file://"):
+        folder = Path(catalog_url.removeprefix("file://")).parent
+        out["versions"] = local_versions(folder, current)
+    return out
+
+
+def local_versions(products_dir: Path, current: str | None = None) -> list[dict]:
+    """Published versions in a products folder, newest first (by the collection's date)."""
+    found = []
+    for path in products_dir.glob("*/collection.json"):
+        collection = json.loads(path.read_text())
+        found.append(
+            {
+                "version": path.parent.name,
+                "collection": collection["id"],
+                "updated": path.stat().st_mtime,
+                "current": path.parent.name == current,
+                "items": sum(1 for link in collection["links"] if link["rel"] == "item"),
+            }
+        )
+    found.sort(key=lambda v: v["updated"], reverse=True)
+    for v in found:
+        v.pop("updated")
+    return found
+
+
+def rollback(products_dir: str | Path, version: str, target: str | None = None) -> dict:
+    """Point catalog.json back at a version still kept in `products_dir` (atomic switch); with
+    `target` (folder or s3://) mirror that switch too, catalogue last."""
+    from pivotmap.tasks.publish import PublishError, _write_root_catalog
+
+    products_dir = Path(products_dir).resolve()
+    collection_path = products_dir / version / "collection.json"
+    if not collection_path.is_file():
+        kept = [v["version"] for v in local_versions(products_dir)]
+        raise PublishError(f"no published version {version!r} in {products_dir} (kept: {kept})")
+    collection = json.loads(collection_path.read_text())
+    before = published_products(str(products_dir / "catalog.json")).get("current")
+    _write_root_catalog(products_dir, version, collection["id"], collection["title"])
+    out = {"ok": True, "catalog": str(products_dir / "catalog.json"), "previous": before}
+    out["current"] = version
+    if target:
+        from pivotmap.tasks.publish import mirror_published
+
+        out["mirror"] = mirror_published(products_dir, version, target)
+    return out
+
+
+def status_text(summary: dict) -> str:
+    """The status for people: one line per flow run, one per product version."""
+    api = summary["api"]
+    lines = [f"Prefect API: {api['url'] or '-'} ({api['message']})"]
+    for r in summary["flow_runs"]:
+        where = f" [{r['deployment']}]" if r["deployment"] else ""
+        lines.append(
+            f"  {r['start'] or '-':32} {r['state'] or '-':10} {r['flow']}/{r['name']}{where}"
+            f" {r['duration_s']} s"
+        )
+    products = summary["products"]
+    lines.append(f"Products: {products.get('catalog', '-')}")
+    if "message" in products:
+        lines.append(f"  {products['message']}")
+    for v in products.get("versions", []):
+        mark = "*" if v["current"] else " "
+        lines.append(f"  {mark} {v['version']} ({v['items']} tiles)")
+    if products.get("current") and "versions" not in products:
+        lines.append(f"  * {products['current']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pivotmap.flows.status",
+        description="Roll a published map back: catalog.json points at VERSION again.",
+    )
+    parser.add_argument("--rollback", required=True, metavar="VERSION")
+    parser.add_argument("--out", required=True, help="the run folder (its products/ is used)")
+    parser.add_argument("--target", help="also switch this mirror (folder or s3://bucket/prefix)")
+    args = parser.parse_args()
+    result = rollback(Path(args.out) / "products", args.rollback, args.target)
+    print(json.dumps(result, default=str))
+    sys.exit(0)

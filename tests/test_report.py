@@ -1,0 +1,132 @@
+"""Run reports, per-tile status, quality pages, structured logs, and resume by cache key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pivotmap.flows.report import (
+    kv,
+    operations_markdown,
+    tile_status_rows,
+    train_markdown,
+    write_quality_html,
+)
+from pivotmap.tasks.quality import quality_html
+
+PIVOT = {
+    "stage": "pivot",
+    "cube_version": "abc123",
+    "tiles_written": [{"tile": "T1"}],
+    "tiles_already_done": ["T2"],
+    "quality": {
+        "suite": "pivot_cube",
+        "success": False,
+        "failed_critical": ["B04 values in [-0.2, 1.6]: 3.0% outside"],
+        "failed_warning": ["median VV in [-30, 0]: observed 4.2"],
+        "evaluated": 12,
+        "statistics": {"pixels": 10, "gx": {"evaluated_expectations": 11}},
+    },
+}
+INGEST = {
+    "modalities": {
+        "s2": {
+            "collection": "sentinel-2-l2a", "items_found": 5, "items_used": 4, "dates": 4,
+            "skipped_items": [{"item": "x", "reason": "cloudy"}],
+            "tiles_written": [], "tiles_already_done": ["T1", "T2"], "cache_key": "k-s2",
+        }
+    }
+}  # fmt: skip
+
+
+def test_tile_status_says_what_was_written_and_why_the_rest_was_skipped():
+    rows = tile_status_rows({"ingest": INGEST, "pivot": PIVOT})
+    status = {(r["stage"], r["tile"]): (r["status"], r["reason"]) for r in rows}
+    assert status[("pivot", "T1")] == ("written", "")
+    assert status[("pivot", "T2")][0] == "skipped" and "abc123" in status[("pivot", "T2")][1]
+    assert status[("ingest-s2", "T1")] == (
+        "skipped",
+        "already done with the same inputs (cache key k-s2)",
+    )
+    assert tile_status_rows({})[0]["reason"] == "no tile processed"
+
+
+def test_quality_page_shows_the_failures_and_the_verdict(tmp_path):
+    page = quality_html(PIVOT["quality"])
+    assert "FAILED" in page and "3.0% outside" in page and "observed 4.2" in page
+    assert "evaluated_expectations" in page
+    passed = {**PIVOT["quality"], "success": True, "failed_critical": [], "failed_warning": []}
+    assert "passed" in quality_html(passed) and "<p>None.</p>" in quality_html(passed)
+    path = write_quality_html(tmp_path, PIVOT["quality"])
+    assert path.name == "quality-pivot-cube.html" and "<html>" in path.read_text()
+
+
+def test_operations_section_links_quality_pages_and_products(tmp_path):
+    summary = {"config_hash": "h", "period": "2023-01-01/2023-12-31", "map": "/x/mosaic.vrt"}
+    text = operations_markdown(summary, {"ingest": INGEST, "pivot": PIVOT}, tmp_path)
+    assert "4 items used of 5 found, 1 skipped" in text
+    assert "| pivot | T2 | skipped |" in text
+    assert f"({(tmp_path / 'quality-pivot-cube.html').as_uri()})" in text
+    assert "FAILED" in text and "file:///x/mosaic.vrt" in text
+
+
+def test_train_markdown_names_the_model_and_its_scores():
+    summary = {
+        "model_name": "m", "model_version": "3", "overall_accuracy": 0.9, "macro_f1": 0.8,
+        "kappa": 0.7, "n_test_pixels": 100, "split": "blocks", "promotion_reason": "better",
+        "run_id": "r", "model_uri": "models:/m/3", "cube_version": "c", "device": "cpu",
+        "baseline": {"overall_accuracy": 0.5, "macro_f1": 0.4},
+    }  # fmt: skip
+    text = train_markdown(summary)
+    assert "`m` v3" in text and "macro-F1 0.800" in text and "baseline: OA 0.500" in text
+
+
+def test_structured_log_lines_are_key_value():
+    assert kv("pivot.tile", tile="T1", status="written") == "pivot.tile tile=T1 status=written"
+    assert kv("x", reason="two words", empty="") == 'x reason="two words" empty=""'
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+@pytest.fixture(scope="module")
+def small_region(tmp_path_factory):
+    """Four 32 px tiles, two months: the generated data, shared by the resume tests."""
+    from pivotmap.flows.deploy import prepare_small_demo
+
+    out = tmp_path_factory.mktemp("resume")
+    prepare_small_demo(out, 7, 2, 32, "2023-05-01", "2023-06-30")
+    return out
+
+
+def _ingest(out, overrides=None):
+    from pivotmap.flows.config import load_run_config
+    from pivotmap.flows.ingest import run_ingest
+
+    config = load_run_config(out / "demo.yaml", overrides=overrides)
+    return run_ingest(config, str(out))["modalities"]["s2"]
+
+
+def _written(summary) -> set[str]:
+    return {t["tile"] for t in summary["tiles_written"]}
+
+
+def test_resume_redoes_only_missing_tiles_and_all_on_changed_inputs(small_region):
+    out = small_region
+    first = _ingest(out)
+    tiles = _written(first)
+    assert len(tiles) == 4 and first["tiles_already_done"] == []
+    marker = out / "state" / "ingest-s2" / f"{sorted(tiles)[0]}.json"
+    assert json.loads(marker.read_text())["key"] == first["cache_key"]  # the key is recorded
+
+    again = _ingest(out)  # same inputs: nothing is read again
+    assert _written(again) == set() and set(again["tiles_already_done"]) == tiles
+    assert again["cache_key"] == first["cache_key"]
+
+    marker.unlink()  # a crash before this tile was marked: only it is redone
+    resumed = _ingest(out)
+    assert _written(resumed) == {marker.stem} and len(resumed["tiles_already_done"]) == 3
+
+    changed = _ingest(out, {"ingest": {"scl_dilation_px": 1}})  # an input of the key changed
+    assert _written(changed) == tiles and changed["cache_key"] != first["cache_key"]

@@ -1,0 +1,115 @@
+"""`pivotmap status` (flow runs from a real Prefect API, published versions) and rolling a
+published map back to an earlier version, locally and on an S3 mirror."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from pivotmap.flows.cli import main
+from pivotmap.flows.status import rollback, status
+from pivotmap.tasks.download import find_items
+from pivotmap.tasks.publish import PublishError, mirror_published, publish_products
+from tests.test_publish import PUBLISH_ARGS, make_maps, nomenclature, provenance  # noqa: F401
+
+ALL = (2.99, 50.8, 3.02, 50.83)  # lon/lat box around both test tiles
+
+
+@pytest.fixture
+def two_versions(tmp_path, nomenclature, provenance):
+    """A run folder whose products/ holds v1 and v2, catalog.json serving v2."""
+    products = tmp_path / "products"
+    publish_products(make_maps(0), nomenclature, provenance, products, version="v1", **PUBLISH_ARGS)
+    publish_products(make_maps(1), nomenclature, provenance, products, version="v2", **PUBLISH_ARGS)
+    return tmp_path
+
+
+def _current(catalog_path) -> str:
+    links = json.loads(catalog_path.read_text())["links"]
+    return next(link["href"] for link in links if link["rel"] == "child").split("/")[-2]
+
+
+def _dead_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again: nothing listens there
+
+
+def test_status_without_an_api_still_lists_the_products(two_versions, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = status(out_dir=str(two_versions))
+    assert result["api"]["reachable"] is False and "PREFECT_API_URL" in result["api"]["message"]
+    assert result["flow_runs"] == []
+    products = result["products"]
+    assert products["current"] == "v2"
+    assert [(v["version"], v["current"], v["items"]) for v in products["versions"]] == [
+        ("v2", True, 2),
+        ("v1", False, 2),
+    ]
+
+
+def test_status_cli_names_an_unreachable_api(two_versions, capsys):
+    url = f"http://127.0.0.1:{_dead_port()}/api"
+    assert main(["status", "--api", url, "--out", str(two_versions), "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["api"] == {
+        "url": url,
+        "reachable": False,
+        "message": result["api"]["message"],
+    } and result["api"]["message"].startswith(f"Prefect API at {url} is not reachable")
+    assert "* v2 (2 tiles)" in captured.err
+
+
+def test_status_of_a_missing_catalog_says_so(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    products = status(catalog=str(tmp_path / "nothing" / "catalog.json"))["products"]
+    assert products["message"].startswith("no published map at")
+
+
+def test_rollback_switches_the_catalog_back(two_versions):
+    products = two_versions / "products"
+    result = rollback(products, "v1")
+    assert (result["previous"], result["current"]) == ("v2", "v1")
+    assert _current(products / "catalog.json") == "v1"
+    items = find_items(str(products / "catalog.json"), ALL)
+    assert {i.properties["pivotmap:model_version"] for i in items} == {"7"}
+    assert all("/v1/" in i.assets["class"].get_absolute_href() for i in items)
+    assert status(out_dir=str(two_versions))["products"]["current"] == "v1"
+    with pytest.raises(PublishError, match=r"no published version 'v9'.*'v1'"):
+        rollback(products, "v9")
+
+
+def test_rollback_of_an_s3_mirror(two_versions, s3_bucket):
+    products, target = two_versions / "products", f"s3://{s3_bucket}/maps"
+    mirror_published(products, "v1", target)
+    mirror_published(products, "v2", target)
+    result = rollback(products, "v1", target)
+    assert result["mirror"]["uploaded"] == 0  # v1 is there already: only catalog.json moves
+    served = status(catalog=f"{target}/catalog.json")["products"]
+    assert served["current"] == "v1" and "versions" not in served
+
+
+@pytest.mark.deploy
+@pytest.mark.slow
+def test_status_lists_flow_runs_of_a_real_server(prefect_api_server, two_versions):
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url, _ = prefect_api_server
+
+    @flow(name="status-probe")
+    def probe() -> int:
+        return 1
+
+    from prefect.logging.handlers import APILogWorker
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        assert probe() == 1
+        APILogWorker.drain_all(timeout=5)  # send its logs while this server is up
+    result = status(api_url=url, out_dir=str(two_versions))
+    assert result["api"]["reachable"]
+    probes = [r for r in result["flow_runs"] if r["flow"] == "status-probe"]
+    assert probes and probes[0]["state"] == "COMPLETED" and probes[0]["deployment"] is None

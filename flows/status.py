@@ -161,20 +161,3 @@ def status_text(summary: dict) -> str:
     if products.get("current") and "versions" not in products:
         lines.append(f"  * {products['current']}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(
-        prog="python -m pivotmap.flows.status",
-        description="Roll a published map back: catalog.json points at VERSION again.",
-    )
-    parser.add_argument("--rollback", required=True, metavar="VERSION")
-    parser.add_argument("--out", required=True, help="the run folder (its products/ is used)")
-    parser.add_argument("--target", help="also switch this mirror (folder or s3://bucket/prefix)")
-    args = parser.parse_args()
-    result = rollback(Path(args.out) / "products", args.rollback, args.target)
-    print(json.dumps(result, default=str))
-    sys.exit(0)

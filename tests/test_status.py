@@ -82,6 +82,17 @@ def test_rollback_switches_the_catalog_back(two_versions):
         rollback(products, "v9")
 
 
+def test_rollback_cli(two_versions, capsys):
+    assert main(["rollback", "v1", "--out", str(two_versions), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["previous"], result["current"]) == ("v2", "v1")
+    assert _current(two_versions / "products" / "catalog.json") == "v1"
+    assert main(["rollback", "v9", "--out", str(two_versions)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("pivotmap: error: PublishError: no published version 'v9'")
+    assert _current(two_versions / "products" / "catalog.json") == "v1"  # left as it was
+
+
 def test_rollback_of_an_s3_mirror(two_versions, s3_bucket):
     products, target = two_versions / "products", f"s3://{s3_bucket}/maps"
     mirror_published(products, "v1", target)

@@ -23,6 +23,7 @@ from prefect import flow
 
 from pivotmap.flows.config import RunConfig
 from pivotmap.flows.progress import track
+from pivotmap.flows.report import kv, stage_artifacts
 from pivotmap.flows.workspace import Workspace
 from pivotmap.tasks import cube
 from pivotmap.tasks.grid import GridSpec, Tile
@@ -88,18 +89,21 @@ def inputs_key(config: RunConfig, items: list[pystac.Item]) -> str:
 
 def search(config: RunConfig, collection: str, tiles: list[Tile]) -> list[pystac.Item]:
     """Items of `collection` over the tiles and period, hrefs passed through the modifier."""
+    from pivotmap.flows.deploy import request_slot
+
     src, period = config.source, config.period
     api = ApiSettings(src.timeout_s, src.max_retries, src.backoff_s, src.page_size)
-    items = search_items(
-        src.kind,
-        src.url,
-        collection,
-        region_lonlat(tiles),
-        period.start,
-        period.end,
-        api=api,
-        href_modifier=load_href_modifier(src.href_modifier),
-    )
+    with request_slot("stac-requests"):  # a slot of the global limit shared by every run
+        items = search_items(
+            src.kind,
+            src.url,
+            collection,
+            region_lonlat(tiles),
+            period.start,
+            period.end,
+            api=api,
+            href_modifier=load_href_modifier(src.href_modifier),
+        )
     require_items(items, collection, src.url, period.start, period.end)
     return items
 
@@ -277,6 +281,7 @@ def ingest_flow(config: RunConfig, out_dir: str, force: bool = False) -> dict:
     """Search both modalities, check the items and write each tile's observations."""
     summary = run_ingest(config, out_dir, force)
     _skipped_artifact(summary)
+    stage_artifacts("ingest", summary, config.name, Workspace.open(config, out_dir).reports_dir)
     return summary
 
 
@@ -316,9 +321,26 @@ def run_ingest(config: RunConfig, out_dir: str, force: bool = False) -> dict:
                     )
     finally:
         writer.close()
+    for modality, done in summary["modalities"].items():  # tile infos are complete once written
+        done["tiles_without_data"] = tiles_without_data(ws, modality, done)
     summary["duration_s"] = round(time.monotonic() - started, 2)
     ws.write_report("ingest", summary)
     return summary
+
+
+def tiles_without_data(ws: Workspace, modality: str, done: dict) -> list[dict]:
+    """Tiles with no valid observation of `modality` in the period (all cloudy, or no data):
+    named in the report and the log, so a map made there from the other modality alone is known."""
+    stage = f"ingest-{modality}"
+    infos = done["tiles_written"] + [_marker(ws, stage, t) for t in done["tiles_already_done"]]
+    empty = [
+        {"tile": info["tile"], "reason": f"no valid {modality.upper()} observation in the "
+         "period (all masked: clouds, shadows or no data)"}
+        for info in infos if not info.get("valid_fraction")
+    ]  # fmt: skip
+    for row in empty:
+        _log().warning("%s: tile %s: %s", modality, row["tile"], row["reason"])
+    return empty
 
 
 def ingest_modality(
@@ -348,8 +370,9 @@ def ingest_modality(
     failed = [f for t in reused for f in _marker(ws, stage, t).get("read_failures", [])]
     done = write_tiles(ws, modality, todo, days, times, key, io)
     failed += [f for info in done for f in info["read_failures"]]
-    _log().info("%s: %d items kept, %d skipped, %d read failures, %d tiles written",
-                modality, len(items), len(skipped), len(failed), len(done))  # fmt: skip
+    _log().info(kv("ingest", modality=modality, items_kept=len(items), items_skipped=len(skipped),
+                   read_failures=len(failed), tiles_written=len(done), tiles_skipped=len(reused),
+                   cache_key=key))  # fmt: skip
     summary = {
         "collection": collection,
         "items_found": len(found),
@@ -359,6 +382,7 @@ def ingest_modality(
         "dates": len(times),
         "tiles_written": done,
         "tiles_already_done": reused,
+        "cache_key": key,
         "cube": url,
     }
     if modality == "s1":

@@ -8,12 +8,14 @@ Finished tiles (same model version, same cube) are skipped on a re-run.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from pivotmap.flows.config import RunConfig
 from pivotmap.flows.progress import track
+from pivotmap.flows.report import kv, stage_artifacts
 from pivotmap.flows.workspace import Workspace
 from pivotmap.models.inference import TileJob, run_tile_job, save_for_workers
 
@@ -35,10 +37,19 @@ def tile_jobs(ws: Workspace, model_dir: str, device: str, tiles) -> list[TileJob
 
 
 @task(cache_policy=NONE)
-def run_jobs(jobs: list[TileJob], address: str, workers: int | None) -> list[dict]:
-    """Run tile jobs in this process ('none') or on a Dask cluster; results in job order."""
+def run_jobs(
+    jobs: list[TileJob], address: str, workers: int | None, on_done: Callable[[dict], None]
+) -> list[dict]:
+    """Run tile jobs in this process ('none') or on a Dask cluster; results in job order.
+
+    `on_done` gets each result as soon as its tile is written, so a crash loses no finished tile.
+    """
     if address == "none" or len(jobs) <= 1:
-        return [run_tile_job(job) for job in track(jobs, "predict", total=len(jobs))]
+        results = []
+        for job in track(jobs, "predict", total=len(jobs)):
+            results.append(run_tile_job(job))
+            on_done(results[-1])
+        return results
     from distributed import as_completed
 
     from pivotmap.flows.cluster import dask_client
@@ -48,6 +59,7 @@ def run_jobs(jobs: list[TileJob], address: str, workers: int | None) -> list[dic
         done = {}
         for future in track(as_completed(futures), "predict", total=len(futures)):
             result = future.result()
+            on_done(result)
             done[result["tile"]] = result
     return [done[job.tile_id] for job in jobs]
 
@@ -75,24 +87,22 @@ def predict_flow(
     tiles = ws.tiles()
     todo = [t for t in tiles if force or not ws.is_done("predict", t.id, key)]
     results = run_jobs(
-        tile_jobs(ws, str(model_dir), dev, todo), config.predict.dask, config.predict.workers
-    )
-    for result in results:
-        ws.mark_done("predict", result["tile"], key, result)
+        tile_jobs(ws, str(model_dir), dev, todo), config.predict.dask, config.predict.workers,
+        on_done=lambda result: ws.mark_done("predict", result["tile"], key, result),
+    )  # fmt: skip
     elapsed = time.monotonic() - started
     pixels = sum(r["pixels"] for r in results)
     logger.info(
-        "predicted %d tiles (%d already done) with %s v%s",
-        len(todo),
-        len(tiles) - len(todo),
-        info["name"],
-        info["version"],
-    )
+        kv("predict", tiles_written=len(todo), tiles_skipped=len(tiles) - len(todo),
+           model=info["name"], model_version=info["version"], cache_key=key)
+    )  # fmt: skip
     summary = {
         "stage": "predict", "model": info, "device": dev, "tiles": results,
-        "tiles_already_done": [t.id for t in tiles if t not in todo], "pixels": pixels,
+        "tiles_already_done": [t.id for t in tiles if t not in todo], "cache_key": key,
+        "pixels": pixels,
         "px_per_s": round(pixels / elapsed, 1) if pixels else 0.0, "duration_s": round(elapsed, 2),
         "peak_rss_mb_per_worker": max((r["peak_rss_mb"] for r in results), default=0.0),
     }  # fmt: skip
     ws.write_report("predict", summary)
+    stage_artifacts("predict", summary, config.name, ws.reports_dir)
     return summary

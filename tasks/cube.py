@@ -154,14 +154,21 @@ def write_tile(
     """Write one tile's data (dims time, y, x on the tile's GeoBox) into its region of the cube."""
     rows, cols = tile.slices_in(outer)
     payload = ds.drop_vars([c for c in ds.coords], errors="ignore")
-    with _quiet():
-        payload.to_zarr(
-            url,
-            region={"time": slice(None), "y": rows, "x": cols},
-            mode="r+",
-            zarr_format=3,
-            storage_options=storage_options,
-        )
+    try:
+        with _quiet():
+            payload.to_zarr(
+                url,
+                region={"time": slice(None), "y": rows, "x": cols},
+                mode="r+",
+                zarr_format=3,
+                storage_options=storage_options,
+            )
+    except OSError as exc:  # a full or read-only disk: name the cube, not only the errno
+        if exc.filename:
+            raise
+        raise OSError(
+            exc.errno, f"{exc.strerror or exc} (writing tile {tile.id} to {url})"
+        ) from exc
 
 
 def open_cube(url: str, storage_options: dict | None = None) -> xr.Dataset:

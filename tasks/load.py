@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
+import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -46,6 +49,10 @@ GDAL_DEFAULTS = {
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
     "VSI_CACHE": "TRUE",
 }
+# GDAL retries 5xx answers and reset connections per request, not a short body: the whole
+# open + read of a remote COG is tried this often, with exponential backoff between tries.
+REMOTE_READ_ATTEMPTS = 4
+REMOTE_READ_BACKOFF_S = 0.25
 _PASSED_THROUGH = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_NO_SIGN_REQUEST", "AWS_REQUEST_PAYER")
 
 
@@ -145,10 +152,12 @@ def by_day(items: list[pystac.Item]) -> dict[np.datetime64, list[pystac.Item]]:
 def gdal_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
     """GDAL/AWS settings for readers, from this process's environment; never secrets.
 
+    A `GDAL_DEFAULTS` key set in the environment (e.g. `GDAL_HTTP_MAX_RETRY`) overrides it.
+
     `AWS_ENDPOINT_URL(_S3)` (an S3-compatible store) becomes GDAL's endpoint, scheme and
     path-style addressing. Access keys are left to each worker's environment.
     """
-    env = dict(GDAL_DEFAULTS)
+    env = {k: os.environ.get(k, v) for k, v in GDAL_DEFAULTS.items()}  # the operator's win
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         parts = urlsplit(endpoint)
@@ -257,12 +266,61 @@ def _read_raw(
     fill,
     wanted: list[bool] | None = None,
 ) -> list[np.ndarray | None]:
+    """`_read_once`, tried again for a remote COG (GDAL itself retries 5xx answers and resets,
+    not a body cut short, which fails the read; its caches would replay that failure, so a
+    retry reads the file uncached)."""
+    import rasterio
+
+    args = (href, geoboxes, resampling, dtype, fill, wanted)
+    remote = _vsi_path(href)
+    for attempt in range(REMOTE_READ_ATTEMPTS if remote else 1):
+        if attempt:
+            time.sleep(REMOTE_READ_BACKOFF_S * 2 ** (attempt - 1))
+        try:
+            with rasterio.Env(CPL_VSIL_CURL_NON_CACHED=remote) if attempt else nullcontext():
+                return _read_once(*args)
+        except Exception as exc:
+            error = exc
+    raise CogReadError(_describe(href, error)) from error
+
+
+class CogReadError(RuntimeError):
+    """A COG that cannot be read (after retries where remote), named with GDAL's reason."""
+
+
+def _describe(href: str, exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) not in text:  # rasterio's "see previous exception"
+        text += f" ({' '.join(str(cause).split())})"
+    return text if href in text else f"{href}: {type(exc).__name__}: {text}"
+
+
+def _vsi_path(href: str) -> str | None:
+    """GDAL's path of a remote href (what its caches are keyed by); None for a local file."""
+    parts = urlsplit(href)
+    if parts.scheme in ("http", "https"):
+        return f"/vsicurl/{href}"
+    if parts.scheme in ("s3", "gs"):
+        return f"/vsi{parts.scheme}/{parts.netloc}{parts.path}"
+    return href if href.startswith(("/vsicurl/", "/vsis3/", "/vsigs/", "/vsiaz/")) else None
+
+
+def _read_once(
+    href: str,
+    geoboxes: tuple[GeoBox, ...],
+    resampling: str,
+    dtype: str,
+    fill,
+    wanted: list[bool] | None = None,
+) -> list[np.ndarray | None]:
     """The asset's pixels on each geobox (opened once): a direct windowed read where the grids
     align, else odc-loader's warped read."""
     import rasterio
 
     out: list[np.ndarray | None] = []
     with rasterio.open(href, sharing=False) as src:
+        _check_georeferencing(href, src, geoboxes)
         for k, geobox in enumerate(geoboxes):
             if wanted is not None and not wanted[k]:
                 out.append(None)
@@ -275,6 +333,21 @@ def _read_raw(
                 _warped_read(href, geobox, resampling, dst, fill)
             out.append(dst)
     return out
+
+
+def _check_georeferencing(href: str, src, geoboxes: tuple[GeoBox, ...]) -> None:
+    """A COG without a CRS, or lying wholly outside the windows its item covers (a wrong CRS or
+    transform), is an error naming it, not a silently empty date."""
+    from odc.geo import CRS
+    from odc.geo.geom import box
+
+    if src.crs is None:
+        raise ValueError(f"{href} has no CRS")
+    footprint = box(*src.bounds, CRS(src.crs))
+    if not any(footprint.to_crs(g.crs).intersects(g.extent) for g in geoboxes):
+        raise ValueError(
+            f"{href} ({src.crs}) lies outside the tiles its item covers: wrong CRS or transform"
+        )
 
 
 def _warped_read(href: str, geobox: GeoBox, resampling: str, dst: np.ndarray, fill) -> None:
@@ -345,8 +418,12 @@ def _read_window(src, plan: WindowPlan, resampling: str, dst: np.ndarray, fill) 
 
 
 def _read_error(exc: Exception) -> str:
-    text = " ".join(str(exc).split())[:300]
+    """The reason a run report gives; URL queries (signed hrefs carry tokens) are cut."""
+    text = _URL_QUERY.sub(r"\1?…", " ".join(str(exc).split()))[:300]
     return f"cannot read COG: {type(exc).__name__}: {text}"
+
+
+_URL_QUERY = re.compile(r"((?:https?|s3|gs|az)://[^\s?]*)\?[^\s'\")]*")
 
 
 # ---------------------------------------------------------------------------- convenience

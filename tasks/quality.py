@@ -378,3 +378,46 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def quality_html(result: dict) -> str:
+    """A validation result (`QualityResult.to_dict()`) as a self-contained HTML page: verdict,
+    failed expectations by severity, Great Expectations statistics and the sample's figures."""
+    import html
+    import json
+
+    def esc(value: Any) -> str:
+        return html.escape(str(value))
+
+    verdict = "passed" if result["success"] else "FAILED"
+    colour = "#1a7f37" if result["success"] else "#cf222e"
+    rows = [("critical", t) for t in result["failed_critical"]]
+    rows += [("warning", t) for t in result["failed_warning"]]
+    failed = "".join(f"<tr><td>{esc(s)}</td><td>{esc(t)}</td></tr>" for s, t in rows)
+    stats = dict(result.get("statistics", {}))
+    gx = stats.pop("gx", {})
+    gx_rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in gx.items())
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>pivotmap quality: {esc(result['suite'])}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;"
+        "padding:4px 8px;text-align:left}table{border-collapse:collapse;margin:1em 0}</style>"
+        "</head><body>"
+        f"<h1>Quality suite <code>{esc(result['suite'])}</code></h1>"
+        f"<p style='color:{colour};font-weight:bold'>{verdict}: {result['evaluated']} "
+        f"expectations evaluated, {len(result['failed_critical'])} critical and "
+        f"{len(result['failed_warning'])} warning failures.</p>"
+        "<h2>Failed expectations</h2>"
+        + (
+            f"<table><tr><th>severity</th><th>expectation</th></tr>{failed}</table>"
+            if rows
+            else "<p>None.</p>"
+        )
+        + f"<h2>Great Expectations statistics</h2><table>{gx_rows}</table>"
+        "<h2>Sample</h2><pre>"
+        + esc(json.dumps(stats, indent=2, sort_keys=True))
+        + "</pre></body></html>\n"
+    )

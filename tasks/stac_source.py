@@ -3,13 +3,15 @@
 STAC APIs are searched with pystac-client: each request has a timeout, `next` links are followed
 (page size `page_size`), and 429/5xx answers are retried a bounded number of times with
 exponential backoff (honouring `Retry-After`); connection failures are retried the same bounded
-number of times; a request that times out and other 4xx answers are not retried.
+number of times; a request that times out and other 4xx answers are not retried. A static
+catalogue on http(s) is read with the same timeout and retries (`HttpStacIO`), short bodies too.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import importlib
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -57,10 +59,10 @@ def search_items(
     href_modifier: HrefModifier | None = None,
 ) -> list[pystac.Item]:
     """Items of `collection` intersecting `region_lonlat` with a datetime within [start, end]."""
+    settings = api or ApiSettings(timeout_s=timeout_s)
     if kind == "static":
-        items = _static_items(url, collection)
+        items = _static_items(url, collection, settings)
     else:
-        settings = api or ApiSettings(timeout_s=timeout_s)
         items = _api_items(url, collection, region_lonlat, start, end, settings)
     kept = [it for it in items if _in_period(it, start, end) and _intersects(it, region_lonlat)]
     kept = [modify_hrefs(it, href_modifier) for it in kept]
@@ -95,9 +97,9 @@ def modify_hrefs(item: pystac.Item, modifier: HrefModifier | None) -> pystac.Ite
 # ---------------------------------------------------------------------------- static catalogues
 
 
-def _static_items(url: str, collection: str) -> Iterable[pystac.Item]:
+def _static_items(url: str, collection: str, settings: ApiSettings) -> Iterable[pystac.Item]:
     try:
-        root = pystac.Catalog.from_file(url, stac_io=_stac_io(url))
+        root = pystac.Catalog.from_file(url, stac_io=_stac_io(url, settings))
     except FileNotFoundError as exc:
         raise SourceError(
             f"STAC catalogue not found: {url} — check `source.url` in the config"
@@ -112,11 +114,57 @@ def _static_items(url: str, collection: str) -> Iterable[pystac.Item]:
             f"collection {collection!r} is not in catalogue {url} "
             f"(it has: {', '.join(sorted(children)) or 'none'}) — check `source.*_collection`"
         )
-    return children[collection].get_items(recursive=True)
+    try:
+        return list(children[collection].get_items(recursive=True))
+    except pystac.STACError as exc:  # an unreadable item: say why, not only which
+        raise SourceError(f"{exc}: {exc.__cause__ or 'unreadable'}") from exc
 
 
-def _stac_io(url: str) -> pystac.StacIO | None:
+def _stac_io(url: str, settings: ApiSettings) -> pystac.StacIO | None:
+    if url.startswith(("http://", "https://")):
+        return HttpStacIO(settings)
     return S3StacIO() if url.startswith("s3://") else None
+
+
+class HttpStacIO(pystac.stac_io.DefaultStacIO):
+    """pystac I/O for a static catalogue on http(s), with the API's timeout and bounded retries.
+
+    pystac's default reader has neither: one 503, reset connection or short body of a flaky
+    web server would stop the run. 429/5xx answers, connection errors and bodies shorter than
+    their Content-Length are retried with exponential backoff; a timeout and other 4xx are not.
+    """
+
+    def __init__(self, settings: ApiSettings) -> None:
+        import urllib3
+
+        super().__init__()
+        self.settings = settings
+        self._pool = urllib3.PoolManager(retries=False, timeout=settings.timeout_s)
+
+    def read_text_from_href(self, href: str) -> str:
+        if not href.startswith(("http://", "https://")):
+            return super().read_text_from_href(href)
+        import urllib3
+
+        why = ""
+        for attempt in range(self.settings.max_retries + 1):
+            if attempt:
+                time.sleep(self.settings.backoff_s * 2 ** (attempt - 1))
+            try:
+                answer = self._pool.request("GET", href)  # the whole body, its length checked
+            except urllib3.exceptions.ReadTimeoutError as exc:
+                raise SourceError(f"cannot read {href}: {exc}") from exc
+            except urllib3.exceptions.HTTPError as exc:  # reset, refused, short body
+                why = " ".join(str(exc).split())[:200]
+                continue
+            if answer.status == 404:
+                raise FileNotFoundError(href)
+            if answer.status not in RETRY_STATUS:
+                if answer.status >= 400:
+                    raise SourceError(f"cannot read {href}: HTTP {answer.status}")
+                return answer.data.decode("utf-8")
+            why = f"HTTP {answer.status}"
+        raise SourceError(f"cannot read {href}: {why} (after {self.settings.max_retries} retries)")
 
 
 class S3StacIO(pystac.stac_io.DefaultStacIO):

@@ -73,10 +73,11 @@ def items_key(items: list[pystac.Item]) -> str:
 
 
 def inputs_key(config: RunConfig, items: list[pystac.Item]) -> str:
-    """What a finished tile depends on: the items, the period and the masking settings."""
+    """What a finished tile depends on: the items, the grid, the period and the masking settings."""
     ing = config.ingest
     payload = {
         "items": items_key(items),
+        "grid": config.grid.model_dump(mode="json"),  # a tile id does not carry the tile size
         "period": config.period.model_dump(mode="json"),
         "mask": [list(ing.scl_mask), ing.scl_dilation_px, ing.s2_harmonisation],
         "reader": "pivotmap-v2",

@@ -7,6 +7,7 @@ S1 orbit direction, SCL dilation, and the GDAL settings handed to readers.
 import datetime as dt
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pystac
@@ -20,6 +21,7 @@ from pivotmap.tasks.load import by_day, dilate, gdal_env, load_s2
 from pivotmap.tasks.stac_source import SourceError, search_items
 
 PATCH = (501360, 5629040, 502000, 5629680)
+PATCH_DIR = Path("catalogue-not-read")
 MASK = (0, 1, 3, 8, 9, 10)
 
 
@@ -129,6 +131,16 @@ def test_orbit_selection_and_changed_settings_reread(catalogue, tmp_path):
     assert first["tiles_written"] and wider["tiles_written"]  # new settings: read again
     valid = wider["tiles_written"][0]["valid_fraction"]
     assert valid < first["tiles_written"][0]["valid_fraction"]
+
+
+def test_the_grid_is_part_of_a_finished_tile_key():
+    """Tile ids do not carry the tile size: a changed grid must not reuse old tiles."""
+    from pivotmap.flows.ingest import inputs_key
+
+    base = _config(PATCH_DIR)
+    other = base.model_copy(update={"grid": base.grid.model_copy(update={"tile_size": 32})})
+    assert inputs_key(base, []) == inputs_key(_config(PATCH_DIR), [])
+    assert inputs_key(base, []) != inputs_key(other, [])
 
 
 def test_one_orbit_per_day_keeps_the_common_direction(flanders):

@@ -41,9 +41,58 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument(
         "--json", action="store_true", help="print the summary as one JSON line on stdout"
     )
+    _status_parser(sub)
+    _rollback_parser(sub)
+    _concept_parser(sub)
     for stage in STAGES:
         _common(sub.add_parser(stage, help=f"run the {stage} stage only"))
     return parser
+
+
+def _status_parser(sub) -> None:
+    status = sub.add_parser("status", help="recent flow runs and published map versions")
+    status.add_argument("--api", help="Prefect API URL (default: $PREFECT_API_URL)")
+    status.add_argument("--out", help="a run folder: list the versions under its products/")
+    status.add_argument("--catalog", help="or a published catalog.json (path or s3://)")
+    status.add_argument("--limit", type=int, default=20, help="flow runs shown (default: 20)")
+    status.add_argument(
+        "--json", action="store_true", help="print the status as one JSON line on stdout"
+    )
+
+
+def _rollback_parser(sub) -> None:
+    rollback = sub.add_parser(
+        "rollback", help="serve an older published version again (catalog.json switch)"
+    )
+    rollback.add_argument("version", help="a version kept under OUT/products/ (see `status`)")
+    rollback.add_argument("--out", required=True, help="the run folder (its products/ is used)")
+    rollback.add_argument("--target", help="also switch this mirror (folder or s3://bucket/prefix)")
+    rollback.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON line on stdout"
+    )
+
+
+def _status(args: argparse.Namespace) -> dict:
+    from pivotmap.flows.status import status, status_text
+
+    summary = status(args.api, args.out, args.catalog, args.limit)
+    print(status_text(summary), file=sys.stderr if args.json else sys.stdout)
+    return summary
+
+
+def _concept_parser(sub) -> None:
+    concept = sub.add_parser(
+        "concept", help="map a concept given in plain words (probability COG, 0-100)"
+    )
+    concept.add_argument("prompt", help='what to map, e.g. "flooded grassland"')
+    concept.add_argument("--config", required=True, help="run config YAML of a produced run")
+    concept.add_argument("--out", required=True, help="output GeoTIFF (COG)")
+    concept.add_argument(
+        "--workspace", default=None, help="the run's --out folder (default: the config's folder)"
+    )
+    concept.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON line on stdout"
+    )
 
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
@@ -61,6 +110,12 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.command == "download":
         return _download(args)
+    if args.command == "status":
+        return _status(args)
+    if args.command == "rollback":
+        from pivotmap.flows.status import rollback
+
+        return rollback(Path(args.out) / "products", args.version, args.target)
     if args.command == "demo":
         from pivotmap.flows.demo import prepare_demo
         from pivotmap.flows.produce import produce_flow
@@ -71,6 +126,12 @@ def run(args: argparse.Namespace) -> dict:
             **produce_flow(config, str(Path(args.out)), force=args.force),
         }
     config = load_run_config(args.config)
+    if args.command == "concept":
+        from pivotmap.flows.concept import concept_map, find_workspace
+
+        return concept_map(
+            config, find_workspace(args.config, args.workspace), args.prompt, args.out
+        )
     if args.command == "produce":
         from pivotmap.flows.produce import produce_flow
 

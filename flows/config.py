@@ -59,15 +59,18 @@ class SourceConfig(_Frozen):
         default="sentinel-1-rtc",
         description="Sentinel-1 collection id (RTC or GRD); null to skip S1.",
     )
-    timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout for STAC APIs.")
+    timeout_s: float = Field(
+        default=60.0, gt=0, description="Per-request timeout (STAC APIs, catalogues on http(s))."
+    )
     max_retries: int = Field(
         default=3,
         ge=0,
         le=10,
-        description="STAC API: retries of a request answered 429/5xx or not connected (backoff).",
+        description="STAC API or http(s) catalogue: retries of a request answered 429/5xx, not "
+        "connected or cut short (backoff).",
     )
     backoff_s: float = Field(
-        default=0.5, ge=0, description="STAC API: backoff factor in seconds (doubles per retry)."
+        default=0.5, ge=0, description="Retry backoff factor in seconds (doubles per retry)."
     )
     page_size: int | None = Field(
         default=100, ge=1, description="STAC API: items per page (`limit`); null: server default."
@@ -388,6 +391,46 @@ class PublishConfig(_Frozen):
     _resolve_schema = field_validator("schema_dir")(_resolve)
 
 
+class ConceptConfig(_Frozen):
+    """Text alignment of the encoder: concept maps from plain-language prompts (issue 9)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Train the text-alignment head after the classifier and save it with the model.",
+    )
+    steps: int = Field(
+        default=100, ge=10, description="Optimisation steps (batches of 128 px) of the head."
+    )
+    max_pixels: int = Field(
+        default=4000, ge=100, description="Align on at most this many training pixels."
+    )
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Concept maps made with every run and published as STAC assets of the tiles.",
+    )
+
+
+class ExplainConfig(_Frozen):
+    """Integrated-gradients explanations of the map (dominant variable and month per pixel)."""
+
+    enabled: bool = Field(
+        default=True, description="Make the explanation layer, plot and saliency in `produce`."
+    )
+    steps: int = Field(default=32, ge=4, le=512, description="Integrated-gradients path steps.")
+    stride: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="The explanation layer is computed on every stride-th pixel in x and y and "
+        "written at stride × resolution (IG costs `steps` forward+backward passes per pixel).",
+    )
+    pixels: list[tuple[float, float]] = Field(
+        default_factory=list,
+        description="Pixels (x, y in the grid CRS) whose full date × variable saliency is "
+        "written to reports/saliency.json.",
+    )
+
+
 class MlflowConfig(_Frozen):
     """Where runs and models are tracked."""
 
@@ -417,6 +460,8 @@ class RunConfig(_Frozen):
     predict: PredictConfig = Field(default_factory=PredictConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    concept: ConceptConfig = Field(default_factory=ConceptConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
 
     @property
     def model_name(self) -> str:

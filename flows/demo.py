@@ -47,6 +47,9 @@ def demo_config_dict(data_dir: str = "data", seed: int = 42) -> dict:
         },
         # The demo runs anywhere, offline too: the test suite validates its STAC offline.
         "publish": {"validate_stac": "off", "mosaic_cog": True},
+        # A concept map published with the map, and the saliency of one pixel (issue 9).
+        "concept": {"prompts": ["a lake"]},
+        "explain": {"pixels": [[500105.0, 5631005.0]]},
     }
 
 

@@ -25,10 +25,40 @@ def produce_flow(config: RunConfig, out_dir: str, force: bool = False, train: bo
     pivot = pivot_flow(config, str(ws.root), force=force)
     trained = train_flow(config, str(ws.root)) if train else None
     predict = predict_flow(config, str(ws.root))
+    insight = concept_and_explain(config, ws)
     publish = publish_flow(config, str(ws.root))
     summary = run_summary(ws, ingest, pivot, trained, predict, publish, time.monotonic() - started)
+    summary |= insight_summary(trained, insight)
     publish_run_report(summary, ws.reports_dir)
     return summary
+
+
+def concept_and_explain(config: RunConfig, ws: Workspace) -> dict:
+    """Concept maps of the configured prompts and the explanation layers, before publishing."""
+    from pivotmap.flows.concept import concept_maps_flow, explain_flow
+
+    out = {}
+    if config.concept.prompts:
+        out["concept"] = concept_maps_flow(config, str(ws.root))
+    if config.explain.enabled:
+        out["explain"] = explain_flow(config, str(ws.root))
+    return out
+
+
+def insight_summary(trained: dict | None, insight: dict) -> dict:
+    """Zero-shot figures, concept maps and explanations in the run summary (issue 9)."""
+    out = {}
+    if trained and trained.get("text_alignment"):
+        zs = trained["text_alignment"]
+        keys = ("seen_top1", "heldout_top1", "chance_top1", "null_heldout_top1")
+        out["zero_shot"] = {k: zs[k] for k in (*keys, "heldout_mean_rank", "classes")}
+    if "concept" in insight:
+        out["concept_maps"] = insight["concept"].get("prompts", insight["concept"].get("skipped"))
+    if "explain" in insight:
+        ex = insight["explain"]
+        keys = ("plot", "saliency", "pixels_explained", "dominant_variable_per_class")
+        out["explanations"] = {k: ex[k] for k in (*keys, "dominant_month_per_class", "method")}
+    return out
 
 
 def run_summary(ws: Workspace, ingest, pivot, trained, predict, publish, seconds: float) -> dict:
@@ -39,6 +69,8 @@ def run_summary(ws: Workspace, ingest, pivot, trained, predict, publish, seconds
     summary = {
         "ok": True,
         "config": ws.config.name,
+        "config_hash": ws.config.config_hash(),
+        "period": f"{ws.config.period.start}/{ws.config.period.end}",
         "tiles": len(ingest["tiles"]),
         "items_used": {m: v["items_used"] for m, v in ingest["modalities"].items()},
         "items_skipped": {m: len(v["skipped_items"]) for m, v in ingest["modalities"].items()},

@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 
 from pivotmap import __version__
 from pivotmap.flows.config import RunConfig
+from pivotmap.flows.report import kv, stage_artifacts
 from pivotmap.flows.workspace import Workspace
 from pivotmap.tasks.nomenclature import load_nomenclature
 
@@ -38,6 +39,22 @@ def previous_shares(products_dir: Path) -> dict[str, float] | None:
     counts = {str(c["code"]): c["pixels"] for c in json.loads(areas.read_text())["classes"]}
     total = sum(counts.values()) or 1
     return {code: n / total for code, n in counts.items()}
+
+
+def extra_layers(ws: Workspace, model: dict) -> dict:
+    """Concept maps and explanation layers of this model version, by tile id (issue 9); older
+    or missing ones are left out."""
+    from pivotmap.tasks.concept_products import LayerFile
+
+    layers: dict[str, list] = {}
+    for stage in ("concept", "explain"):
+        path = ws.reports_dir / f"{stage}.json"
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        if report.get("model", {}).get("version") != model["version"]:
+            continue
+        for tile_id, files in report.get("layers", {}).items():
+            layers.setdefault(tile_id, []).extend(LayerFile.from_dict(f) for f in files)
+    return layers
 
 
 def load_maps(ws: Workspace):
@@ -80,9 +97,9 @@ def publish_flow(config: RunConfig, out_dir: str) -> dict:
         max_share_change=config.publish.max_share_change,
     )
     if not quality.success:
-        ws.write_report(
-            "publish", {"stage": "publish", "published": False, "quality": quality.to_dict()}
-        )
+        failed = {"stage": "publish", "published": False, "quality": quality.to_dict()}
+        ws.write_report("publish", failed)
+        stage_artifacts("publish", failed, config.name, ws.reports_dir)
         quality.raise_for_failure()
     ingest, pivot, predict = (ws.read_report(s) for s in ("ingest", "pivot", "predict"))
     model = predict["model"]
@@ -114,13 +131,17 @@ def publish_flow(config: RunConfig, out_dir: str) -> dict:
         license=config.publish.license,
         providers=config.publish.providers,
         mosaic_cog=config.publish.mosaic_cog,
+        layers=extra_layers(ws, model),
     )
     if config.publish.target:
+        from pivotmap.flows.deploy import request_slot
         from pivotmap.tasks.publish import mirror_published
 
-        result["mirror"] = mirror_published(ws.products_dir, version, config.publish.target)
+        with request_slot("s3-requests"):  # uploads are sequential: one slot per mirror
+            result["mirror"] = mirror_published(ws.products_dir, version, config.publish.target)
         result["catalog"] = result["mirror"]["target"].rstrip("/") + "/catalog.json"
-    logger.info("published %s version %s to %s", config.collection_id, version, result["catalog"])
+    logger.info(kv("publish", collection=config.collection_id, version=version,
+                   catalog=result["catalog"], quality="passed"))  # fmt: skip
     summary = {
         "stage": "publish",
         "published": True,
@@ -130,4 +151,5 @@ def publish_flow(config: RunConfig, out_dir: str) -> dict:
         "duration_s": round(time.monotonic() - started, 2),
     }
     ws.write_report("publish", summary)
+    stage_artifacts("publish", summary, config.name, ws.reports_dir)
     return summary

@@ -29,6 +29,7 @@ from prefect.cache_policies import NONE
 
 from pivotmap import __version__
 from pivotmap.flows.config import RunConfig, TrainConfig
+from pivotmap.flows.report import stage_artifacts
 from pivotmap.flows.workspace import Workspace
 from pivotmap.models.evaluation import code_version, confusion_png, headline, metrics
 from pivotmap.models.features import (
@@ -239,6 +240,49 @@ def distil_student(data: TrainingData, teacher, tc: TrainConfig, device: str):
     )
 
 
+def start_text_embedding(nomenclature, config: RunConfig):
+    """Embed every class phrasing and configured prompt in a child process, or None when the
+    text alignment is off."""
+    if not config.concept.enabled:
+        return None
+    from pivotmap.models.text_align import EmbeddingJob
+
+    texts = [p for c in nomenclature.classes for p in c.phrasings] + list(config.concept.prompts)
+    return EmbeddingJob(texts)
+
+
+@task(cache_policy=NONE)
+def align_text(data: TrainingData, model, nomenclature, job, config: RunConfig):
+    """The text-alignment head on the frozen encoder, with its zero-shot figures."""
+    import copy
+
+    from pivotmap.models.text_align import build_alignment
+
+    cc, seed = config.concept, config.train.seed
+    train = data.train_idx[stratified_sample(data.codes[data.train_idx], cc.max_pixels, seed)]
+    test = np.flatnonzero(data.is_test)
+    x, y, frozen = data.x, data.y, copy.deepcopy(model).cpu()
+    return build_alignment(
+        frozen, nomenclature, job.result(), x[train], y[train], x[test], y[test],
+        steps=cc.steps, seed=seed,
+    )  # fmt: skip
+
+
+def alignment_metrics(alignment) -> dict:
+    """Zero-shot figures as MLflow metrics (`zs_…`); none without an alignment."""
+    if alignment is None:
+        return {}
+    keys = (
+        "seen_top1",
+        "heldout_top1",
+        "heldout_top1_class_mean",
+        "chance_top1",
+        "null_heldout_top1",
+    )
+    keys += ("heldout_mean_rank", "chance_mean_rank")
+    return {f"zs_{k}": alignment.zero_shot[k] for k in keys}
+
+
 def evaluate(model, data: TrainingData, device: str) -> dict:
     """Scores of a network on the held-out pixels, with its size and cost."""
     proba = predict_proba(model, data.x[data.is_test], 8192, device)
@@ -322,11 +366,15 @@ def train_flow(config: RunConfig, out_dir: str, device: str | None = None) -> di
             f"labels {config.labels.url} hold fewer than two classes inside the region"
         )
     test_mask = spatial_block_split(labels, tc.block_size, tc.test_fraction, tc.seed)
+    text_job = start_text_embedding(nomenclature, config)  # overlaps training (issue 9)
     data = prepare_data(ws, labels, test_mask)
     with cpu_threads(dev, tc.cpu_threads):
         pretrained = pretrain_encoder(data, tc, dev) if tc.pretrain_epochs else None
         fitted = train_classifier(data, tc, dev, pretrained["state"] if pretrained else None)
         scores = evaluate(fitted.model, data, dev)
+        alignment = (
+            align_text(data, fitted.model, nomenclature, text_job, config) if text_job else None
+        )
         student = None
         if tc.distill_epochs:
             student_model = distil_student(data, fitted.model, tc, dev).model
@@ -343,8 +391,9 @@ def train_flow(config: RunConfig, out_dir: str, device: str | None = None) -> di
         data,
         key,
         run_params(ws, data, dev, cube_version),
-        run_metrics(scores, baseline, student),
+        run_metrics(scores, baseline, student) | alignment_metrics(alignment),
         figures,
+        alignment,
     )
     student_registered = (
         register_student(ws, student_model, data, key, scores, student) if student else None
@@ -371,8 +420,10 @@ def train_flow(config: RunConfig, out_dir: str, device: str | None = None) -> di
         dev,
         cube_version,
     )
+    summary["text_alignment"] = alignment.zero_shot if alignment else None
     summary["duration_s"] = round(time.monotonic() - started, 2)
     ws.write_report("train", summary)
+    stage_artifacts("train", summary, config.name, ws.reports_dir)
     return summary
 
 
@@ -386,8 +437,19 @@ def _mlflow_target(ws: Workspace) -> dict:
     }
 
 
-def register(ws, model, data: TrainingData, key: str, params: dict, flat: dict, figures: dict):
-    """Log the run (params, metrics, confusion PNGs, input signature) and register the model."""
+def register(
+    ws, model, data: TrainingData, key: str, params: dict, flat: dict, figures: dict, alignment=None
+):
+    """Log the run (params, metrics, confusion PNGs, input signature) and register the model
+    (with its text-alignment head when there is one)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = alignment.save(Path(tmp)) if alignment else None
+        return _log_and_register(ws, model, data, key, params, flat, figures, files)
+
+
+def _log_and_register(ws, model, data, key, params, flat, figures, files):
     from pivotmap.models.registry import log_and_register
 
     return log_and_register(
@@ -401,6 +463,7 @@ def register(ws, model, data: TrainingData, key: str, params: dict, flat: dict, 
         artifacts=figures,
         tags={"pivotmap.role": "model", "pivotmap.code_version": params["code_version"]},
         input_example=data.x[:4],
+        model_files=files,
     )
 
 

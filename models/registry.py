@@ -96,6 +96,7 @@ def log_and_register(
     artifacts: dict[str, Path] | None = None,
     tags: dict | None = None,
     input_example: np.ndarray | None = None,
+    model_files: dict[str, Path] | None = None,
 ) -> RegisteredModel:
     """Log a run with the model as a pyfunc, register a new version, and maybe promote it.
 
@@ -106,6 +107,8 @@ def log_and_register(
             include `macro_f1`, the promotion score.
         validation_key: identifies the held-out data; scores are compared only on equal keys.
         artifacts: extra files (logged at the run root) or folders (logged under their key).
+        model_files: files stored inside the model version beside its weights, by name (e.g. the
+            text-alignment head); read back with `load_model_files`.
     """
     if not validation_key:
         raise ValueError("validation_key must name the held-out data the metrics come from")
@@ -122,6 +125,9 @@ def log_and_register(
     run_tags = {**(tags or {}), VALIDATION_KEY_TAG: validation_key}
     with tempfile.TemporaryDirectory() as tmp, _using_tracking_uri(tracking_uri):
         files = _save_weights(state, spec, Path(tmp))
+        files |= {
+            name: str(_check_artifacts({name: p})[name]) for name, p in (model_files or {}).items()
+        }
         nested = mlflow.active_run() is not None
         with mlflow.start_run(experiment_id=experiment_id, nested=nested) as run:
             mlflow.set_tags(run_tags)
@@ -187,6 +193,35 @@ def load_champion(
     net = net.to(device).eval()
     info = {"name": model_name, "version": str(mv.version), "run_id": mv.run_id, "uri": uri}
     return net, spec, info
+
+
+def load_model_files(
+    *, tracking_uri: str, model_name: str, version: str, names: tuple[str, ...]
+) -> dict[str, bytes]:
+    """The bytes of files stored with a model version (`model_files` of `log_and_register`);
+    a name the version does not hold is absent from the result."""
+    _mlflow_defaults()
+    import mlflow
+    import yaml
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    source = client.get_model_version_download_uri(model_name, version).rstrip("/")
+    out: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        mlmodel = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{source}/MLmodel", dst_path=tmp, tracking_uri=tracking_uri
+        )
+        flavor = yaml.safe_load(Path(mlmodel).read_text(encoding="utf-8"))["flavors"]
+        named = flavor.get("python_function", {}).get("artifacts", {})
+        for name in names:
+            if name not in named:
+                continue
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{source}/{named[name]['path']}", dst_path=tmp,
+                tracking_uri=tracking_uri,
+            )  # fmt: skip
+            out[name] = Path(local).read_bytes()
+    return out
 
 
 def promotion_decision(

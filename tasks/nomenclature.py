@@ -26,6 +26,10 @@ class LandCoverClass(BaseModel):
         min_length=1,
         description="One sentence saying what the class contains (legends, STAC, prompts).",
     )
+    descriptions: list[str] = Field(
+        default_factory=list,
+        description="More plain-language phrasings of the class (text alignment, concept maps).",
+    )
 
     @field_validator("color")
     @classmethod
@@ -33,6 +37,12 @@ class LandCoverClass(BaseModel):
         if not re.fullmatch(r"#[0-9a-fA-F]{6}", value):
             raise ValueError(f"colour {value!r} is not #RRGGBB")
         return value.lower()
+
+    @property
+    def phrasings(self) -> list[str]:
+        """Every way the class is put in words: its name, its description, then the others."""
+        out = [self.name, self.description, *self.descriptions]
+        return list(dict.fromkeys(p.strip() for p in out if p.strip()))
 
     @property
     def rgb(self) -> tuple[int, int, int]:

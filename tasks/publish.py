@@ -8,9 +8,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pystac
 from odc.geo.geobox import GeoBox
 
 from pivotmap.tasks import cog, quicklook, stac_products
+from pivotmap.tasks.concept_products import LayerFile, layer_asset
 from pivotmap.tasks.nomenclature import NODATA_CODE, Nomenclature
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -126,7 +128,11 @@ def _check_request(maps: Sequence[TileMap], nomenclature: Nomenclature, version:
 
 
 def _stage_tile(
-    staging: Path, tile: TileMap, nomenclature: Nomenclature, run: stac_products.RunMetadata
+    staging: Path,
+    tile: TileMap,
+    nomenclature: Nomenclature,
+    run: stac_products.RunMetadata,
+    layers: Sequence[LayerFile] = (),
 ) -> pystac.Item:
     """Write one tile's class and confidence COGs and describe them in an Item."""
     folder = staging / tile.tile_id
@@ -141,6 +147,10 @@ def _stage_tile(
         "class": stac_products.class_asset(class_tif, f"./{class_tif.name}", nomenclature, counts),
         "confidence": stac_products.confidence_asset(confidence_tif, f"./{confidence_tif.name}"),
     }
+    for layer in layers:  # concept maps, explanation layers (issue 9)
+        copy = folder / f"{tile.tile_id}_{layer.key}.tif"
+        shutil.copyfile(layer.path, copy)
+        assets[layer.key] = layer_asset(layer, copy, f"./{copy.name}")
     return stac_products.build_tile_item(tile.tile_id, tile.geobox, assets, run)
 
 
@@ -209,9 +219,11 @@ def _stage(
     title: str,
     version: str,
     mosaic_cog: bool = False,
+    layers: Mapping[str, Sequence[LayerFile]] | None = None,
 ) -> pystac.Collection:
     """Write every file of the version into `staging`; returns the in-memory Collection."""
-    items = [_stage_tile(staging, m, nomenclature, run) for m in maps]
+    layers = layers or {}
+    items = [_stage_tile(staging, m, nomenclature, run, layers.get(m.tile_id, ())) for m in maps]
     assets = _stage_run_products(staging, maps, nomenclature, title, mosaic_cog)
     collection = stac_products.build_collection(collection_id, title, version, items, assets, run)
     _save_collection(collection, staging, staging.parent)
@@ -329,13 +341,15 @@ def publish_products(
     license: str = "CC-BY-4.0",
     providers: Sequence[dict] = (),
     mosaic_cog: bool = False,
+    layers: Mapping[str, Sequence[LayerFile]] | None = None,
 ) -> dict[str, Any]:
     """Publish `maps` as `out_dir/<version>/` (COGs, mosaic, quicklook, stats, STAC), atomically.
 
     Re-publishing identical content is a no-op (`already_published`); catalog.json switches to
     the version only once its folder is whole. `validation` is 'offline' (schemas from
     `schema_dir`), 'online' (schemas fetched by pystac) or 'off'; default offline when
-    `schema_dir` is given, else off.
+    `schema_dir` is given, else off. `layers` adds files (concept maps, explanation layers) as
+    assets of the tile Items, by tile id.
     """
     validation = validation or ("offline" if schema_dir is not None else "off")
     started = time.perf_counter()
@@ -345,7 +359,8 @@ def publish_products(
     final = out_dir / version
     # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide the version from
     # other readers (web server, sync jobs); mkdir honours the umask.
-    staging = out_dir / f".staging-{version}-{uuid.uuid4().hex[:12]}"
+    _sweep_stale_staging(out_dir)
+    staging = out_dir / _staging_name(version)
     staging.mkdir()
     try:
         run = dataclasses.replace(
@@ -355,7 +370,7 @@ def publish_products(
         )
         collection = _stage(
             staging, maps, nomenclature, run, collection_id=collection_id, title=title,
-            version=version, mosaic_cog=mosaic_cog,
+            version=version, mosaic_cog=mosaic_cog, layers=layers,
         )  # fmt: skip
         if validation == "offline":
             _validate_staged(collection, Path(schema_dir))
@@ -381,6 +396,32 @@ def publish_products(
     }
 
 
+def _staging_name(version: str) -> str:
+    """A hidden staging folder that names its writer (host, pid), so a later run can tell a
+    crashed writer's leftovers from a live writer's work."""
+    host = socket.gethostname().replace("-", "_")
+    return f".staging-{version}-{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _sweep_stale_staging(folder: Path) -> list[str]:
+    """Remove staging folders of writers on this host that no longer run (killed mid-publish)."""
+    host, removed = socket.gethostname().replace("-", "_"), []
+    for path in folder.glob(".staging-*"):
+        parts = path.name.rsplit("-", 3)
+        if len(parts) != 4 or parts[1] != host or not parts[2].isdigit():
+            continue  # another host's, or an older naming: leave it
+        try:
+            os.kill(int(parts[2]), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # a live process of another user
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
+
+
 def mirror_published(out_dir: Path, version: str, target_url: str, on_file=None) -> dict[str, Any]:
     """Copy a published version from `out_dir` to `target_url` (folder or s3://), catalogue last.
 
@@ -403,7 +444,8 @@ def mirror_published(out_dir: Path, version: str, target_url: str, on_file=None)
     if dest.resolve() == Path(out_dir).resolve():
         return {"target": str(dest), "uploaded": 0, "unchanged": len(_files(source))}
     dest.mkdir(parents=True, exist_ok=True)
-    staging = dest / f".staging-{version}-{uuid.uuid4().hex[:12]}"
+    _sweep_stale_staging(dest)
+    staging = dest / _staging_name(version)
     shutil.copytree(source, staging)
     try:
         already = _commit(staging, dest / version)

@@ -710,16 +710,35 @@ def _write_labels(layout: _Layout, scene: _Scene, first: date, last: date) -> py
     return item
 
 
+# More plain-language phrasings per class code: text alignment and concept maps (issue 9).
+PHRASINGS = {
+    1: ("a field of winter wheat or barley", "cereal crops harvested in summer",
+        "farmland green in spring and bare after the July harvest"),
+    2: ("a maize field", "corn grown for grain or silage",
+        "a summer crop on bare soil until late spring"),
+    3: ("a meadow or pasture", "grass mown for hay or grazed by cattle",
+        "green grass all year round"),
+    4: ("a deciduous forest", "woodland of oak, beech and other broadleaf trees",
+        "trees that lose their leaves in winter"),
+    5: ("an urban area", "houses, streets and buildings",
+        "impervious sealed surfaces such as concrete and asphalt"),
+    6: ("a lake or river", "open water", "a water body such as a pond or reservoir"),
+}  # fmt: skip
+
+
 def _nomenclature_dict(seed: int) -> dict[str, Any]:
     """The nomenclature YAML content read by `pivotmap.tasks.nomenclature.load_nomenclature`."""
     return {
         "name": f"pivotmap synthetic demo (seed {seed})",
         "unknown_codes": [0],
         "classes": [
-            {"code": c.code, "name": c.name, "color": c.color, "description": c.description}
+            {
+                "code": c.code, "name": c.name, "color": c.color, "description": c.description,
+                "descriptions": list(PHRASINGS[c.code]),
+            }
             for c in CLASSES
         ],
-    }
+    }  # fmt: skip
 
 
 def _label_asset(file_fields: dict[str, Any]) -> pystac.Asset:

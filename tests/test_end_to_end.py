@@ -60,8 +60,8 @@ def test_demo_products_are_complete_and_traceable(demo, schema_dir):
     for key in ("map", "quicklook", "stac_catalog", "cube"):
         assert Path(summary[key]).exists(), key
     cogs = sorted((out / "products").rglob("*.tif"))
-    # 4 tiles × (class, confidence) + the mosaic as one COG (the demo asks for it)
-    assert len(cogs) == 9 and all(cog_validate(str(p))[0] for p in cogs)
+    # 4 tiles × (class, confidence, concept map, explanation layer) + the mosaic as one COG
+    assert len(cogs) == 17 and all(cog_validate(str(p))[0] for p in cogs)
     catalog = pystac.Catalog.from_file(summary["stac_catalog"])
     assert validate_offline(catalog, schema_dir) > 4
     items = list(catalog.get_items(recursive=True))
@@ -123,7 +123,7 @@ def test_second_demo_run_gives_byte_identical_cogs(demo, tmp_path, capsys):
         _digests(out / "products", "*.tif"),
         _digests(tmp_path / "again" / "products", "*.tif"),
     )
-    assert len(first) == 9 and first == second
+    assert len(first) == 17 and first == second  # with concept maps and explanation layers
     vrt = "*.vrt"
     assert _digests(out / "products", vrt) == _digests(tmp_path / "again" / "products", vrt)
 

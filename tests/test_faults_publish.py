@@ -110,6 +110,7 @@ def test_local_publish_killed_keeps_the_previous_version(products, mode, after):
                      **PUBLISH_ARGS)  # fmt: skip
     version, mosaic = _served(catalog)
     assert version == "v2" and not np.array_equal(mosaic, before[1])
+    assert not list(out.glob(".staging-*"))  # the killed writer's leftovers are swept
 
 
 @pytest.mark.parametrize("where", ["folder", "s3"])
@@ -137,6 +138,8 @@ def test_mirror_killed_between_files_keeps_the_previous_version(products, where,
     mirror_published(out, "v2", target)
     version, mosaic = _served(catalog)
     assert version == "v2" and not np.array_equal(mosaic, before[1])
+    if where == "folder":
+        assert not list(Path(target).glob(".staging-*"))  # the killed writer's leftovers
 
 
 def fd_read(url: str) -> bytes:

@@ -1,0 +1,160 @@
+"""Concept maps and explanation layers as files and STAC assets (issue 9).
+
+A concept map is one uint8 band of probability in percent (0–100, nodata 255); an explanation
+layer has two uint8 bands, the dominant variable and the dominant time window (indices into the
+lookups kept in the file's metadata and in the STAC asset). Both are COGs with overviews.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pystac
+import rasterio
+from odc.geo.geobox import GeoBox
+
+from pivotmap.tasks.nomenclature import NODATA_CODE
+
+_GDAL_ENV = {"GDAL_PAM_ENABLED": "NO", "GDAL_NUM_THREADS": "1"}
+
+
+def prompt_slug(prompt: str) -> str:
+    """A file- and asset-key-safe name for a prompt ('Open water!' -> 'open-water')."""
+    slug = re.sub(r"[^0-9a-z]+", "-", prompt.lower()).strip("-")[:40].strip("-")
+    return slug or "concept"
+
+
+def _block(h: int, w: int) -> int:
+    """A COG block edge (multiple of 16) no larger than the image, so overviews exist."""
+    edge = min(h, w)
+    return next(b for b in (512, 256, 128, 64, 32, 16) if b <= max(edge // 2, 16))
+
+
+def write_layer_cog(
+    path: Path,
+    bands: np.ndarray,
+    geobox: GeoBox,
+    *,
+    descriptions: Sequence[str],
+    tags: Mapping[str, str],
+    resampling: str = "NEAREST",
+) -> Path:
+    """Write [B, h, w] uint8 (nodata 255) as a COG with overviews, band descriptions and tags."""
+    bands = np.asarray(bands)
+    if bands.ndim == 2:
+        bands = bands[None]
+    if bands.dtype != np.uint8 or bands.shape[1:] != (geobox.height, geobox.width):
+        raise ValueError(
+            f"{path.name}: expected uint8 bands of shape {(geobox.height, geobox.width)}, "
+            f"got {bands.dtype} {bands.shape[1:]}"
+        )
+    block = _block(geobox.height, geobox.width)
+    epsg = geobox.crs.epsg
+    profile = {
+        "driver": "COG", "width": geobox.width, "height": geobox.height, "count": len(bands),
+        "dtype": "uint8", "crs": f"EPSG:{epsg}" if epsg else geobox.crs.to_wkt(),
+        "transform": geobox.affine, "nodata": NODATA_CODE, "compress": "DEFLATE",
+        "blocksize": block, "overview_resampling": resampling,
+        "overview_count": max(1, int(math.log2(max(geobox.height, geobox.width) / block))),
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with rasterio.Env(**_GDAL_ENV), rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(bands)
+        for i, text in enumerate(descriptions, start=1):
+            dst.set_band_description(i, text)
+        dst.update_tags(**dict(tags))
+    tmp.replace(path)  # a crash never leaves half a file under the final name
+    return path
+
+
+@dataclass(frozen=True)
+class LayerFile:
+    """A file published beside a tile's class map, with the fields of its STAC asset."""
+
+    key: str  # asset key, e.g. concept-open-water or explanation
+    path: Path
+    title: str
+    description: str
+    roles: tuple[str, ...] = ("data",)
+    fields: Mapping[str, Any] = field(default_factory=dict)  # pivotmap:prompt, pivotmap:method…
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key, "path": str(self.path), "title": self.title,
+            "description": self.description, "roles": list(self.roles), "fields": dict(self.fields),
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> LayerFile:
+        return cls(
+            key=raw["key"], path=Path(raw["path"]), title=raw["title"],
+            description=raw["description"], roles=tuple(raw["roles"]), fields=raw["fields"],
+        )  # fmt: skip
+
+
+def layer_asset(layer: LayerFile, path: Path, href: str) -> pystac.Asset:
+    """The STAC asset of a published layer file (file size and checksum, metadata fields)."""
+    from pivotmap.tasks.stac_products import file_asset
+
+    asset = file_asset(path, href, pystac.MediaType.COG, list(layer.roles), layer.title)
+    asset.description = layer.description
+    asset.extra_fields.update(dict(layer.fields))
+    return asset
+
+
+def concept_layer(
+    tile_id: str, path: Path, prompt: str, calibration: str, model: Mapping[str, str]
+) -> LayerFile:
+    """The LayerFile of one tile's concept map."""
+    return LayerFile(
+        key=f"concept-{prompt_slug(prompt)}",
+        path=path,
+        title=f"Concept probability (%): {prompt}",
+        description=f"Probability (0-100 %, 255 = no data) that a pixel shows '{prompt}', from "
+        "the text-aligned encoder; see pivotmap:method.",
+        fields={
+            "pivotmap:prompt": prompt,
+            "pivotmap:method": calibration,
+            "pivotmap:model_name": model["name"],
+            "pivotmap:model_version": str(model["version"]),
+            "bands": [{"name": "probability", "description": "percent 0-100, 255 = no data"}],
+        },
+    )
+
+
+def explanation_layer(
+    path: Path,
+    method: str,
+    variables: Sequence[str],
+    windows: Sequence[str],
+    stride: int,
+    model: Mapping[str, str],
+) -> LayerFile:
+    """The LayerFile of one tile's explanation layer, with its value lookups."""
+    return LayerFile(
+        key="explanation",
+        path=path,
+        title="Explanation: dominant variable and month",
+        description=f"Per {stride}x{stride}-pixel cell, the input variable (band 1) and the "
+        "month (band 2) with the largest integrated-gradients attribution magnitude for the "
+        "predicted class; values index pivotmap:variables and pivotmap:windows, 255 = no data.",
+        roles=("data", "metadata"),
+        fields={
+            "pivotmap:method": method,
+            "pivotmap:model_name": model["name"],
+            "pivotmap:model_version": str(model["version"]),
+            "pivotmap:variables": list(variables),
+            "pivotmap:windows": list(windows),
+            "bands": [
+                {"name": "dominant_variable", "description": "index into pivotmap:variables"},
+                {"name": "dominant_window", "description": "index into pivotmap:windows"},
+            ],
+        },
+    )

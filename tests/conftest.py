@@ -89,14 +89,14 @@ def s3_bucket(s3_server, request):
 def prefect_api_server(tmp_path_factory):
     """A real `prefect server start` on 127.0.0.1 (own PREFECT_HOME, SQLite), for the deploy
     and status tests; yields (api_url, env for `prefect` subprocesses). Killed with its group."""
-    import contextlib
     import os
-    import signal
     import socket
     import subprocess
     import sys
     import time
     import urllib.request
+
+    from tests.procs import stop_group
 
     home = tmp_path_factory.mktemp("prefect-home")
     with socket.socket() as sock:
@@ -133,11 +133,16 @@ def prefect_api_server(tmp_path_factory):
             time.sleep(0.5)
         yield url, env
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         log.close()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny batches: one torch thread is faster than two fighting over a shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

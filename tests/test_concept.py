@@ -28,13 +28,7 @@ from pivotmap.tasks.nomenclature import load_nomenclature
 CONFIGS = Path(__file__).resolve().parents[1] / "infra" / "configs"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster than two on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(argv: list[str], capsys) -> tuple[int, dict]:

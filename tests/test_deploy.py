@@ -3,10 +3,7 @@ process worker, and the demo deployment run to completion on a tiny synthetic re
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +13,7 @@ import pytest
 
 from pivotmap.flows.config import RunConfig
 from pivotmap.flows.deploy import CONCURRENCY_LIMITS
+from tests.procs import stop_group
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
@@ -61,13 +59,7 @@ def deployed(prefect_api_server, tmp_path_factory):
         try:
             yield url, env, logs / "worker.log", deploy_s
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+            stop_group(worker)
 
 
 def _client(url: str):

@@ -17,13 +17,7 @@ from pivotmap.models.explain import (
 )
 from pivotmap.models.network import ModelSpec, build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model_and_input(n: int = 12, steps: int = 20):

@@ -22,14 +22,7 @@ from pivotmap.models.network import (
 from pivotmap.models.pretrain import mask_spans, pretrain
 from pivotmap.models.training import fit, label_subset, predict_proba
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = {"s2_channels": ("B04", "B08", "age_s2"), "s1_channels": ("VV", "age_s1"), "hidden": 16}

@@ -14,14 +14,7 @@ from pivotmap.models.training import (
     stratified_sample,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_spatial_split_holds_out_whole_blocks_and_every_class():

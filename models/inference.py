@@ -7,7 +7,6 @@ Workers never talk to MLflow: the driver resolves the champion and writes its we
 from __future__ import annotations
 
 import json
-import resource
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pivotmap.runtime import peak_rss_mb
 from pivotmap.tasks.nomenclature import NODATA_CODE
 
 
@@ -88,7 +88,7 @@ def run_tile_job(job: TileJob) -> dict:
     return {
         "tile": job.tile_id, "pixels": h * w, "seconds": round(total, 3), "read_s": round(read_s, 3),
         "mapped_fraction": round(float((classes != NODATA_CODE).mean()), 4),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
     }  # fmt: skip
 
 

@@ -50,3 +50,21 @@ def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
         )
     except (OSError, AttributeError):  # not glibc (musl, ...)
         return False
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory in MB.
+
+    VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across execve, so a spawned worker
+    would report the peak of the process that started it.
+    """
+    from pathlib import Path
+
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

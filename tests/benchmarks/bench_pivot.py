@@ -23,7 +23,6 @@ import argparse
 import datetime as dt
 import json
 import multiprocessing
-import resource
 import tempfile
 import time
 import warnings
@@ -194,19 +193,11 @@ def in_child(fn, *args) -> tuple[float, float]:
 
 
 def _measured(fn, *args) -> tuple[float, float]:
+    from pivotmap.runtime import peak_rss_mb
+
     warnings.filterwarnings("ignore")
     seconds = fn(*args)
     return seconds, peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -215,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--days", type=int, default=365)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
-    from pivotmap.runtime import keep_freed_memory
+    from pivotmap.runtime import keep_freed_memory, peak_rss_mb
     from pivotmap.tasks import cube
 
     # The gap fill runs with the allocator setting of the pivot flow; interpolate_na runs in

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -406,20 +407,12 @@ def train_flow(config: RunConfig, out_dir: str, device: str | None = None) -> di
         scores["macro_f1"],
         registered.reason,
     )
-    summary = train_summary(
-        ws,
-        data,
-        scores,
-        baseline,
-        student,
-        pretrained,
-        registered,
-        student_registered,
-        key,
-        fitted.losses,
-        dev,
-        cube_version,
-    )
+    outcome = TrainOutcome(
+        data=data, scores=scores, baseline=baseline, student=student, pretrained=pretrained,
+        registered=registered, student_registered=student_registered, validation_key=key,
+        losses=fitted.losses, device=dev, cube_version=cube_version,
+    )  # fmt: skip
+    summary = train_summary(ws, outcome)
     summary["text_alignment"] = alignment.zero_shot if alignment else None
     summary["duration_s"] = round(time.monotonic() - started, 2)
     ws.write_report("train", summary)
@@ -497,22 +490,28 @@ def _student_summary(student: dict, teacher: dict, registered) -> dict:
     return out
 
 
-def train_summary(
-    ws,
-    data,
-    scores,
-    baseline,
-    student,
-    pretrained,
-    registered,
-    student_registered,
-    key,
-    losses,
-    device,
-    cube_version,
-) -> dict:
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What one training run produced: the data it used, scores and registered versions."""
+
+    data: Any
+    scores: dict
+    baseline: dict | None
+    student: dict | None
+    pretrained: dict | None
+    registered: Any
+    student_registered: Any
+    validation_key: str
+    losses: list[float]
+    device: str
+    cube_version: str
+
+
+def train_summary(ws, outcome: TrainOutcome) -> dict:
     """The stage summary the CLI prints and reports/train.json keeps."""
-    tc = ws.config.train
+    tc, o = ws.config.train, outcome
+    data, scores, baseline, student = o.data, o.scores, o.baseline, o.student
+    pretrained, registered, key = o.pretrained, o.registered, o.validation_key
     return {
         "stage": "train",
         **headline(scores),
@@ -525,7 +524,7 @@ def train_summary(
         | {k: baseline[k] for k in ("model", "features", "confusion_matrix")},
         "student": None
         if student is None
-        else _student_summary(student, scores, student_registered),
+        else _student_summary(student, scores, o.student_registered),
         "pretraining": None
         if pretrained is None
         else {
@@ -548,8 +547,8 @@ def train_summary(
         "flops_per_pixel": scores["flops_per_pixel"],
         "n_steps": data.spec.n_steps,
         "cube_url": ws.pivot_url,
-        "cube_version": cube_version,
+        "cube_version": o.cube_version,
         "code_version": code_version(__version__),
-        "device": device,
-        "final_loss": round(losses[-1], 4),
+        "device": o.device,
+        "final_loss": round(o.losses[-1], 4),
     }

@@ -209,18 +209,20 @@ def fill_chunked(
     space, n_px = first.shape[1:], int(np.prod(first.shape[1:]))
     flat = {b: _as_2d(v) for b, v in obs.items()}
     dtype = np.int16 if scales is not None else np.float32
-    rows = {b: np.empty((n_days, n_px), dtype) for b in [*obs, " age"]}
+    out = FillResult(
+        {b: np.empty((n_days, *space), dtype) for b in obs}, np.empty((n_days, *space), dtype)
+    )
+    rows = {b: _flat_view(v) for b, v in out.values.items()}
+    age = _flat_view(out.age)
     n_chunks = max(1, min(chunks or os.cpu_count() or 1, n_px))
     edges = np.linspace(0, n_px, n_chunks + 1).astype(int)
     tasks = []
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        part = FillResult({b: rows[b][:, lo:hi] for b in obs}, rows[" age"][:, lo:hi])
+        part = FillResult({b: v[:, lo:hi] for b, v in rows.items()}, age[:, lo:hi])
         args = ({b: v[:, lo:hi] for b, v in flat.items()}, obs_day, n_days, max_hold_days)
         tasks.append(dask.delayed(method.fill)(*args, age_cap_days, scales, out=part))
     dask.compute(*tasks, scheduler="threads", num_workers=n_chunks)
-    return FillResult(
-        {b: rows[b].reshape((n_days, *space)) for b in obs}, rows[" age"].reshape((n_days, *space))
-    )
+    return out
 
 
 @numba.njit(cache=True, nogil=True)

@@ -279,6 +279,8 @@ def _read_raw(
         try:
             with rasterio.Env(CPL_VSIL_CURL_NON_CACHED=remote) if attempt else nullcontext():
                 return _read_once(*args)
+        except CogReadError:
+            raise  # the file itself is wrong (no CRS, misplaced): reading again cannot help
         except Exception as exc:
             error = exc
     raise CogReadError(_describe(href, error)) from error
@@ -342,10 +344,10 @@ def _check_georeferencing(href: str, src, geoboxes: tuple[GeoBox, ...]) -> None:
     from odc.geo.geom import box
 
     if src.crs is None:
-        raise ValueError(f"{href} has no CRS")
+        raise CogReadError(f"{href} has no CRS")
     footprint = box(*src.bounds, CRS(src.crs))
     if not any(footprint.to_crs(g.crs).intersects(g.extent) for g in geoboxes):
-        raise ValueError(
+        raise CogReadError(
             f"{href} ({src.crs}) lies outside the tiles its item covers: wrong CRS or transform"
         )
 

@@ -31,9 +31,10 @@ def previous_shares(products_dir: Path) -> dict[str, float] | None:
     catalog = products_dir / "catalog.json"
     if not catalog.is_file():
         return None
-    links = json.loads(catalog.read_text())["links"]
-    child = next((link["href"] for link in links if link["rel"] == "child"), None)
-    areas = (products_dir / child).parent / "class_areas.json" if child else None
+    from pivotmap.tasks.publish import served_version
+
+    version = served_version(json.loads(catalog.read_text()))
+    areas = products_dir / version / "class_areas.json" if version else None
     if areas is None or not areas.is_file():
         return None
     counts = {str(c["code"]): c["pixels"] for c in json.loads(areas.read_text())["classes"]}

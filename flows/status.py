@@ -85,13 +85,13 @@ def _iso(moment) -> str | None:
 def published_products(catalog_url: str) -> dict:
     """The version catalog.json serves now and, for a folder, every version kept beside it."""
     from pivotmap.tasks import storage
+    from pivotmap.tasks.publish import served_version
 
     try:
         root = json.loads(storage.read_bytes(storage.parse(catalog_url)).decode("utf-8"))
     except (OSError, ValueError, storage.StorageError) as exc:
         return {"catalog": catalog_url, "message": f"no published map at {catalog_url}: {exc}"}
-    child = next((link["href"] for link in root["links"] if link["rel"] == "child"), None)
-    current = Path(child).parent.name if child else None
+    current = served_version(root)
     out = {"catalog": catalog_url, "title": root.get("title"), "current": current}
     if "://" not in catalog_url or catalog_url.startswith("file://"):
         folder = Path(catalog_url.removeprefix("file://")).parent

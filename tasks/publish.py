@@ -284,6 +284,12 @@ def _root_catalog_text(out_dir: Path, version: str, collection_id: str, title: s
     return json.dumps(catalog.to_dict(include_self_link=False), indent=2) + "\n"
 
 
+def served_version(catalog: dict) -> str | None:
+    """The version a root catalog.json (as `_root_catalog_text` writes it) serves, or None."""
+    child = next((link["href"] for link in catalog["links"] if link["rel"] == "child"), None)
+    return Path(child).parent.name if child else None
+
+
 def _write_root_catalog(out_dir: Path, version: str, collection_id: str, title: str) -> None:
     """Point catalog.json at `version` via temp file + os.replace; readers never see half a file."""
     path = out_dir / "catalog.json"

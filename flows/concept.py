@@ -14,10 +14,8 @@ registry; the model is `models:/<model name>@<predict.model_alias>`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +34,11 @@ CALIBRATION = (
 )
 
 
-@contextlib.contextmanager
-def torch_threads(config: RunConfig) -> Iterator[None]:
+def torch_threads(config: RunConfig):
     """Torch CPU threads as training uses them (`train.cpu_threads`), restored afterwards."""
-    import torch
+    from pivotmap.flows.train import cpu_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(config.train.cpu_threads or before)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return cpu_threads("cpu", config.train.cpu_threads)
 
 
 class ConceptError(LookupError):

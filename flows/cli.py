@@ -106,7 +106,7 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pivotmap.flows.config import load_run_config
+    from pivotmap.config import load_run_config
 
     if args.command == "download":
         return _download(args)
@@ -150,7 +150,7 @@ def _stage(name: str, config, args) -> dict:
 
 
 def _download(args: argparse.Namespace) -> dict:
-    from pivotmap.flows.progress import track
+    from pivotmap.progress import track
     from pivotmap.tasks.download import download_map, find_items, parse_bbox
 
     bbox = parse_bbox(args.bbox)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from prefect import flow, get_run_logger
 
-from pivotmap.flows.config import RunConfig
+from pivotmap.config import RunConfig
 from pivotmap.flows.workspace import Workspace
 from pivotmap.models.inference import TileJob, _read_window, open_raw
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from pivotmap.flows.config import RunConfig, load_run_config
+from pivotmap.config import RunConfig, load_run_config
 
 
 def demo_config_dict(data_dir: str = "data", seed: int = 42) -> dict:

@@ -40,7 +40,7 @@ def request_slot(limit: str) -> Iterator[None]:
 
 
 def _load(config_path: str, overrides: dict[str, Any] | None):
-    from pivotmap.flows.config import load_run_config
+    from pivotmap.config import load_run_config
     from pivotmap.runtime import apply_offline_defaults
 
     apply_offline_defaults()  # a deployment's flow run is an entry point, like the CLI
@@ -123,7 +123,7 @@ def prepare_small_demo(
     """Like `flows.demo.prepare_demo`, with the size and period as parameters (fast test runs)."""
     import yaml
 
-    from pivotmap.flows.config import _deep_merge, load_run_config
+    from pivotmap.config import deep_merge, load_run_config
     from pivotmap.flows.demo import demo_config_dict
     from pivotmap.tasks.synthetic import generate_demo_region
 
@@ -136,7 +136,7 @@ def prepare_small_demo(
     raw = demo_config_dict("data", seed)
     x0, y0 = raw["grid"]["origin_x"], raw["grid"]["origin_y"]
     edge = tiles * tile_size * raw["grid"]["resolution"]
-    raw = _deep_merge(
+    raw = deep_merge(
         raw,
         {
             "grid": {"tile_size": tile_size},

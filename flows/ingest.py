@@ -21,10 +21,10 @@ import numpy as np
 import pystac
 from prefect import flow
 
-from pivotmap.flows.config import RunConfig
-from pivotmap.flows.progress import track
+from pivotmap.config import RunConfig
 from pivotmap.flows.report import kv, stage_artifacts
 from pivotmap.flows.workspace import Workspace
+from pivotmap.progress import track
 from pivotmap.tasks import cube
 from pivotmap.tasks.grid import GridSpec, Tile
 from pivotmap.tasks.item_checks import NO_SCL, ItemRules, check_items

@@ -16,10 +16,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from pivotmap import __version__
-from pivotmap.flows.config import RunConfig
-from pivotmap.flows.progress import track
+from pivotmap.config import RunConfig
 from pivotmap.flows.report import kv, stage_artifacts
 from pivotmap.flows.workspace import Workspace
+from pivotmap.progress import track
 from pivotmap.tasks import cube
 from pivotmap.tasks.gapfill import get_method
 from pivotmap.tasks.grid import Tile

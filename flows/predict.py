@@ -13,11 +13,11 @@ from collections.abc import Callable
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from pivotmap.flows.config import RunConfig
-from pivotmap.flows.progress import track
+from pivotmap.config import RunConfig
 from pivotmap.flows.report import kv, stage_artifacts
 from pivotmap.flows.workspace import Workspace
 from pivotmap.models.inference import TileJob, run_tile_job, save_for_workers
+from pivotmap.progress import track
 
 
 def tile_jobs(ws: Workspace, model_dir: str, device: str, tiles) -> list[TileJob]:

@@ -6,7 +6,7 @@ import time
 
 from prefect import flow
 
-from pivotmap.flows.config import RunConfig
+from pivotmap.config import RunConfig
 from pivotmap.flows.ingest import ingest_flow
 from pivotmap.flows.pivot import pivot_flow
 from pivotmap.flows.predict import predict_flow

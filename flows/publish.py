@@ -10,7 +10,7 @@ import numpy as np
 from prefect import flow, get_run_logger
 
 from pivotmap import __version__
-from pivotmap.flows.config import RunConfig
+from pivotmap.config import RunConfig
 from pivotmap.flows.report import kv, stage_artifacts
 from pivotmap.flows.workspace import Workspace
 from pivotmap.tasks.nomenclature import load_nomenclature

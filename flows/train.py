@@ -29,7 +29,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from pivotmap import __version__
-from pivotmap.flows.config import RunConfig, TrainConfig
+from pivotmap.config import RunConfig, TrainConfig
 from pivotmap.flows.report import stage_artifacts
 from pivotmap.flows.workspace import Workspace
 from pivotmap.models.evaluation import code_version, confusion_png, headline, metrics

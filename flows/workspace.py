@@ -8,7 +8,7 @@ from pathlib import Path
 
 from odc.geo.geobox import GeoBox
 
-from pivotmap.flows.config import RunConfig
+from pivotmap.config import RunConfig
 from pivotmap.tasks.grid import Tile
 
 

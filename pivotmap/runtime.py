@@ -1,6 +1,8 @@
 """Process-wide defaults that keep pivotmap offline and quiet unless the user says otherwise."""
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 OFFLINE_DEFAULTS = {
     # Prefect: the temporary local server needs more than the 20 s default on a cold database.
@@ -68,3 +70,51 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------- logging
+def kv(event: str, **fields) -> str:
+    """A structured log line: `event key=value …` (values without spaces stay greppable)."""
+    parts = [event] + [f"{k}={_kv_value(v)}" for k, v in fields.items()]
+    return " ".join(parts)
+
+
+def _kv_value(value) -> str:
+    text = str(value)
+    return f'"{text}"' if (" " in text or not text) else text
+
+
+def run_logger(name: str):
+    """The Prefect run logger inside a flow or task run, else the `pivotmap.<name>` logger."""
+    import logging
+
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a flow run (tests, scripts, plain function calls)
+        return logging.getLogger(f"pivotmap.{name}")
+
+
+# ---------------------------------------------------------------------------- concurrency
+# Global concurrency limits (`prefect gcl create NAME --limit N`): every run of every deployment
+# shares them, so a country-scale backfill cannot flood the STAC API or the object store.
+CONCURRENCY_LIMITS = {"stac-requests": 4, "s3-requests": 8}
+
+
+@contextmanager
+def request_slot(limit: str) -> Iterator[None]:
+    """Hold one slot of a global concurrency limit while a STAC or S3 request stream runs.
+
+    Only inside a flow run (so plain function calls and unit tests never contact an API), and
+    not strict: where the limit was not created, Prefect lets the request through.
+    """
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(limit, occupy=1, strict=False):
+        yield

@@ -18,6 +18,10 @@ class StorageError(RuntimeError):
     """A storage URL is invalid, unreachable or refused the operation."""
 
 
+class NotFound(StorageError, FileNotFoundError):
+    """No file or object at that URL."""
+
+
 @dataclass(frozen=True)
 class Location:
     """A parsed storage URL: `scheme` is 'file' or 's3'; `path` a local path or an S3 key prefix."""
@@ -77,14 +81,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_bytes(loc: Location) -> bytes:
+def read_bytes(where: str | Location) -> bytes:
+    """The bytes of a file or object; a missing one raises `NotFound` (a FileNotFoundError)."""
+    loc = parse(where) if isinstance(where, str) else where
     if loc.is_s3:
         try:
             return s3_client().get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read()
         except Exception as exc:
+            if "NoSuchKey" in type(exc).__name__ or "NoSuchKey" in str(exc):
+                raise NotFound(f"{loc.url()} does not exist") from exc
             raise StorageError(f"cannot read {loc.url()}: {_safe(exc)}") from exc
     try:
         return Path(loc.path).read_bytes()
+    except FileNotFoundError as exc:
+        raise NotFound(f"{loc.url()} does not exist") from exc
     except OSError as exc:
         raise StorageError(f"cannot read {loc.url()}: {exc.strerror}") from exc
 
@@ -162,3 +172,108 @@ def _safe(exc: Exception) -> str:
         if marker in text:
             text = text.split(marker)[0] + marker + "…"
     return text
+
+
+# ---------------------------------------------------------------------------- run-folder URLs
+# The run folder and everything in it (cubes, state markers, results, maps, models, reports)
+# are URLs: a local path or `s3://bucket/prefix`. fsspec gives one API over both; S3 goes
+# through s3fs, configured only from the environment like boto3.
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def normalise(url: str) -> str:
+    """A bare path or `file://` URL as an absolute path; `s3://bucket/prefix` without a
+    trailing slash. Other schemes are refused with the URL named."""
+    loc = parse(url)
+    return loc.url().rstrip("/") if loc.is_s3 else loc.path
+
+
+def join(url: str, *parts: str) -> str:
+    """`url`/part/…; parts are names, never absolute or with `..`."""
+    return parse(url).join(*parts).url()
+
+
+def _fs(url: str):
+    import fsspec
+
+    if is_remote(url):
+        return fsspec.filesystem(parse(url).scheme), url
+    return fsspec.filesystem("file"), parse(url).path
+
+
+def exists(url: str) -> bool:
+    fs, path = _fs(url)
+    return bool(fs.exists(path))
+
+
+def makedirs(url: str) -> None:
+    """Create a local folder (object stores have no folders: nothing to do)."""
+    if not is_remote(url):
+        Path(parse(url).path).mkdir(parents=True, exist_ok=True)
+
+
+def read_text_or_none(url: str) -> str | None:
+    """The text at `url`, or None when there is no such file."""
+    try:
+        return read_bytes(url).decode("utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a whole file; a reader sees the old or the new content, never a part."""
+    if is_remote(url):
+        fs, path = _fs(url)
+        try:
+            fs.pipe_file(path, data)  # one PUT: objects are replaced whole
+        except Exception as exc:
+            raise StorageError(f"cannot write {url}: {_safe(exc)}") from exc
+        return
+    path = Path(parse(url).path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def remove_tree(url: str) -> None:
+    """Remove a file or a folder and all under it; nothing there is fine."""
+    fs, path = _fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def list_files(url: str, pattern: str = "*") -> list[str]:
+    """URLs of the files directly under folder `url` whose names match `pattern`."""
+    fs, path = _fs(url)
+    found = fs.glob(f"{path.rstrip('/')}/{pattern}")
+    if is_remote(url):
+        return sorted(f"{parse(url).scheme}://{p}" for p in found)
+    return sorted(str(p) for p in found)
+
+
+def put_file(local: Path, url: str) -> None:
+    """Copy a local file to `url` (atomically on a local target)."""
+    if is_remote(url):
+        write_bytes(url, local.read_bytes())
+        return
+    dest = Path(parse(url).path)
+    if dest.resolve() != local.resolve():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(local, tmp)
+        tmp.replace(dest)
+
+
+def local_path(url: str) -> Path:
+    """The local path of a local URL; a clear error for a remote one."""
+    if is_remote(url):
+        raise StorageError(f"{url} is not on this machine: this step needs a local folder")
+    return Path(parse(url).path)

@@ -51,7 +51,7 @@ def config_dict(
         "predict": {"dask": "none", "window": 16},
         "publish": {"validate_stac": "off"},
     }  # fmt: skip
-    from pivotmap.flows.config import RunConfig
+    from pivotmap.config import RunConfig
 
     for optional in ("concept", "explain"):  # extras this suite does not test: off, for speed
         if optional in RunConfig.model_fields:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pivotmap.flows.config import ConfigError, load_run_config
+from pivotmap.config import ConfigError, load_run_config
 from pivotmap.flows.demo import demo_config_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "infra" / "configs"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pivotmap.flows.config import RunConfig
+from pivotmap.config import RunConfig
 from pivotmap.flows.deploy import CONCURRENCY_LIMITS
 from tests.procs import stop_group
 

@@ -152,7 +152,7 @@ def test_object_keys_from_region_names_cannot_escape_their_prefix(name):
 
 
 def test_run_names_that_could_escape_are_refused_by_the_config(tmp_path):
-    from pivotmap.flows.config import ConfigError, load_run_config
+    from pivotmap.config import ConfigError, load_run_config
 
     for name in ("../up", "/abs", "a/b", "..", "UPPER"):
         raw = fd.config_dict(tmp_path, name=name)
@@ -283,7 +283,7 @@ def _maps(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 @pytest.fixture(scope="module")
 def load_run(base, tmp_path_factory, prefect_server):
     """predict over 100 tiles of 16 px on a LocalCluster of 2 worker processes."""
-    from pivotmap.flows.config import load_run_config
+    from pivotmap.config import load_run_config
     from pivotmap.flows.predict import predict_flow
 
     folder = tmp_path_factory.mktemp("load")

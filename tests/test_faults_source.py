@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from pivotmap.flows.config import RunConfig
+from pivotmap.config import RunConfig
 from tests import faults_data as fd
 from tests.flaky_server import serve_flaky
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pivotmap.flows.config import load_run_config
+from pivotmap.config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"

@@ -14,7 +14,7 @@ import pystac
 import pytest
 import xarray as xr
 
-from pivotmap.flows.config import RunConfig
+from pivotmap.config import RunConfig
 from pivotmap.flows.ingest import batches, blocks, one_orbit_per_day, run_ingest
 from pivotmap.tasks.grid import GridSpec
 from pivotmap.tasks.load import by_day, dilate, gdal_env, load_s2

@@ -101,7 +101,7 @@ def small_region(tmp_path_factory):
 
 
 def _ingest(out, overrides=None):
-    from pivotmap.flows.config import load_run_config
+    from pivotmap.config import load_run_config
     from pivotmap.flows.ingest import run_ingest
 
     config = load_run_config(out / "demo.yaml", overrides=overrides)

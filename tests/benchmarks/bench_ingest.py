@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 
-    from pivotmap.flows.config import RunConfig
+    from pivotmap.config import RunConfig
     from pivotmap.runtime import apply_offline_defaults
     from pivotmap.tasks.item_checks import _run  # noqa: F401  (warm the GX import)
     from pivotmap.tasks.synthetic import generate_demo_region

@@ -124,7 +124,7 @@ def short(scores: dict) -> dict:
 
 
 def main(args: list[str] | None = None) -> dict:
-    from pivotmap.flows.config import load_run_config
+    from pivotmap.config import load_run_config
     from pivotmap.flows.train import distil_student, random_forest_baseline
     from pivotmap.models.evaluation import pixels_per_second_per_core
     from pivotmap.runtime import apply_offline_defaults

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    from pivotmap.flows.config import TrainConfig
+    from pivotmap.config import TrainConfig
 
     defaults = TrainConfig()  # the network the chain trains by default
     spec = ModelSpec(

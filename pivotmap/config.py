@@ -489,18 +489,18 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
-    raw = _deep_merge(raw, overrides or {})
+    raw = deep_merge(raw, overrides or {})
     try:
         return RunConfig.model_validate(raw, context={"base_dir": path.resolve().parent})
     except ValueError as exc:
         raise ConfigError(f"config {path} is invalid: {_short(exc)}") from exc
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged

@@ -259,7 +259,7 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
     return sorted(str(p) for p in found)
 
 
-def put_file(local: Path, url: str) -> None:
+def copy_file(local: Path, url: str) -> None:
     """Copy a local file to `url` (atomically on a local target)."""
     if is_remote(url):
         write_bytes(url, local.read_bytes())

@@ -10,6 +10,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pivotmap.results import StageResult
 
 STAGES = ("ingest", "pivot", "train", "predict", "publish")
 
@@ -121,13 +125,11 @@ def run(args: argparse.Namespace) -> dict:
         from pivotmap.flows.produce import produce_flow
 
         config, path = prepare_demo(Path(args.out), seed=args.seed)
-        return {
-            "demo_config": str(path),
-            **produce_flow(config, str(Path(args.out)), force=args.force),
-        }
+        result = produce_flow(config, str(Path(args.out)), force=args.force)
+        return {"demo_config": str(path), **result.to_dict()}
     config = load_run_config(args.config)
     if args.command == "concept":
-        from pivotmap.flows.concept import concept_map, find_workspace
+        from pivotmap.models.concept import concept_map, find_workspace
 
         return concept_map(
             config, find_workspace(args.config, args.workspace), args.prompt, args.out
@@ -135,11 +137,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "produce":
         from pivotmap.flows.produce import produce_flow
 
-        return produce_flow(config, args.out, force=args.force, train=not args.no_train)
-    return _stage(args.command, config, args)
+        return produce_flow(config, args.out, force=args.force, train=not args.no_train).to_dict()
+    return _stage(args.command, config, args).to_dict()
 
 
-def _stage(name: str, config, args) -> dict:
+def _stage(name: str, config, args) -> StageResult:
     import importlib
 
     module = importlib.import_module(f"pivotmap.flows.{name}")
@@ -156,9 +158,11 @@ def _download(args: argparse.Namespace) -> dict:
     bbox = parse_bbox(args.bbox)
     items = find_items(args.catalog, bbox)
     bar = iter(track(range(len(items)), "download", total=len(items)))
-    result = download_map(
-        items, bbox, Path(args.out), args.asset, on_file=lambda _: next(bar, None)
-    )
+
+    def advance(_item_id: str) -> None:
+        next(bar, None)
+
+    result = download_map(items, bbox, Path(args.out), args.asset, on_file=advance)
     for _ in bar:  # close the bar
         pass
     return {"ok": True, **result}

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from pivotmap.config import RunConfig, load_run_config
+from pivotmap.config import RunConfig, deep_merge, load_run_config
 
 
 def demo_config_dict(data_dir: str = "data", seed: int = 42) -> dict:
@@ -53,15 +54,34 @@ def demo_config_dict(data_dir: str = "data", seed: int = 42) -> dict:
     }
 
 
-def prepare_demo(out_dir: Path, seed: int = 42) -> tuple[RunConfig, Path]:
-    """Generate the data under OUT/data (skipped when already there) and write OUT/demo.yaml."""
+def prepare_demo(
+    out_dir: Path,
+    seed: int = 42,
+    tiles: int = 2,
+    tile_size: int = 64,
+    start: str = "2023-01-01",
+    end: str = "2023-12-31",
+    overrides: dict[str, Any] | None = None,
+) -> tuple[RunConfig, Path]:
+    """Generate `tiles` × `tiles` tiles under OUT/data (skipped when already there) and write
+    OUT/demo.yaml for them; smaller sizes and periods make fast test runs."""
     from pivotmap.tasks.synthetic import generate_demo_region
 
     out_dir = out_dir.resolve()  # catalogue hrefs are built from it
     out_dir.mkdir(parents=True, exist_ok=True)
     data = out_dir / "data"
     if not (data / "catalog.json").is_file():
-        generate_demo_region(data, seed=seed, tiles_x=2, tiles_y=2, tile_size=64)
+        generate_demo_region(
+            data, seed=seed, tiles_x=tiles, tiles_y=tiles, tile_size=tile_size, start=start, end=end
+        )
+    raw = demo_config_dict("data", seed)
+    x0, y0 = raw["grid"]["origin_x"], raw["grid"]["origin_y"]
+    edge = tiles * tile_size * raw["grid"]["resolution"]
+    size = {
+        "grid": {"tile_size": tile_size},
+        "region": {"bbox": [x0, y0, x0 + edge, y0 + edge]},
+        "period": {"start": start, "end": end},
+    }
     path = out_dir / "demo.yaml"
-    path.write_text(yaml.safe_dump(demo_config_dict("data", seed), sort_keys=False))
+    path.write_text(yaml.safe_dump(deep_merge(raw, {**size, **(overrides or {})}), sort_keys=False))
     return load_run_config(path), path

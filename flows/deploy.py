@@ -1,4 +1,4 @@
-"""Deployment entrypoints (infra/prefect.yaml) and the global concurrency limits they share.
+"""Deployment entrypoints (infra/prefect.yaml), and creating the global concurrency limits.
 
 The stage flows take a `RunConfig` object; a deployment's parameters must be plain JSON that the
 Prefect UI can edit. The flows here take a config *path* (relative to the worker's working
@@ -9,34 +9,12 @@ directory, the repository checkout), an output folder and a few switches, load t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-# Global concurrency limits (`prefect gcl create NAME --limit N`): every run of every deployment
-# shares them, so a country-scale backfill cannot flood the STAC API or the object store.
-CONCURRENCY_LIMITS = {"stac-requests": 4, "s3-requests": 8}
-
-
-@contextmanager
-def request_slot(limit: str) -> Iterator[None]:
-    """Hold one slot of a global concurrency limit while a STAC or S3 request stream runs.
-
-    Only inside a flow run (so plain function calls and unit tests never contact an API), and
-    not strict: where the limit was not created, Prefect lets the request through.
-    """
-    from prefect.context import FlowRunContext
-
-    if FlowRunContext.get() is None:
-        yield
-        return
-    from prefect.concurrency.sync import concurrency
-
-    with concurrency(limit, occupy=1, strict=False):
-        yield
+from pivotmap.runtime import CONCURRENCY_LIMITS
 
 
 def _load(config_path: str, overrides: dict[str, Any] | None):
@@ -62,10 +40,10 @@ def update(
     return {
         "ok": True,
         "config": config.name,
-        "tiles": len(ingest["tiles"]),
-        "cube": pivot["cube"],
-        "cube_version": pivot["cube_version"],
-        "mode": pivot["mode"],
+        "tiles": len(ingest.tiles),
+        "cube": pivot.cube,
+        "cube_version": pivot.cube_version,
+        "mode": pivot.mode,
     }
 
 
@@ -74,7 +52,7 @@ def train_model(config_path: str, out_dir: str, overrides: dict[str, Any] | None
     """On demand: train on the current pivot cube, register, promote only a better model."""
     from pivotmap.flows.train import train_flow
 
-    return train_flow(_load(config_path, overrides), out_dir)
+    return train_flow(_load(config_path, overrides), out_dir).to_dict()
 
 
 @flow(name="map-production")
@@ -88,7 +66,8 @@ def map_production(
     """Quarterly: ingest → pivot → (train) → predict with @champion → publish."""
     from pivotmap.flows.produce import produce_flow
 
-    return produce_flow(_load(config_path, overrides), out_dir, force=force, train=train)
+    config = _load(config_path, overrides)
+    return produce_flow(config, out_dir, force=force, train=train).to_dict()
 
 
 @flow(name="demo")
@@ -102,52 +81,14 @@ def demo(
     overrides: dict[str, Any] | None = None,
 ) -> dict:
     """Generate a synthetic region of `tiles` × `tiles` tiles and produce its map end to end."""
+    from pivotmap.flows.demo import prepare_demo
     from pivotmap.flows.produce import produce_flow
     from pivotmap.runtime import apply_offline_defaults
 
     apply_offline_defaults()
-    config, path = prepare_small_demo(Path(out_dir), seed, tiles, tile_size, start, end, overrides)
+    config, path = prepare_demo(Path(out_dir), seed, tiles, tile_size, start, end, overrides)
     logging.getLogger("pivotmap.deploy").info("demo config %s", path)
-    return {"demo_config": str(path), **produce_flow(config, out_dir)}
-
-
-def prepare_small_demo(
-    out_dir: Path,
-    seed: int,
-    tiles: int,
-    tile_size: int,
-    start: str,
-    end: str,
-    overrides: dict[str, Any] | None = None,
-):
-    """Like `flows.demo.prepare_demo`, with the size and period as parameters (fast test runs)."""
-    import yaml
-
-    from pivotmap.config import deep_merge, load_run_config
-    from pivotmap.flows.demo import demo_config_dict
-    from pivotmap.tasks.synthetic import generate_demo_region
-
-    out_dir = out_dir.resolve()
-    data = out_dir / "data"
-    if not (data / "catalog.json").is_file():
-        generate_demo_region(
-            data, seed=seed, tiles_x=tiles, tiles_y=tiles, tile_size=tile_size, start=start, end=end
-        )
-    raw = demo_config_dict("data", seed)
-    x0, y0 = raw["grid"]["origin_x"], raw["grid"]["origin_y"]
-    edge = tiles * tile_size * raw["grid"]["resolution"]
-    raw = deep_merge(
-        raw,
-        {
-            "grid": {"tile_size": tile_size},
-            "region": {"bbox": [x0, y0, x0 + edge, y0 + edge]},
-            "period": {"start": start, "end": end},
-            **(overrides or {}),
-        },
-    )
-    path = out_dir / "demo.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return load_run_config(path), path
+    return {"demo_config": str(path), **produce_flow(config, out_dir).to_dict()}
 
 
 def ensure_concurrency_limits(limits: dict[str, int] | None = None) -> dict[str, int]:

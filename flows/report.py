@@ -1,45 +1,65 @@
-"""The run report: a markdown summary and tables, as Prefect artifacts and in the run folder."""
+"""The run report and stage artifacts, rendered from typed results, in Prefect and the run folder."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pivotmap.results import (
+    ConceptResult,
+    ExplainResult,
+    IngestResult,
+    PivotResult,
+    PredictResult,
+    ProduceResult,
+    PublishResult,
+    R,
+    StageNotRun,
+    StageResult,
+    TrainResult,
+)
+from pivotmap.tasks import storage
+
+if TYPE_CHECKING:
+    from pivotmap.tasks.workspace import Workspace
 
 
-def run_report_markdown(summary: dict) -> str:
+def run_report_markdown(run: ProduceResult) -> str:
     """Markdown for people: inputs, quality, accuracy, model and where the products are."""
     lines = [
-        f"# pivotmap run `{summary['config']}`",
+        f"# pivotmap run `{run.config}`",
         "",
-        f"- tiles: {summary['tiles']}; items used: {summary['items_used']}; skipped: {summary['items_skipped']}",
-        f"- cube: `{summary['cube']}` (version `{summary['cube_version']}`)",
-        f"- model: `{summary['mlflow']['model']}` v{summary['mlflow']['model_version']}"
-        f" (MLflow run `{summary['mlflow']['run_id']}`)",
-        f"- products: version `{summary['product_version']}`, catalogue `{summary['stac_catalog']}`",
-        f"- map: `{summary['map']}`; quicklook: `{summary['quicklook']}`",
+        f"- tiles: {run.tiles}; items used: {run.items_used}; skipped: {run.items_skipped}",
+        f"- cube: `{run.cube}` (version `{run.cube_version}`)",
+        f"- model: `{run.mlflow['model']}` v{run.mlflow['model_version']}"
+        f" (MLflow run `{run.mlflow['run_id']}`)",
+        f"- products: version `{run.product_version}`, catalogue `{run.stac_catalog}`",
+        f"- map: `{run.map}`; quicklook: `{run.quicklook}`",
     ]
-    if "overall_accuracy" in summary:
+    if run.overall_accuracy is not None:
         lines += [
             "",
             "## Accuracy on spatially held-out labels",
             "",
             "| overall accuracy | macro-F1 | kappa |",
             "|---|---|---|",
-            f"| {summary['overall_accuracy']:.3f} | {summary['macro_f1']:.3f} | {summary['kappa']:.3f} |",
+            f"| {run.overall_accuracy:.3f} | {run.macro_f1:.3f} | {run.kappa:.3f} |",
             "",
             "| class | F1 |",
             "|---|---|",
-            *[f"| {code} | {f1:.3f} |" for code, f1 in summary["per_class_f1"].items()],
+            *[f"| {code} | {f1:.3f} |" for code, f1 in (run.per_class_f1 or {}).items()],
             "",
-            f"Champion: {summary['promotion_reason']}",
+            f"Champion: {run.promotion_reason}",
         ]
-    lines += _insight_lines(summary)
+    lines += _insight_lines(run)
     return "\n".join(lines) + "\n"
 
 
-def _insight_lines(summary: dict) -> list[str]:
+def _insight_lines(run: ProduceResult) -> list[str]:
     """Zero-shot figures and explanations (issue 9), when the run made them."""
     lines = []
-    if zs := summary.get("zero_shot"):
+    if zs := run.zero_shot:
         lines += [
             "", "## Text alignment (zero-shot)", "",
             f"Top-1 of the class descriptions on held-out pixels: seen classes "
@@ -48,7 +68,7 @@ def _insight_lines(summary: dict) -> list[str]:
             f"shuffled classes {zs['null_heldout_top1']:.3f}; mean rank of the held-out class "
             f"{zs['heldout_mean_rank']:.2f} of {zs['classes']}).",
         ]  # fmt: skip
-    if ex := summary.get("explanations"):
+    if ex := run.explanations:
         plot = Path(ex["plot"]).name
         lines += ["", "## Explanations", "", f"![attributions]({plot})", ""]
         lines += [f"Method: {ex['method']}.", ""]
@@ -60,47 +80,107 @@ def _insight_lines(summary: dict) -> list[str]:
     return lines
 
 
-def publish_run_report(summary: dict, reports_dir: Path) -> None:
-    """Write the report next to the stage reports and attach it, with the class-area and
-    per-tile tables, to the Prefect flow run."""
+def publish_run_report(ws: Workspace, run: ProduceResult, stages: Sequence[StageResult]) -> str:
+    """Write reports/run-report.md and attach it, with the class-area and per-tile tables, to
+    the Prefect flow run; returns the report's URL."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    stages = read_stage_reports(reports_dir)
-    markdown = run_report_markdown(summary) + operations_markdown(summary, stages, reports_dir)
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / "run-report.md").write_text(markdown)
-    name = summary["config"]
-    create_markdown_artifact(markdown, key=f"run-report-{name}", description="pivotmap run report")
-    areas = class_area_rows(Path(summary["map"]).parent / "class_areas.json")
+    markdown = run_report_markdown(run) + operations_markdown(ws, run, stages)
+    url = ws.write_report_file("run-report.md", markdown)
+    create_markdown_artifact(
+        markdown, key=f"run-report-{run.config}", description="pivotmap run report"
+    )
+    publish = _find(stages, PublishResult)
     create_table_artifact(
-        areas or [{"code": "", "name": "no class areas", "pixels": 0, "area_km2": 0.0}],
-        key=f"class-areas-{name}",
-        description=f"Class areas of the published map {summary['product_version']}",
+        class_area_rows(publish)
+        or [{"code": "", "name": "no class areas", "pixels": 0, "area_km2": 0.0}],
+        key=f"class-areas-{run.config}",
+        description=f"Class areas of the published map {run.product_version}",
     )
     create_table_artifact(
         tile_status_rows(stages),
-        key=f"tile-status-{name}",
+        key=f"tile-status-{run.config}",
         description="Per tile and stage: written in this run, or skipped and why",
     )
+    return url
+
+
+# ---------------------------------------------------------------------------- run summary
+def run_summary(ws: Workspace, stages: Sequence[StageResult], seconds: float) -> ProduceResult:
+    """The one summary a user or a script reads after a run: where everything is, how good it is."""
+    from pivotmap.models.registry import tracking_uri_for
+
+    ingest, pivot = stage_of(stages, IngestResult), stage_of(stages, PivotResult)
+    predict, publish = stage_of(stages, PredictResult), stage_of(stages, PublishResult)
+    assert publish.version and publish.catalog, "produce runs after a successful publish"
+    trained = _find(stages, TrainResult)
+    version_url = storage.join(ws.products_url, publish.version)
+    return ProduceResult(
+        config=ws.config.name,
+        config_hash=ws.config.config_hash(),
+        period=f"{ws.config.period.start}/{ws.config.period.end}",
+        tiles=len(ingest.tiles),
+        items_used={m: v.items_used for m, v in ingest.modalities.items()},
+        items_skipped={m: len(v.skipped_items) for m, v in ingest.modalities.items()},
+        cube=pivot.cube,
+        cube_version=pivot.cube_version,
+        map=storage.join(version_url, "mosaic_class.vrt"),
+        quicklook=storage.join(version_url, "quicklook.png"),
+        stac_catalog=publish.catalog,
+        product_version=publish.version,
+        mlflow={
+            "tracking_uri": tracking_uri_for(ws.root, ws.config.mlflow.tracking_uri),
+            "model": predict.model.name,
+            "model_version": predict.model.version,
+            "run_id": predict.model.run_id,
+        },
+        duration_s=round(seconds, 1),
+        **_training_fields(trained),
+        **_insight_fields(trained, _find(stages, ConceptResult), _find(stages, ExplainResult)),
+    )
+
+
+def stage_of(stages: Sequence[StageResult], kind: type[R]) -> R:
+    """The result of stage `kind` among a run's results; StageNotRun when it is not there."""
+    found = _find(stages, kind)
+    if found is None:
+        raise StageNotRun(f"the run has no '{kind.STAGE}' result")
+    return found
+
+
+def _find(stages: Sequence[StageResult], kind: type[R]) -> R | None:
+    return next((s for s in stages if isinstance(s, kind)), None)
+
+
+def _training_fields(trained: TrainResult | None) -> dict[str, Any]:
+    """Scores and promotion of the model trained in this run, if one was."""
+    keys = ("overall_accuracy", "macro_f1", "kappa", "per_class_f1", "promoted", "promotion_reason")
+    return {k: getattr(trained, k) for k in keys} if trained else {}
+
+
+def _insight_fields(
+    trained: TrainResult | None, concept: ConceptResult | None, explain: ExplainResult | None
+) -> dict[str, Any]:
+    """Zero-shot figures, concept maps and explanations in the run summary (issue 9)."""
+    out: dict[str, Any] = {}
+    if trained and (zs := trained.text_alignment):
+        keys = ("seen_top1", "heldout_top1", "chance_top1", "null_heldout_top1")
+        out["zero_shot"] = {k: zs[k] for k in (*keys, "heldout_mean_rank", "classes")}
+    if concept:
+        out["concept_maps"] = concept.prompts if concept.skipped is None else concept.skipped
+    if explain:
+        keys = ("plot", "saliency", "pixels_explained", "dominant_variable_per_class")
+        out["explanations"] = {
+            k: getattr(explain, k) for k in (*keys, "dominant_month_per_class", "method")
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------- operations
 SKIP_REASON = "already done with the same inputs (cache key {key})"
 
 
-def read_stage_reports(reports_dir: Path) -> dict[str, dict]:
-    """The stage summaries (reports/<stage>.json) a run left, by stage."""
-    import json
-
-    out = {}
-    for stage in ("ingest", "pivot", "train", "predict", "publish"):
-        path = reports_dir / f"{stage}.json"
-        if path.is_file():
-            out[stage] = json.loads(path.read_text())
-    return out
-
-
-def tile_status_rows(stages: dict[str, dict]) -> list[dict]:
+def tile_status_rows(stages: Sequence[StageResult]) -> list[dict]:
     """One row per (stage, tile): 'written' in this run, or 'skipped' with the reason."""
     rows: list[dict] = []
 
@@ -111,40 +191,38 @@ def tile_status_rows(stages: dict[str, dict]) -> list[dict]:
         for tile in reused:
             rows.append({"stage": stage, "tile": tile, "status": "skipped", "reason": reason})
 
-    for modality, m in stages.get("ingest", {}).get("modalities", {}).items():
-        written = [t["tile"] for t in m.get("tiles_written", [])]
-        add(f"ingest-{modality}", written, m.get("tiles_already_done", []), m.get("cache_key"))
-    if pivot := stages.get("pivot"):
-        written = [t["tile"] for t in pivot.get("tiles_written", [])]
-        add("pivot", written, pivot.get("tiles_already_done", []), pivot.get("cube_version"))
-    if predict := stages.get("predict"):
-        written = [t["tile"] for t in predict.get("tiles", [])]
-        add("predict", written, predict.get("tiles_already_done", []), predict.get("cache_key"))
+    for result in stages:
+        if isinstance(result, IngestResult):
+            for modality, m in result.modalities.items():
+                written = [t["tile"] for t in m.tiles_written]
+                add(f"ingest-{modality}", written, m.tiles_already_done, m.cache_key)
+        elif isinstance(result, PivotResult):
+            written = [t["tile"] for t in result.tiles_written]
+            add("pivot", written, result.tiles_already_done, result.cube_version)
+        elif isinstance(result, PredictResult):
+            written = [t["tile"] for t in result.tiles]
+            add("predict", written, result.tiles_already_done, result.cache_key)
     return rows or [{"stage": "", "tile": "", "status": "", "reason": "no tile processed"}]
 
 
-def class_area_rows(path: Path) -> list[dict]:
-    """Class areas of a published version (its class_areas.json), as table rows."""
-    import json
-
-    if not path.is_file():
+def class_area_rows(publish: PublishResult | None) -> list[dict]:
+    """Class areas of a published version, as table rows."""
+    if publish is None or not publish.class_areas:
         return []
-    areas = json.loads(path.read_text())
     keys = ("code", "name", "pixels", "area_km2")
-    return [{k: c[k] for k in keys} for c in areas["classes"]]
+    return [{k: c[k] for k in keys} for c in publish.class_areas["classes"]]
 
 
-def operations_markdown(summary: dict, stages: dict[str, dict], reports_dir: Path) -> str:
+def operations_markdown(ws: Workspace, run: ProduceResult, stages: Sequence[StageResult]) -> str:
     """Inputs, tiles written and skipped, quality gates (with their HTML) and product links."""
-    ingest = stages.get("ingest", {})
     lines = ["", "## Inputs", ""]
-    lines += [
-        f"- {m}: collection `{v['collection']}`, {v['items_used']} items used of "
-        f"{v['items_found']} found, {len(v['skipped_items'])} skipped, {v['dates']} dates"
-        for m, v in ingest.get("modalities", {}).items()
-    ]
-    if "config_hash" in summary:
-        lines.append(f"- period {summary['period']}; config hash `{summary['config_hash']}`")
+    for ingest in (s for s in stages if isinstance(s, IngestResult)):
+        lines += [
+            f"- {m}: collection `{v.collection}`, {v.items_used} items used of "
+            f"{v.items_found} found, {len(v.skipped_items)} skipped, {v.dates} dates"
+            for m, v in ingest.modalities.items()
+        ]
+    lines.append(f"- period {run.period}; config hash `{run.config_hash}`")
     rows = tile_status_rows(stages)
     written = sum(r["status"] == "written" for r in rows)
     lines += ["", "## Tiles", "", f"{written} stage × tile written, "
@@ -152,82 +230,71 @@ def operations_markdown(summary: dict, stages: dict[str, dict], reports_dir: Pat
     lines += ["| stage | tile | status | reason |", "|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['tile']} | {r['status']} | {r['reason']} |" for r in rows]
     lines += ["", "## Quality gates", ""]
-    for stage in ("pivot", "publish"):
-        quality = stages.get(stage, {}).get("quality")
-        if quality:
-            html = write_quality_html(reports_dir, quality)
-            verdict = "passed" if quality["success"] else "FAILED"
-            failed = [*quality["failed_critical"], *quality["failed_warning"]]
-            lines.append(
-                f"- `{quality['suite']}`: {verdict}, {quality['evaluated']} expectations"
-                f"{'; ' + '; '.join(failed) if failed else ''} — [{html.name}]({html.as_uri()})"
-            )
+    for result in stages:
+        if isinstance(result, PivotResult | PublishResult) and result.quality:
+            lines.append(_quality_line(ws, result.quality))
     lines += ["", "## Products", ""]
     for key in ("stac_catalog", "map", "quicklook"):
-        if summary.get(key):
-            lines.append(f"- {key}: [{summary[key]}]({_uri(summary[key])})")
+        if value := getattr(run, key):
+            lines.append(f"- {key}: [{value}]({_uri(value)})")
     return "\n".join(lines) + "\n"
 
 
-def write_quality_html(reports_dir: Path, quality: dict) -> Path:
-    """reports/quality-<suite>.html: a Great Expectations result as a page people can open."""
+def _quality_line(ws: Workspace, quality: dict) -> str:
+    url = write_quality_html(ws, quality)
+    verdict = "passed" if quality["success"] else "FAILED"
+    failed = [*quality["failed_critical"], *quality["failed_warning"]]
+    return (
+        f"- `{quality['suite']}`: {verdict}, {quality['evaluated']} expectations"
+        f"{'; ' + '; '.join(failed) if failed else ''} — [{url.rsplit('/', 1)[-1]}]({_uri(url)})"
+    )
+
+
+def write_quality_html(ws: Workspace, quality: dict) -> str:
+    """reports/quality-<suite>.html: a Great Expectations result as a page people can open;
+    returns its URL."""
     from pivotmap.tasks.quality import quality_html
 
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    path = reports_dir / f"quality-{quality['suite'].replace('_', '-')}.html"
-    path.write_text(quality_html(quality))
-    return path
+    name = f"quality-{quality['suite'].replace('_', '-')}.html"
+    return ws.write_report_file(name, quality_html(quality))
 
 
-def stage_artifacts(stage: str, summary: dict, config_name: str, reports_dir: Path) -> None:
+def stage_artifacts(ws: Workspace, result: StageResult) -> None:
     """A stage's Prefect artifacts: its per-tile table and, with a quality gate, its HTML."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    if stage == "train":
+    name = ws.config.name
+    if isinstance(result, TrainResult):
         create_markdown_artifact(
-            train_markdown(summary), key=f"train-{config_name}", description="training result"
+            train_markdown(result), key=f"train-{name}", description="training result"
         )
-    if summary.get("quality"):
-        write_quality_html(reports_dir, summary["quality"])
-    if stage in ("ingest", "pivot", "predict"):
+    if isinstance(result, PivotResult | PublishResult) and result.quality:
+        write_quality_html(ws, result.quality)
+    if isinstance(result, IngestResult | PivotResult | PredictResult):
         create_table_artifact(
-            tile_status_rows({stage: summary}),
-            key=f"{stage}-tiles-{config_name}",
-            description=f"{stage}: tiles written in this run, or skipped and why",
+            tile_status_rows([result]),
+            key=f"{result.STAGE}-tiles-{name}",
+            description=f"{result.STAGE}: tiles written in this run, or skipped and why",
         )
 
 
-def train_markdown(summary: dict) -> str:
+def train_markdown(result: TrainResult) -> str:
     """The trained model in a few lines: scores on held-out blocks, version, promotion."""
     lines = [
-        f"# Model `{summary['model_name']}` v{summary['model_version']}",
+        f"# Model `{result.model_name}` v{result.model_version}",
         "",
-        f"- overall accuracy {summary['overall_accuracy']:.3f}, macro-F1 "
-        f"{summary['macro_f1']:.3f}, kappa {summary['kappa']:.3f} "
-        f"({summary['n_test_pixels']} held-out pixels; {summary['split']})",
-        f"- champion: {summary['promotion_reason']}",
-        f"- MLflow run `{summary['run_id']}`, model URI `{summary['model_uri']}`",
-        f"- cube version `{summary['cube_version']}`, device {summary['device']}",
+        f"- overall accuracy {result.overall_accuracy:.3f}, macro-F1 "
+        f"{result.macro_f1:.3f}, kappa {result.kappa:.3f} "
+        f"({result.n_test_pixels} held-out pixels; {result.split})",
+        f"- champion: {result.promotion_reason}",
+        f"- MLflow run `{result.run_id}`, model URI `{result.model_uri}`",
+        f"- cube version `{result.cube_version}`, device {result.device}",
     ]
-    if summary.get("baseline"):
-        b = summary["baseline"]
+    if b := result.baseline:
         lines.append(f"- random-forest baseline: OA {b['overall_accuracy']:.3f}, "
                      f"macro-F1 {b['macro_f1']:.3f}")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def kv(event: str, **fields) -> str:
-    """A structured log line: `event key=value …` (values without spaces stay greppable)."""
-    parts = [event] + [f"{k}={_kv_value(v)}" for k, v in fields.items()]
-    return " ".join(parts)
-
-
-def _kv_value(value) -> str:
-    text = str(value)
-    return f'"{text}"' if (" " in text or not text) else text
-
-
 def _uri(value: str) -> str:
-    if "://" in value:
-        return value
-    return Path(value).resolve().as_uri()
+    return value if "://" in value else Path(value).resolve().as_uri()

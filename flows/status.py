@@ -12,6 +12,8 @@ import os
 import urllib.request
 from pathlib import Path
 
+from pivotmap.tasks import storage
+
 HEALTH_TIMEOUT_S = 3.0
 
 
@@ -24,9 +26,9 @@ def status(
     """Flow runs (newest first) and products; each part says why it is empty when it is."""
     api_url = api_url or os.environ.get("PREFECT_API_URL") or None
     api = api_health(api_url)
-    runs = recent_flow_runs(api_url, limit) if api["reachable"] else []
+    runs = recent_flow_runs(api_url, limit) if api_url and api["reachable"] else []
     if catalog is None and out_dir is not None:
-        catalog = str(Path(out_dir) / "products" / "catalog.json")
+        catalog = storage.join(storage.normalise(out_dir), "products", "catalog.json")
     products = published_products(catalog) if catalog else {"message": "no --out or --catalog"}
     return {"ok": True, "api": api, "flow_runs": runs, "products": products}
 
@@ -84,7 +86,6 @@ def _iso(moment) -> str | None:
 
 def published_products(catalog_url: str) -> dict:
     """The version catalog.json serves now and, for a folder, every version kept beside it."""
-    from pivotmap.tasks import storage
     from pivotmap.tasks.publish import served_version
 
     try:
@@ -93,9 +94,8 @@ def published_products(catalog_url: str) -> dict:
         return {"catalog": catalog_url, "message": f"no published map at {catalog_url}: {exc}"}
     current = served_version(root)
     out = {"catalog": catalog_url, "title": root.get("title"), "current": current}
-    if "://" not in catalog_url or catalog_url.startswith("file://"):
-        folder = Path(catalog_url.removeprefix("file://")).parent
-        out["versions"] = local_versions(folder, current)
+    if not storage.is_remote(catalog_url):
+        out["versions"] = local_versions(storage.local_path(catalog_url).parent, current)
     return out
 
 
@@ -122,7 +122,7 @@ def local_versions(products_dir: Path, current: str | None = None) -> list[dict]
 def rollback(products_dir: str | Path, version: str, target: str | None = None) -> dict:
     """Point catalog.json back at a version still kept in `products_dir` (atomic switch); with
     `target` (folder or s3://) mirror that switch too, catalogue last."""
-    from pivotmap.tasks.publish import PublishError, _write_root_catalog
+    from pivotmap.tasks.publish import PublishError, write_root_catalog
 
     products_dir = Path(products_dir).resolve()
     collection_path = products_dir / version / "collection.json"
@@ -131,7 +131,7 @@ def rollback(products_dir: str | Path, version: str, target: str | None = None) 
         raise PublishError(f"no published version {version!r} in {products_dir} (kept: {kept})")
     collection = json.loads(collection_path.read_text())
     before = published_products(str(products_dir / "catalog.json")).get("current")
-    _write_root_catalog(products_dir, version, collection["id"], collection["title"])
+    write_root_catalog(products_dir, version, collection["id"], collection["title"])
     out = {"ok": True, "catalog": str(products_dir / "catalog.json"), "previous": before}
     out["current"] = version
     if target:

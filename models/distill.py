@@ -34,8 +34,8 @@ def distill(
     if len(x) != len(y_idx):
         raise ValueError(f"x has {len(x)} pixels but y_idx has {len(y_idx)}")
     proba = predict_proba(teacher, x, 8192, device).astype(np.float64)
-    soft = proba ** (1 / temperature)
-    soft = torch.from_numpy((soft / soft.sum(1, keepdims=True)).astype(np.float32))
+    sharpened = proba ** (1 / temperature)
+    soft = torch.from_numpy((sharpened / sharpened.sum(1, keepdims=True)).astype(np.float32))
     torch.manual_seed(seed)
     student = build_model(spec).to(device)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y_idx.astype(np.int64))

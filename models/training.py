@@ -1,4 +1,4 @@
-"""Supervised training with a spatial block split, sampling of the labels and batched inference.
+"""Supervised training, batched inference and the torch device and thread settings they run under.
 
 One optimisation loop (`optimise`) serves supervised training, masked-reconstruction
 pretraining (`pretrain.py`) and distillation (`distill.py`): AdamW, one-cycle schedule, seeded
@@ -7,14 +7,15 @@ batches, bf16 autocast on CUDA and plain float32 on CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from pivotmap.models.evaluation import metrics  # noqa: F401  (re-exported: historical home)
 from pivotmap.models.network import ModelSpec, build_model
 
 
@@ -25,39 +26,22 @@ def pick_device(prefer: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@contextlib.contextmanager
+def cpu_threads(device: str, threads: int | None) -> Iterator[None]:
+    """Limit torch's CPU threads while training (a no-op on CUDA or when `threads` is None)."""
+    before = torch.get_num_threads()
+    if device == "cpu" and threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def autocast(device: str):
     """bf16 autocast on CUDA; a no-op context on CPU."""
     kind = "cuda" if str(device).startswith("cuda") else "cpu"
     return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=kind == "cuda")
-
-
-def spatial_block_split(
-    labels: np.ndarray, block: int, test_fraction: float, seed: int, unknown: int = 0
-) -> np.ndarray:
-    """Boolean test mask: whole `block`×`block` squares are held out, so no neighbouring pixel
-    of a test pixel trains the model. Draws are repeated (seeded) until every class with labels
-    in at least two blocks appears on both sides."""
-    h, w = labels.shape
-    by, bx = np.arange(h) // block, np.arange(w) // block
-    block_id = by[:, None] * (bx.max() + 1) + bx[None, :]
-    labelled = labels != unknown
-    blocks = np.unique(block_id[labelled])
-    n_test = max(1, round(len(blocks) * test_fraction))
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels[labelled])
-    best = None
-    for _ in range(200):
-        test_blocks = rng.choice(blocks, size=n_test, replace=False)
-        test = np.isin(block_id, test_blocks) & labelled
-        train = ~np.isin(block_id, test_blocks) & labelled
-        missing = sum(
-            not (labels[test] == c).any() or not (labels[train] == c).any() for c in classes
-        )
-        if best is None or missing < best[0]:
-            best = (missing, test)
-        if missing == 0:
-            break
-    return best[1]
 
 
 @dataclass(frozen=True)
@@ -175,36 +159,5 @@ def predict_proba(
             logits = model(xb)
         out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     if not out:
-        return np.zeros((0, len(model.spec.classes)), dtype=np.float32)
+        return np.zeros((0, len(cast(ModelSpec, model.spec).classes)), dtype=np.float32)
     return np.concatenate(out)
-
-
-def stratified_sample(codes: np.ndarray, max_total: int, seed: int) -> np.ndarray:
-    """Indices of at most `max_total` samples shared equally between classes; a class smaller
-    than its share is taken whole and its unused share goes to the others (water filling)."""
-    if len(codes) <= max_total:
-        return np.arange(len(codes))
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(codes, return_counts=True)
-    picks, remaining = [], max_total
-    for rank, k in enumerate(np.argsort(counts, kind="stable")):
-        take = min(counts[k], remaining // (len(classes) - rank))
-        picks.append(rng.permutation(np.flatnonzero(codes == classes[k]))[:take])
-        remaining -= take
-    return np.sort(np.concatenate(picks))
-
-
-def label_subset(
-    codes: np.ndarray, fraction: float, seed: int, min_per_class: int = 2
-) -> np.ndarray:
-    """Indices of a random `fraction` of the labelled samples, per class (at least
-    `min_per_class` of each class when it has them): the few-label setting."""
-    if fraction >= 1:
-        return np.arange(len(codes))
-    rng = np.random.default_rng(seed)
-    picks = []
-    for c in np.unique(codes):
-        members = np.flatnonzero(codes == c)
-        take = min(len(members), max(min_per_class, round(fraction * len(members))))
-        picks.append(rng.choice(members, size=take, replace=False))
-    return np.sort(np.concatenate(picks))

@@ -36,7 +36,7 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
 def _prefect_progress(items: Iterable[T], description: str, total: int | None) -> Iterator[T]:
     """Pass `items` through, keeping a Prefect progress artifact (percent) up to date."""
     artifact = _start_artifact(description, total)
-    if artifact is None:
+    if artifact is None or not total:
         yield from items
         return
     from prefect.artifacts import update_progress_artifact

@@ -207,6 +207,43 @@ class PublishResult(StageResult):
     duration_s: float = 0.0
 
 
+# ---------------------------------------------------------------------------- produce
+
+
+class ProduceResult(StageResult):
+    """The run summary a user or a script reads after `produce`: where everything is, how good."""
+
+    STAGE: ClassVar[str] = "produce"
+    ok: bool = True
+    config: str
+    config_hash: str
+    period: str
+    tiles: int
+    items_used: dict[str, int]
+    items_skipped: dict[str, int]
+    cube: str
+    cube_version: str
+    map: str
+    quicklook: str
+    stac_catalog: str
+    product_version: str
+    mlflow: dict[str, str]
+    duration_s: float
+    overall_accuracy: float | None = None
+    macro_f1: float | None = None
+    kappa: float | None = None
+    per_class_f1: dict[str, float] | None = None
+    promoted: bool | None = None
+    promotion_reason: str | None = None
+    zero_shot: Row | None = None
+    concept_maps: list[str] | str | None = None
+    explanations: Row | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary's keys as before: parts the run did not make (training, insight) absent."""
+        return {k: v for k, v in super().to_dict().items() if v is not None}
+
+
 STAGE_RESULTS: dict[str, type[StageResult]] = {
     cls.STAGE: cls
     for cls in (

@@ -14,6 +14,7 @@ OFFLINE_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "HF_HUB_OFFLINE": "1",
+    "GX_ANALYTICS_ENABLED": "false",
     "GIT_PYTHON_REFRESH": "quiet",
     # GDAL: no directory listings on remote opens.
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
@@ -24,6 +25,10 @@ def apply_offline_defaults() -> None:
     """Set every default the user has not set; called once at each entry point."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # MLflow's S3 artifact store does not read AWS_ENDPOINT_URL: a run folder on an S3-compatible
+    # store (MinIO, moto) keeps its MLflow artifacts on the same endpoint.
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", os.environ["AWS_ENDPOINT_URL"])
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters

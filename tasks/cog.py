@@ -30,6 +30,8 @@ class MosaicError(ValueError):
 
 def _rasterio_crs(geobox: GeoBox) -> str:
     """EPSG code where there is one: short, standard GeoTIFF keys and PROJ-version-proof text."""
+    if geobox.crs is None:
+        raise ValueError("grid has no CRS: a COG needs a georeferenced grid")
     epsg = geobox.crs.epsg
     return f"EPSG:{epsg}" if epsg is not None else geobox.crs.to_wkt()
 

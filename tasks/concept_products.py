@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import pystac
 import rasterio
 from odc.geo.geobox import GeoBox
 
+from pivotmap.tasks import storage
 from pivotmap.tasks.nomenclature import NODATA_CODE
 
 _GDAL_ENV = {"GDAL_PAM_ENABLED": "NO", "GDAL_NUM_THREADS": "1"}
@@ -55,6 +57,8 @@ def write_layer_cog(
             f"got {bands.dtype} {bands.shape[1:]}"
         )
     block = _block(geobox.height, geobox.width)
+    if geobox.crs is None:
+        raise ValueError(f"{path.name}: grid has no CRS: a COG needs a georeferenced grid")
     epsg = geobox.crs.epsg
     profile = {
         "driver": "COG", "width": geobox.width, "height": geobox.height, "count": len(bands),
@@ -74,12 +78,22 @@ def write_layer_cog(
     return path
 
 
+def save_layer_cog(url: str, bands: np.ndarray, geobox: GeoBox, **options) -> str:
+    """`write_layer_cog` to any storage URL: GDAL writes a COG locally, then it is copied."""
+    if not storage.is_remote(url):
+        return str(write_layer_cog(Path(url), bands, geobox, **options))
+    with tempfile.TemporaryDirectory(prefix="pivotmap-layer-") as tmp:
+        local = write_layer_cog(Path(tmp, url.rsplit("/", 1)[-1]), bands, geobox, **options)
+        storage.copy_file(local, url)
+    return url
+
+
 @dataclass(frozen=True)
 class LayerFile:
     """A file published beside a tile's class map, with the fields of its STAC asset."""
 
     key: str  # asset key, e.g. concept-open-water or explanation
-    path: Path
+    path: str  # storage URL of the file: a local path or s3://…
     title: str
     description: str
     roles: tuple[str, ...] = ("data",)
@@ -94,7 +108,7 @@ class LayerFile:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> LayerFile:
         return cls(
-            key=raw["key"], path=Path(raw["path"]), title=raw["title"],
+            key=raw["key"], path=raw["path"], title=raw["title"],
             description=raw["description"], roles=tuple(raw["roles"]), fields=raw["fields"],
         )  # fmt: skip
 
@@ -109,13 +123,11 @@ def layer_asset(layer: LayerFile, path: Path, href: str) -> pystac.Asset:
     return asset
 
 
-def concept_layer(
-    tile_id: str, path: Path, prompt: str, calibration: str, model: Mapping[str, str]
-) -> LayerFile:
+def concept_layer(url: str, prompt: str, calibration: str, model: Mapping[str, str]) -> LayerFile:
     """The LayerFile of one tile's concept map."""
     return LayerFile(
         key=f"concept-{prompt_slug(prompt)}",
-        path=path,
+        path=str(url),
         title=f"Concept probability (%): {prompt}",
         description=f"Probability (0-100 %, 255 = no data) that a pixel shows '{prompt}', from "
         "the text-aligned encoder; see pivotmap:method.",
@@ -130,7 +142,7 @@ def concept_layer(
 
 
 def explanation_layer(
-    path: Path,
+    url: str,
     method: str,
     variables: Sequence[str],
     windows: Sequence[str],
@@ -140,7 +152,7 @@ def explanation_layer(
     """The LayerFile of one tile's explanation layer, with its value lookups."""
     return LayerFile(
         key="explanation",
-        path=path,
+        path=str(url),
         title="Explanation: dominant variable and month",
         description=f"Per {stride}x{stride}-pixel cell, the input variable (band 1) and the "
         "month (band 2) with the largest integrated-gradients attribution magnitude for the "

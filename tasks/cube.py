@@ -10,12 +10,17 @@ higher zstd level: it is written once and read by every model.
 The pivot is written in raw int16 blocks (`write_block`); new days are written past the visible
 time axis through an extended-shape handle and become visible together in one final write of
 the root metadata (`publish_days`), so a reader never sees a half-written day.
+
+Every model reads the pivot through `PivotReader` (windows and scattered pixels, float32 or raw
+int16) and walks tiles with `iter_windows`; local paths and `s3://` URLs alike.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import dask.array as da
 import numpy as np
@@ -27,6 +32,7 @@ from pivotmap.tasks.grid import Tile
 from pivotmap.tasks.sensors import S1_VARIABLES, S2_VARIABLES
 
 FILL = -32768
+_ENCODING_ATTRS = ("_FillValue", "scale_factor", "add_offset")  # consumed by decoding
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ def encoding(ds: xr.Dataset, chunk_xy: int, shard_xy: int, layout: Layout = OBS_
     n_time = layout.time_chunk or ds.sizes["time"]
     enc = {}
     for name in ds.data_vars:
-        spec = VARIABLES[name]
+        spec = VARIABLES[str(name)]
         enc[name] = {
             "dtype": "int16",
             "scale_factor": spec.scale,
@@ -136,7 +142,7 @@ def create(
     """
     chunk, shard = shard_size(tile_size)
     chunk = shard if chunk_per_shard else chunk
-    with _quiet():
+    with quiet_zarr():
         tmpl.to_zarr(
             url,
             mode="w",
@@ -155,7 +161,7 @@ def write_tile(
     rows, cols = tile.slices_in(outer)
     payload = ds.drop_vars([c for c in ds.coords], errors="ignore")
     try:
-        with _quiet():
+        with quiet_zarr():
             payload.to_zarr(
                 url,
                 region={"time": slice(None), "y": rows, "x": cols},
@@ -173,27 +179,82 @@ def write_tile(
 
 def open_cube(url: str, storage_options: dict | None = None) -> xr.Dataset:
     """Open a cube lazily without dask: indexing a window reads only the shards it touches."""
-    with _quiet():
+    with quiet_zarr():
         return xr.open_zarr(url, consolidated=True, chunks=None, storage_options=storage_options)
 
 
-def read_tile(cube: xr.Dataset, tile: Tile) -> xr.Dataset:
-    """The tile's window of an open cube, loaded into memory as float32.
+class PivotReader:
+    """The pivot cube opened once, undecoded; windows and pixels are decoded per read to float32
+    (CF decoding of int16 + scale_factor from JSON attributes would give float64)."""
 
-    (Zarr attributes are JSON, so CF decoding of int16 + scale_factor yields float64.)
-    """
-    outer = GeoBox.from_bbox(_bounds(cube), crs=tile.grid.crs, resolution=tile.grid.resolution)
-    rows, cols = tile.slices_in(outer)
-    with _quiet():
-        window = cube.isel(y=rows, x=cols).load()
-    return window.map(lambda var: var.astype("float32"), keep_attrs=True)
+    def __init__(self, url: str):
+        self.url = url
+        with quiet_zarr():
+            self._raw = xr.open_zarr(url, consolidated=True, chunks=None, mask_and_scale=False)
+        self.times: np.ndarray = self._raw.time.values
+
+    def window(
+        self, rows: slice, cols: slice, step_days: int = 1, dtype: str = "float32"
+    ) -> xr.Dataset:
+        """All variables over a window (dims time, y, x) on the days `times[::step_days]`."""
+        return self._read(dict(y=rows, x=cols), step_days, dtype)
+
+    def points(
+        self, rows: np.ndarray, cols: np.ndarray, step_days: int = 1, dtype: str = "float32"
+    ) -> xr.Dataset:
+        """All variables at scattered pixels (dims time, pixel) on the days `times[::step_days]`."""
+        pixels = {
+            "y": xr.DataArray(np.asarray(rows), dims="pixel"),
+            "x": xr.DataArray(np.asarray(cols), dims="pixel"),
+        }
+        return self._read(pixels, step_days, dtype)
+
+    def _read(self, where: dict, step_days: int, dtype: str) -> xr.Dataset:
+        if dtype not in ("float32", "int16"):
+            raise ValueError(f"PivotReader reads float32 or raw int16, not {dtype!r}")
+        with quiet_zarr():
+            raw = self._raw.isel({**where, "time": slice(0, None, step_days)}).load()
+        raw = raw.drop_vars("spatial_ref", errors="ignore")
+        if dtype == "int16":
+            return raw
+        return xr.Dataset(
+            {name: (var.dims, _decode(var), _decoded_attrs(var)) for name, var in raw.items()},
+            coords=raw.coords,
+        )
 
 
-def open_group(url: str, storage_options: dict | None = None, mode: str = "r+"):
+def _decode(var: xr.DataArray) -> np.ndarray:
+    """float32 values (NaN for fill values) of an undecoded int16 variable, rounded once from the
+    exact CF value, as xarray's float64 decoding then a float32 cast gives (float32 arithmetic
+    would round `scale_factor` first and differ by an ulp). One lookup table of the 65536 codes:
+    no float64 window is ever built."""
+    codes = np.arange(1 << 16, dtype=np.uint16).view(np.int16)  # indexed by the bit pattern
+    attrs = var.attrs
+    table = codes * float(attrs.get("scale_factor", 1.0)) + float(attrs.get("add_offset", 0.0))
+    table = table.astype(np.float32)
+    if "_FillValue" in attrs:
+        table[codes == attrs["_FillValue"]] = np.nan
+    return table[np.asarray(var.values, dtype=np.int16).view(np.uint16)]
+
+
+def _decoded_attrs(var: xr.DataArray) -> dict:
+    return {k: v for k, v in var.attrs.items() if k not in _ENCODING_ATTRS}
+
+
+def iter_windows(
+    rows: tuple[int, int], cols: tuple[int, int], size: int
+) -> Iterator[tuple[slice, slice]]:
+    """Absolute (rows, cols) slices of `size`-pixel windows covering a span, row by row."""
+    for r in range(rows[0], rows[1], size):
+        for c in range(cols[0], cols[1], size):
+            yield slice(r, min(r + size, rows[1])), slice(c, min(c + size, cols[1]))
+
+
+def open_group(url: str, storage_options: dict | None = None, mode: Literal["r", "r+"] = "r+"):
     """The cube's Zarr group (local path or `s3://`; S3 endpoint and keys from the environment)."""
     import zarr
 
-    with _quiet():
+    with quiet_zarr():
         return zarr.open_group(
             url, mode=mode, storage_options=storage_options, use_consolidated=False
         )
@@ -204,7 +265,7 @@ def read_block(group, names: list[str], rows: slice, cols: slice) -> dict[str, n
     out = {}
     for name in names:
         arr = group[name]
-        with _quiet():
+        with quiet_zarr():
             raw = arr[:, rows, cols]
         scale = float(arr.attrs.get("scale_factor", 1.0))
         offset = float(arr.attrs.get("add_offset", 0.0))
@@ -223,7 +284,7 @@ def write_block(
     """
     for name, block in encoded.items():
         arr = _with_days(group[name], n_days)
-        with _quiet():
+        with quiet_zarr():
             arr[first_day : first_day + block.shape[0], rows, cols] = block
 
 
@@ -239,7 +300,7 @@ def publish_days(group, times: np.ndarray, attrs: dict) -> None:
     days = (np.asarray(times, dtype="datetime64[D]") - np.datetime64("1970-01-01", "D")).astype(
         "int32"
     )
-    with _quiet():
+    with quiet_zarr():
         for name, arr in group.arrays():
             if arr.metadata.dimension_names and arr.metadata.dimension_names[0] == "time":
                 if name == "time":
@@ -261,17 +322,7 @@ def _with_days(arr, n_days: int):
     return zarr.Array(AsyncArray(meta, arr.store_path, arr._async_array.config))
 
 
-def _bounds(cube: xr.Dataset) -> tuple[float, float, float, float]:
-    res = float(abs(cube.x[1] - cube.x[0]))
-    return (
-        float(cube.x.min()) - res / 2,
-        float(cube.y.min()) - res / 2,
-        float(cube.x.max()) + res / 2,
-        float(cube.y.max()) + res / 2,
-    )
-
-
-class _quiet(warnings.catch_warnings):
+class quiet_zarr(warnings.catch_warnings):
     """Numcodecs codecs in Zarr v3 warn on every use; zarr-python reads them everywhere."""
 
     def __enter__(self):

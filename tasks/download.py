@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pystac
-from odc.geo.geom import box
+from odc.geo.geom import Geometry, box
 
 from pivotmap.tasks import storage
 
@@ -56,12 +56,17 @@ def find_items(catalog_url: str, bbox: tuple[float, float, float, float]) -> lis
     except storage.StorageError as exc:
         raise DownloadError(f"cannot read catalogue {href}: {exc}") from exc
     area = box(*bbox, "EPSG:4326")
-    items = [
-        i for i in root.get_items(recursive=True) if box(*i.bbox, "EPSG:4326").intersects(area)
-    ]
+    items = [i for i in root.get_items(recursive=True) if _footprint(i).intersects(area)]
     if not items:
         raise DownloadError(f"no map tile of {href} intersects bbox {bbox}")
     return sorted(items, key=lambda i: i.id)
+
+
+def _footprint(item: pystac.Item) -> Geometry:
+    if item.bbox is None:
+        raise DownloadError(f"item {item.id} has no bbox: cannot tell where it lies")
+    left, bottom, right, top = item.bbox
+    return box(left, bottom, right, top, "EPSG:4326")
 
 
 def download_map(
@@ -84,9 +89,12 @@ def download_map(
                 raise DownloadError(
                     f"item {item.id} has no asset {asset!r} (has {sorted(item.assets)})"
                 )
+            href = item.assets[asset].get_absolute_href()
+            if href is None:
+                raise DownloadError(f"item {item.id}: cannot resolve the href of asset {asset!r}")
             files.append(
                 storage.download(
-                    storage.parse(item.assets[asset].get_absolute_href()),
+                    storage.parse(href),
                     Path(tmp) / f"{item.id}.tif",
                 )
             )

@@ -31,8 +31,13 @@ class FillResult:
 class GapFillMethod(Protocol):
     """What the pivot needs from a gap-filling method."""
 
-    name: str
-    version: str  # bump when the output of the method changes: it is part of the cube version
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str:
+        """Bumped when the method's output changes: it is part of the cube version."""
+        ...
 
     def fill(
         self,

@@ -9,12 +9,12 @@ items are returned with their reasons, never dropped silently. GX runs in an eph
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pystac
 
+from pivotmap.runtime import apply_offline_defaults
 from pivotmap.tasks.sensors import (
     AssetError,
     item_epsg,
@@ -178,7 +178,7 @@ def check_items(items: list[pystac.Item], rules: ItemRules) -> ItemCheck:
 
 
 def _run(table: pd.DataFrame, suite: list[Any]) -> dict[str, list[str]]:
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    apply_offline_defaults()  # GX analytics off, also when called outside the CLI
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -195,6 +195,7 @@ def _run(table: pd.DataFrame, suite: list[Any]) -> dict[str, list[str]]:
     failures: dict[str, list[str]] = {}
     for result in report.results:
         config = result.expectation_config
+        assert config is not None  # results of a suite's run carry their expectation
         if (result.exception_info or {}).get("raised_exception"):
             raise RuntimeError(f"item check {config.description!r} could not run: {result}")
         for row in (result.result or {}).get("unexpected_index_list") or []:

@@ -9,25 +9,26 @@ item whose window is all masked. A failure to read an item (a missing or corrupt
 item only and is returned with its reason, so the run summary can name it; odc-stac's
 `fail_on_error=False` would lose which item failed.
 
-GDAL/AWS settings travel as an explicit, secret-free dict (`gdal_env()`) that each task enters,
-never as worker globals; credentials come from each worker's own environment.
+GDAL/AWS settings travel as an explicit, secret-free dict (`tasks.storage.gdal_env()`) that each
+task enters, never as worker globals; credentials come from each worker's own environment.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import overload
 from urllib.parse import urlsplit
 
 import numpy as np
 import pystac
 import xarray as xr
 from odc.geo.geobox import GeoBox
+from odc.geo.geom import Geometry
 
 from pivotmap.tasks.sensors import (
     S1_VARIABLES,
@@ -37,23 +38,13 @@ from pivotmap.tasks.sensors import (
     s2_asset_map,
     s2_scale_offset,
 )
+from pivotmap.tasks.storage import gdal_env
 
 SCL = "SCL"
-GDAL_DEFAULTS = {
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    "GDAL_HTTP_MAX_RETRY": "5",
-    "GDAL_HTTP_RETRY_DELAY": "1",
-    "GDAL_HTTP_TIMEOUT": "60",
-    "GDAL_HTTP_MULTIRANGE": "YES",
-    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
-    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
-    "VSI_CACHE": "TRUE",
-}
 # GDAL retries 5xx answers and reset connections per request, not a short body: the whole
 # open + read of a remote COG is tried this often, with exponential backoff between tries.
 REMOTE_READ_ATTEMPTS = 4
 REMOTE_READ_BACKOFF_S = 0.25
-_PASSED_THROUGH = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_NO_SIGN_REQUEST", "AWS_REQUEST_PAYER")
 
 
 # ---------------------------------------------------------------------------- plan
@@ -114,6 +105,7 @@ def item_reads(
 def _item_read(item: pystac.Item, modality: str, harmonisation: Harmonisation) -> ItemRead:
     if modality == "s2":
         amap = s2_asset_map(item)
+        assert amap.mask is not None  # s2_asset_map raises for an item without SCL
         assets = [AssetRead(SCL, _href(item, amap.mask))]
         for var, key in amap.variables.items():
             scale, offset = s2_scale_offset(item, key, harmonisation)
@@ -134,6 +126,10 @@ def solar_day(item: pystac.Item) -> np.datetime64:
     if item.bbox:
         lon = (item.bbox[0] + item.bbox[2]) / 2
     when = item.datetime or item.common_metadata.start_datetime
+    if when is None:
+        raise ValueError(
+            f"item {item.id} has neither `datetime` nor `start_datetime`: it cannot be dated"
+        )
     when = when.astimezone(dt.UTC).replace(tzinfo=None) + dt.timedelta(hours=lon / 15)
     return np.datetime64(when.date(), "ns")
 
@@ -144,29 +140,6 @@ def by_day(items: list[pystac.Item]) -> dict[np.datetime64, list[pystac.Item]]:
     for item in items:
         groups[solar_day(item)].append(item)
     return dict(sorted(groups.items()))
-
-
-# ---------------------------------------------------------------------------- GDAL settings
-
-
-def gdal_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """GDAL/AWS settings for readers, from this process's environment; never secrets.
-
-    A `GDAL_DEFAULTS` key set in the environment (e.g. `GDAL_HTTP_MAX_RETRY`) overrides it.
-
-    `AWS_ENDPOINT_URL(_S3)` (an S3-compatible store) becomes GDAL's endpoint, scheme and
-    path-style addressing. Access keys are left to each worker's environment.
-    """
-    env = {k: os.environ.get(k, v) for k, v in GDAL_DEFAULTS.items()}  # the operator's win
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        parts = urlsplit(endpoint)
-        env["AWS_S3_ENDPOINT"] = parts.netloc or parts.path
-        env["AWS_HTTPS"] = "NO" if parts.scheme == "http" else "YES"
-        env["AWS_VIRTUAL_HOSTING"] = "FALSE"
-    env.update({k: os.environ[k] for k in _PASSED_THROUGH if os.environ.get(k)})
-    env.update(overrides or {})
-    return env
 
 
 # ---------------------------------------------------------------------------- reading
@@ -202,11 +175,17 @@ def _read_s2(task: DateRead) -> DateResult:
             continue
         for k in (k for k, w in enumerate(wanted) if w):
             for band in bands.values():
-                valid[k] &= np.isfinite(band[k])
+                valid[k] &= np.isfinite(_wanted(band[k]))
             for var, band in bands.items():
-                out[k][var][valid[k]] = band[k][valid[k]]
+                out[k][var][valid[k]] = _wanted(band[k])[valid[k]]
             filled[k] |= valid[k]
     return DateResult(tuple(out), tuple(failures), read)
+
+
+def _wanted(values: np.ndarray | None) -> np.ndarray:
+    """A window's values read because it was wanted (`_read_values` gives None only if not)."""
+    assert values is not None
+    return values
 
 
 def _scl_valid(item: ItemRead, task: DateRead) -> list[np.ndarray]:
@@ -258,6 +237,28 @@ def _read_values(asset: AssetRead, geoboxes, wanted: list[bool]) -> list[np.ndar
     return out
 
 
+@overload
+def _read_raw(
+    href: str,
+    geoboxes: tuple[GeoBox, ...],
+    resampling: str,
+    dtype: str,
+    fill,
+    wanted: None = None,
+) -> list[np.ndarray]: ...
+
+
+@overload
+def _read_raw(
+    href: str,
+    geoboxes: tuple[GeoBox, ...],
+    resampling: str,
+    dtype: str,
+    fill,
+    wanted: list[bool],
+) -> list[np.ndarray | None]: ...
+
+
 def _read_raw(
     href: str,
     geoboxes: tuple[GeoBox, ...],
@@ -265,7 +266,7 @@ def _read_raw(
     dtype: str,
     fill,
     wanted: list[bool] | None = None,
-) -> list[np.ndarray | None]:
+) -> list[np.ndarray] | list[np.ndarray | None]:
     """`_read_once`, tried again for a remote COG (GDAL itself retries 5xx answers and resets,
     not a body cut short, which fails the read; its caches would replay that failure, so a
     retry reads the file uncached)."""
@@ -345,11 +346,17 @@ def _check_georeferencing(href: str, src, geoboxes: tuple[GeoBox, ...]) -> None:
 
     if src.crs is None:
         raise CogReadError(f"{href} has no CRS")
-    footprint = box(*src.bounds, CRS(src.crs))
-    if not any(footprint.to_crs(g.crs).intersects(g.extent) for g in geoboxes):
+    left, bottom, right, top = src.bounds
+    footprint = box(left, bottom, right, top, CRS(src.crs))
+    if not any(_intersects(footprint, g) for g in geoboxes):
         raise CogReadError(
             f"{href} ({src.crs}) lies outside the tiles its item covers: wrong CRS or transform"
         )
+
+
+def _intersects(footprint: Geometry, geobox: GeoBox) -> bool:
+    assert geobox.crs is not None  # a window of the tile grid: always georeferenced
+    return footprint.to_crs(geobox.crs).intersects(geobox.extent)
 
 
 def _warped_read(href: str, geobox: GeoBox, resampling: str, dst: np.ndarray, fill) -> None:

@@ -3,19 +3,35 @@
 A block is one shard-sized window of a tile: it reads its obs (all dates, so interpolation has
 its anchors), fills days [first_day, n_days) with the configured method and writes int16 codes
 straight into the cube. Blocks never share a shard, so they run in parallel on Dask.
+
+The cube is built once, then kept current (`build_pivot`): when ingest brings new acquisitions
+or the period grows, only the days the new observations can change are recomputed and the new
+days appear in one metadata switch. Re-running with nothing new writes nothing.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 
+from pivotmap import __version__
+from pivotmap.progress import track
+from pivotmap.results import IngestResult, PivotResult
+from pivotmap.runtime import keep_freed_memory, kv, run_logger
 from pivotmap.tasks import cube
-from pivotmap.tasks.gapfill import INT16_FILL, get_method, linear_fill
+from pivotmap.tasks.gapfill import INT16_FILL, get_method
 from pivotmap.tasks.sensors import S1_VARIABLES, S2_VARIABLES
+
+if TYPE_CHECKING:
+    from pivotmap.config import RunConfig
+    from pivotmap.tasks.grid import Tile
+    from pivotmap.tasks.workspace import Workspace
 
 MODALITY_VARIABLES = {"s2": list(S2_VARIABLES), "s1": list(S1_VARIABLES)}
 AGE_ATTRS = (
@@ -60,11 +76,8 @@ def daily_times(start: dt.date, end: dt.date) -> np.ndarray:
 
 def blocks_of(rows: slice, cols: slice, shard_xy: int) -> list[Block]:
     """Split a tile's window into shard-aligned blocks."""
-    return [
-        Block(slice(r, min(r + shard_xy, rows.stop)), slice(c, min(c + shard_xy, cols.stop)))
-        for r in range(rows.start, rows.stop, shard_xy)
-        for c in range(cols.start, cols.stop, shard_xy)
-    ]
+    spans = (rows.start, rows.stop), (cols.start, cols.stop)
+    return [Block(r, c) for r, c in cube.iter_windows(*spans, shard_xy)]
 
 
 def obs_days(group, start: dt.date) -> np.ndarray:
@@ -95,7 +108,8 @@ def build_block(
             cube.read_block(group, names, block.rows, block.cols),
         )
     first = 0 if tail is None else _first_day(method, inputs, tail, settings)
-    encoded, valid = {}, {}
+    encoded: dict[str, np.ndarray] = {}
+    valid: dict[str, float] = {}
     for m, (days, values) in inputs.items():
         scales = {v: cube.VARIABLES[v].scale for v in values} | {"age": 1.0}
         res = method.fill(
@@ -145,33 +159,6 @@ def _first_day(method, inputs, tail: Tail, settings) -> int:
     return max(0, first)
 
 
-def pivot_tile(
-    modalities: dict[str, xr.Dataset | None],
-    start: dt.date,
-    end: dt.date,
-    max_hold_days: int,
-    age_cap_days: int,
-) -> xr.Dataset:
-    """In memory: gap-fill each modality (`{"s2": obs, "s1": obs}`) onto the days of [start, end]."""
-    times = daily_times(start, end)
-    origin = np.datetime64(start, "D")
-    out: dict[str, xr.DataArray] = {}
-    coords = None
-    for name, obs in modalities.items():
-        if obs is None:
-            continue
-        coords = {"y": obs.y, "x": obs.x}
-        obs_day = (obs.time.values.astype("datetime64[D]") - origin).astype(np.int64)
-        arrays = {v: obs[v].values for v in obs.data_vars}
-        filled = linear_fill(arrays, obs_day, len(times), max_hold_days, age_cap_days)
-        for var, values in filled.values.items():
-            out[var] = xr.DataArray(values, dims=("time", "y", "x"))
-        out[f"age_{name}"] = xr.DataArray(filled.age, dims=("time", "y", "x"))
-    if coords is None:
-        raise ValueError("pivot_tile needs at least one modality with observations")
-    return xr.Dataset(out, coords={"time": times, **coords})
-
-
 @dataclass(frozen=True)
 class CubeState:
     """What a pivot cube holds: settings key, last day, and the obs dates/items per modality."""
@@ -184,7 +171,7 @@ class CubeState:
 
     def attrs(self) -> dict:
         """The state as cube attributes (JSON)."""
-        out = {"cube_version": self.version, "base_key": self.base_key}
+        out: dict[str, str | list[str]] = {"cube_version": self.version, "base_key": self.base_key}
         out["period_end"] = self.end.isoformat()
         for m in self.dates:
             out[f"obs_dates_{m}"] = list(self.dates[m])
@@ -241,3 +228,170 @@ def plan_update(current: CubeState | None, target: CubeState, start: dt.date) ->
         return UpdatePlan("current", "no new observations or days")
     tail = Tail((current.end - start).days + 1, changed)
     return UpdatePlan("update", f"new days to {target.end} / new observations", tail)
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def build_pivot(ws: Workspace, force: bool = False) -> PivotResult:
+    """Build, resume or update the pivot cube tile by tile, then run the cube quality suite."""
+    from pivotmap.tasks.quality import validate_cube
+
+    started = time.monotonic()
+    keep_freed_memory()  # block after block re-uses the same output memory (see its docstring)
+    config, tiles = ws.config, ws.tiles()
+    ingest = ws.read_result(IngestResult)
+    obs = {m: cube.open_group(ws.obs_url(m), mode="r") for m in ingest.modalities}
+    target = target_state(config, ingest, obs)
+    plan = plan_pivot(ws, tiles, target, force)
+    times = daily_times(config.period.start, config.period.end)
+    if plan.mode == "create" and (
+        force or cube_attrs(ws.pivot_url).get("cube_version") != target.version
+    ):
+        create_pivot(ws, target, times, list(obs))
+    done: list[dict] = []
+    reused = [t.id for t in tiles]
+    if plan.mode != "current":
+        pivot = cube.open_group(ws.pivot_url)
+        done, reused = fill_tiles(ws, tiles, obs, pivot, target.version, plan, len(times))
+        cube.publish_days(pivot, times, pivot_attrs(config, target))
+    quality = validate_cube(
+        cube.open_cube(ws.pivot_url), min_valid_fraction=config.pivot.min_valid_fraction
+    )
+    run_logger("pivot").info(
+        "pivot %s (%s: %s): %d tiles written, quality %s", target.version, plan.mode,
+        plan.reason, len(done), "passed" if quality.success else "FAILED",
+    )  # fmt: skip
+    result = PivotResult(
+        cube=ws.pivot_url, cube_version=target.version, mode=plan.mode, reason=plan.reason,
+        tiles_written=done, tiles_already_done=reused, quality=quality.to_dict(),
+        duration_s=round(time.monotonic() - started, 2),
+    )  # fmt: skip
+    ws.write_result(result)
+    return result
+
+
+def fill_tiles(
+    ws: Workspace, tiles: list[Tile], obs: dict, pivot, key: str, plan: UpdatePlan, n_days: int
+) -> tuple[list[dict], list[str]]:
+    """Fill every tile not yet marked done with `key`; (infos written, ids skipped)."""
+    logger = run_logger("pivot")
+    cfg = ws.config
+    settings = FillSettings(
+        cfg.pivot.method, cfg.pivot.max_hold_days, cfg.pivot.age_cap_days, cfg.period.start
+    )
+    extent = ws.extent(tiles)
+    _, shard = cube.shard_size(cfg.grid.tile_size)
+    done: list[dict] = []
+    reused: list[str] = []
+    for tile in track(tiles, "pivot", total=len(tiles)):
+        if ws.is_done("pivot", tile.id, key):
+            reused.append(tile.id)
+            logger.info(kv("pivot.tile", tile=tile.id, status="skipped", key=key))
+            continue
+        rows, cols = tile.slices_in(extent)
+        results = fill_region(obs, pivot, rows, cols, shard, settings, n_days, plan.tail)
+        info = tile_info(tile.id, results)
+        ws.mark_done("pivot", tile.id, key, info)
+        done.append(info)
+        logger.info(kv("pivot.tile", tile=tile.id, status="written", key=key))
+    return done, reused
+
+
+def tile_info(tile_id: str, results: list[dict]) -> dict:
+    """A tile's first day written and its mean valid fractions, from its blocks' results."""
+    info = {"tile": tile_id, "first_day": min(r["first_day"] for r in results)}
+    for key in results[0]:
+        if key.startswith("valid_"):
+            info[key] = round(float(np.mean([r[key] for r in results])), 4)
+    return info
+
+
+def pivot_variables(modalities: list[str]) -> list[str]:
+    """The pivot's variables: per modality its bands and its age."""
+    variables = []
+    for m in ("s2", "s1"):
+        if m in modalities:
+            variables += [*MODALITY_VARIABLES[m], f"age_{m}"]
+    return variables
+
+
+def target_state(config: RunConfig, ingest: IngestResult, obs: dict) -> CubeState:
+    """The state the cube should reach: settings key, last day, obs dates and items."""
+    method = get_method(config.pivot.method)
+    base = {
+        "grid": config.grid.model_dump(mode="json"),
+        "start": config.period.start.isoformat(),
+        "pivot": config.pivot.model_dump(mode="json", exclude={"min_valid_fraction"}),
+        "method_version": method.version,
+        "modalities": sorted(obs),
+    }
+    dates = {
+        m: tuple(str(d) for d in np.asarray(g["time"][:], dtype="datetime64[D]"))
+        for m, g in obs.items()
+    }
+    items = {m: _digest("\n".join(sorted(ingest.modalities[m].item_ids))) for m in obs}
+    base_key = _digest(json.dumps(base, sort_keys=True))
+    payload = {"base": base_key, "end": config.period.end.isoformat(), "items": items}
+    version = _digest(json.dumps(payload, sort_keys=True))
+    return CubeState(version, base_key, config.period.end, dates, items)
+
+
+def plan_pivot(ws: Workspace, tiles: list[Tile], target: CubeState, force: bool) -> UpdatePlan:
+    """Create (forced, or no complete cube to update), resume, update in place, or nothing."""
+    if force:
+        return UpdatePlan("create", "forced")
+    current = CubeState.from_attrs(cube_attrs(ws.pivot_url))
+    if current is not None and current.version == target.version:
+        if all(ws.is_done("pivot", t.id, target.version) for t in tiles):
+            return UpdatePlan("current", "cube is current")
+        return UpdatePlan("create", "resuming an unfinished build")
+    known = {current.version, target.version} if current else set()
+    complete = all((ws.marker("pivot", t.id) or {}).get("key") in known for t in tiles)
+    if current is not None and not complete:
+        return UpdatePlan("create", "the existing cube is incomplete")
+    return plan_update(current, target, ws.config.period.start)
+
+
+def create_pivot(
+    ws: Workspace, target: CubeState, times: np.ndarray, modalities: list[str]
+) -> None:
+    """A new, empty cube (metadata and coordinates) with the target state in its attributes."""
+    cfg = ws.config
+    tmpl = cube.template(
+        ws.extent(ws.tiles()), times, pivot_variables(modalities), pivot_attrs(cfg, target)
+    )
+    layout = cube.pivot_layout(cfg.pivot.time_chunk_days, len(times))
+    cube.create(ws.pivot_url, tmpl, cfg.grid.tile_size, layout=layout)
+    ws.clear_stage("pivot")
+
+
+def cube_attrs(url: str) -> dict:
+    """The attributes of the cube at `url`, or {} where there is none."""
+    try:
+        return dict(cube.open_cube(url).attrs)
+    except Exception:  # no cube yet
+        return {}
+
+
+def pivot_attrs(config: RunConfig, target: CubeState) -> dict:
+    """The pivot cube's CF and provenance attributes, with the state it holds."""
+    method = get_method(config.pivot.method)
+    return {
+        "title": f"pivotmap pivotal cube for {config.name}",
+        "Conventions": "CF-1.8",
+        "source": "Sentinel-2 L2A and Sentinel-1 via STAC, ingested by pivotmap",
+        "software": f"pivotmap {__version__}",
+        "gap_filling": f"{method.name} v{method.version}: "
+        "linear in time between valid observations; ends held for max_hold_days",
+        "gap_filling_method": method.name,
+        "max_hold_days": config.pivot.max_hold_days,
+        "age_cap_days": config.pivot.age_cap_days,
+        "age_definition": AGE_ATTRS,
+        "period_start": config.period.start.isoformat(),
+        **target.attrs(),
+    }
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -4,25 +4,41 @@ from __future__ import annotations
 
 import dataclasses
 import filecmp
+import io
 import json
 import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pystac
 from odc.geo.geobox import GeoBox
 
-from pivotmap.tasks import cog, quicklook, stac_products
+from pivotmap.results import (
+    ConceptResult,
+    ExplainResult,
+    IngestResult,
+    ModelRef,
+    PivotResult,
+    PredictResult,
+    PublishResult,
+)
+from pivotmap.runtime import request_slot
+from pivotmap.tasks import cog, quicklook, stac_products, storage
 from pivotmap.tasks.concept_products import LayerFile, layer_asset
 from pivotmap.tasks.nomenclature import NODATA_CODE, Nomenclature
+
+if TYPE_CHECKING:
+    from pivotmap.config import RunConfig
+    from pivotmap.tasks.workspace import Workspace
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -290,7 +306,7 @@ def served_version(catalog: dict) -> str | None:
     return Path(child).parent.name if child else None
 
 
-def _write_root_catalog(out_dir: Path, version: str, collection_id: str, title: str) -> None:
+def write_root_catalog(out_dir: Path, version: str, collection_id: str, title: str) -> None:
     """Point catalog.json at `version` via temp file + os.replace; readers never see half a file."""
     path = out_dir / "catalog.json"
     text = _root_catalog_text(out_dir, version, collection_id, title)
@@ -379,6 +395,8 @@ def publish_products(
             version=version, mosaic_cog=mosaic_cog, layers=layers,
         )  # fmt: skip
         if validation == "offline":
+            if schema_dir is None:
+                raise PublishError("offline STAC validation needs publish.schema_dir")
             _validate_staged(collection, Path(schema_dir))
         elif validation == "online":
             _validate_online(collection)
@@ -386,7 +404,7 @@ def publish_products(
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
     # Also on a no-op: a crash between rename and this write must heal on the rerun.
-    _write_root_catalog(out_dir, version, collection_id, title)
+    write_root_catalog(out_dir, version, collection_id, title)
     files = _files(final)
     return {
         "version": version,
@@ -434,8 +452,6 @@ def mirror_published(out_dir: Path, version: str, target_url: str, on_file=None)
     Readers of the target keep getting the previous version until its catalog.json is replaced;
     objects already there with the same content are not sent again.
     """
-    from pivotmap.tasks import storage
-
     source, target = Path(out_dir) / version, storage.parse(target_url)
     if not (source / "collection.json").is_file():
         raise PublishError(f"{source} is not a published version: publish it first")
@@ -462,3 +478,164 @@ def mirror_published(out_dir: Path, version: str, target_url: str, on_file=None)
     os.replace(tmp, dest / "catalog.json")
     n = len(_files(dest / version))
     return {"target": str(dest), "uploaded": 0 if already else n, "unchanged": n if already else 0}
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def publish(ws: Workspace) -> PublishResult:
+    """The publish stage: gate the run's maps, then publish them with their provenance.
+
+    A failed gate publishes nothing and returns `published=False` with the suite's outcome. A
+    run folder on s3:// is published in a local staging folder, then mirrored to
+    `ws.products_url` (objects first, catalog.json last); earlier versions stay there untouched.
+    """
+    from pivotmap.tasks.nomenclature import load_nomenclature
+
+    started = time.monotonic()
+    if ws.config.labels is None:
+        raise PublishError("the run config has no labels: publishing needs labels.nomenclature")
+    nomenclature = load_nomenclature(ws.config.labels.nomenclature)
+    maps = load_maps(ws)
+    quality = gate_maps(ws, maps, nomenclature).to_dict()
+    if not quality["success"]:
+        return PublishResult(published=False, quality=quality)
+    predict = ws.read_result(PredictResult)
+    pivot = ws.read_result(PivotResult)
+    version = product_version(predict.model.version, pivot.cube_version)
+    provenance = build_provenance(ws.config, ws.read_result(IngestResult), pivot, predict.model)
+    with tempfile.TemporaryDirectory(prefix="pivotmap-publish-") as tmp:
+        folder = Path(tmp) if storage.is_remote(ws.root) else storage.local_path(ws.products_url)
+        layers = extra_layers(ws, predict.model, Path(tmp))
+        out = publish_products(
+            maps, nomenclature, provenance, folder, version=version, layers=layers,
+            **publish_options(ws.config),
+        )  # fmt: skip
+        if storage.is_remote(ws.root):
+            out |= _upload_run_products(folder, version, ws.products_url)
+        if target := ws.config.publish.target:
+            with request_slot("s3-requests"):  # uploads are sequential: one slot per mirror
+                out["mirror"] = mirror_published(folder, version, target)
+            out["catalog"] = out["mirror"]["target"].rstrip("/") + "/catalog.json"
+    out |= {"duration_s": round(time.monotonic() - started, 2)}
+    return PublishResult(published=True, quality=quality, **out)
+
+
+def load_maps(ws: Workspace) -> list[TileMap]:
+    """The predicted tiles of the region (npz at `ws.map_url(tile)`), as TileMaps."""
+    maps = []
+    for tile in ws.tiles():
+        url = ws.map_url(tile.id)
+        try:
+            raw = storage.read_bytes(url)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{url} is missing: run the 'predict' stage first") from exc
+        with np.load(io.BytesIO(raw)) as data:
+            maps.append(TileMap(tile.id, tile.geobox, data["classes"], data["confidence"]))
+    return maps
+
+
+def gate_maps(ws: Workspace, maps: Sequence[TileMap], nomenclature: Nomenclature):
+    """The map quality suite (`tasks.quality.validate_map`) over every tile of the run."""
+    from pivotmap.tasks.quality import validate_map
+
+    return validate_map(
+        np.concatenate([m.classes.ravel() for m in maps]),
+        np.concatenate([m.confidence.ravel() for m in maps]),
+        nomenclature,
+        max_nodata_fraction=ws.config.publish.max_nodata_fraction,
+        previous_fraction=previous_shares(ws.products_url),
+        max_share_change=ws.config.publish.max_share_change,
+    )
+
+
+def previous_shares(products_url: str) -> dict[str, float] | None:
+    """Class shares (of mapped pixels) of the version catalog.json serves now, if any."""
+    catalog = storage.read_text_or_none(storage.join(products_url, "catalog.json"))
+    version = served_version(json.loads(catalog)) if catalog is not None else None
+    if version is None:
+        return None
+    areas = storage.read_text_or_none(storage.join(products_url, version, "class_areas.json"))
+    if areas is None:
+        return None
+    counts = {str(c["code"]): c["pixels"] for c in json.loads(areas)["classes"]}
+    total = sum(counts.values()) or 1
+    return {code: n / total for code, n in counts.items()}
+
+
+def product_version(model_version: str, cube_version: str) -> str:
+    """Same model on the same cube → same version, so re-publishing is idempotent."""
+    return f"m{model_version}-c{cube_version[:8]}"
+
+
+def build_provenance(
+    config: RunConfig, ingest: IngestResult, pivot: PivotResult, model: ModelRef
+) -> Provenance:
+    """Where the maps came from: the model, the cube and the inputs of this run."""
+    from pivotmap import __version__
+
+    return Provenance(
+        model_name=model.name,
+        model_version=model.version,
+        model_run_id=model.run_id,
+        model_uri=model.uri,
+        cube_url=pivot.cube,
+        cube_version=pivot.cube_version,
+        period_start=config.period.start.isoformat(),
+        period_end=config.period.end.isoformat(),
+        source_item_count=sum(m.items_used for m in ingest.modalities.values()),
+        source_collections=[m.collection for m in ingest.modalities.values()],
+        software_version=__version__,
+        config_hash=config.config_hash(),
+    )
+
+
+def publish_options(config: RunConfig) -> dict[str, Any]:
+    """The `publish_products` keywords a run config sets."""
+    start, end = config.period.start.year, config.period.end.year
+    years = str(start) if start == end else f"{start}–{end}"
+    p = config.publish
+    return {
+        "collection_id": config.collection_id,
+        "title": f"Land cover {config.name} {years}",
+        "schema_dir": Path(p.schema_dir) if p.schema_dir else None,
+        "validation": p.validation,
+        "license": p.license,
+        "providers": p.providers,
+        "mosaic_cog": p.mosaic_cog,
+    }
+
+
+def extra_layers(ws: Workspace, model: ModelRef, scratch: Path) -> dict[str, list[LayerFile]]:
+    """Concept maps and explanation layers of this model version, by tile id (issue 9); older
+    or missing ones are left out. Layers in a remote run folder are fetched into `scratch`."""
+    layers: dict[str, list[LayerFile]] = {}
+    for result in (ws.find_result(ConceptResult), ws.find_result(ExplainResult)):
+        if result is None or result.model is None or result.model.version != model.version:
+            continue
+        for tile_id, files in result.layers.items():
+            found = [_local_layer(raw, scratch) for raw in files]
+            layers.setdefault(tile_id, []).extend(found)
+    return layers
+
+
+def _local_layer(raw: Mapping[str, Any], scratch: Path) -> LayerFile:
+    """A layer with a local path: a file on s3:// is copied into `scratch` first."""
+    url = str(raw["path"])
+    if not storage.is_remote(url):
+        return LayerFile.from_dict(raw)
+    local = scratch / "layers" / url.rsplit("/", 1)[-1]
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_bytes(storage.read_bytes(url))
+    return LayerFile.from_dict({**raw, "path": str(local)})
+
+
+def _upload_run_products(folder: Path, version: str, products_url: str) -> dict[str, Any]:
+    """Mirror a version staged in `folder` to the run folder's products (objects, then catalog)."""
+    with request_slot("s3-requests"):
+        stats = mirror_published(folder, version, products_url)
+    return {
+        "collection": storage.join(products_url, version, "collection.json"),
+        "catalog": storage.join(products_url, "catalog.json"),
+        "already_published": stats["uploaded"] == 0,
+    }

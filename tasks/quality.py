@@ -10,12 +10,12 @@ in numpy and are reported the same way.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pivotmap.runtime import apply_offline_defaults
 from pivotmap.tasks.nomenclature import NODATA_CODE, Nomenclature
 
 if TYPE_CHECKING:
@@ -56,6 +56,12 @@ class QualityResult:
         out["failed_critical"] = list(self.failed_critical)
         out["failed_warning"] = list(self.failed_warning)
         return out
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> QualityResult:
+        """The result as `to_dict` wrote it (a stage result keeps it as JSON)."""
+        fields = {**raw, "failed_critical": tuple(raw["failed_critical"])}
+        return cls(**{**fields, "failed_warning": tuple(raw["failed_warning"])})
 
     def raise_for_failure(self) -> None:
         if not self.success:
@@ -153,6 +159,7 @@ def _sample_pixels(ds: xr.Dataset, names: list[str], n: int, seed: int) -> pd.Da
 
 def _cube_expectations(names: list[str], min_valid_fraction: float) -> list[Any]:
     import great_expectations.expectations as gxe
+    from great_expectations.expectations.metadata_types import FailureSeverity
 
     out: list[Any] = []
     for name in names:
@@ -187,7 +194,7 @@ def _cube_expectations(names: list[str], min_valid_fraction: float) -> list[Any]
                     column=name,
                     min_value=lo,
                     max_value=hi,
-                    severity="warning",
+                    severity=FailureSeverity.WARNING,
                     description=f"median {name} in [{lo:g}, {hi:g}]",
                 )
             )
@@ -226,7 +233,7 @@ def validate_map(
     wide = np.int64 if np.issubdtype(conf.dtype, np.integer) else np.float64
     frame = pd.DataFrame({CLASS_COL: cls.astype(np.int64), CONFIDENCE_COL: conf.astype(wide)})
     codes, counts = np.unique(cls, return_counts=True)
-    stats = {
+    stats: dict[str, Any] = {
         "pixels": int(classes.size),
         "sampled": int(cls.size),
         "nodata_fraction": round(float(np.mean(cls == NODATA_CODE)) if cls.size else 0.0, 4),
@@ -262,6 +269,7 @@ def share_changes(before: dict[str, float], after: dict[str, float], tolerance: 
 
 def _map_expectations(nomenclature: Nomenclature, max_nodata_fraction: float) -> list[Any]:
     import great_expectations.expectations as gxe
+    from great_expectations.expectations.metadata_types import FailureSeverity
     from great_expectations.expectations.row_conditions import Column
 
     codes = sorted(nomenclature.codes)
@@ -287,7 +295,7 @@ def _map_expectations(nomenclature: Nomenclature, max_nodata_fraction: float) ->
         gxe.ExpectColumnDistinctValuesToContainSet(
             column=CLASS_COL,
             value_set=codes,
-            severity="warning",
+            severity=FailureSeverity.WARNING,
             description="every class of the nomenclature present",
         ),
     ]
@@ -304,7 +312,7 @@ def _run_suite(
     statistics: dict,
 ) -> QualityResult:
     """Run `expectations` on `frame` in an ephemeral GX context; merge the numpy checks."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    apply_offline_defaults()  # GX analytics off, also when called outside the CLI
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -323,6 +331,7 @@ def _run_suite(
         if result.success:
             continue
         config = result.expectation_config
+        assert config is not None  # results of a suite's run carry their expectation
         text = f"{config.description or config.type}: {_failure_detail(result)}"
         (critical if config.severity == "critical" else warning).append(text)
     statistics = {**statistics, "gx": dict(report.statistics)}

@@ -37,7 +37,7 @@ def class_areas(
         counts += class_counts(classes)
         # Tiles share one grid (checked by the mosaic), so one pixel area serves for all.
         km2_per_pixel = abs(geobox.affine.a * geobox.affine.e) / 1e6
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "code": cls.code,
             "name": cls.name,

@@ -15,7 +15,7 @@ import shapely
 from odc.geo.geom import Geometry
 from odc.geo.geom import box as box_
 
-from pivotmap.tasks.grid import RegionError
+from pivotmap.tasks.grid import RegionError, Tile
 
 _ENVELOPE_BYTES = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}
 
@@ -117,3 +117,11 @@ def region_geometry(
     if geopackage is not None:
         return geopackage_region(geopackage, layer)
     raise RegionError("no region given: set region.bbox, region.geojson or region.geopackage")
+
+
+def tiles_lonlat(tiles: list[Tile]) -> Geometry:
+    """Footprint of the tiles in EPSG:4326 (what catalogues are searched with)."""
+    geom = tiles[0].footprint
+    for tile in tiles[1:]:
+        geom = geom.union(tile.footprint)
+    return geom.to_crs("EPSG:4326")

@@ -145,12 +145,6 @@ def orbit_state(item: pystac.Item) -> str | None:
     return state.lower() if isinstance(state, str) else None
 
 
-def s1_is_calibrated(item: pystac.Item, asset_key: str) -> bool:
-    """Backscatter as float (RTC gamma0, calibrated sigma0), not GRD digital numbers (uint16)."""
-    dtype = str(raster_band(item, asset_key).get("data_type", "float32"))
-    return dtype.startswith("float")
-
-
 def item_epsg(item: pystac.Item, asset_key: str | None = None) -> int | None:
     """EPSG code of the item's (or the asset's) pixels from `proj:epsg` / `proj:code`."""
     for fields in (item.assets[asset_key].extra_fields if asset_key else {}, item.properties):

@@ -111,6 +111,8 @@ def _rounded(value: Any, digits: int = 8) -> Any:
 def _footprint_4326(geobox: GeoBox) -> tuple[dict[str, Any], list[float]]:
     """Tile outline in EPSG:4326 (corners only: tiles are small) and its bbox."""
     x0, y0, x1, y1 = geobox.extent.boundingbox
+    if geobox.crs is None:
+        raise ValueError("tile grid has no CRS: a published tile needs a georeferenced grid")
     to_4326 = geobox.crs.transformer_to_crs("EPSG:4326")
     # Counter-clockwise, as GeoJSON wants; a conformal grid projection keeps the orientation.
     lon, lat = to_4326(np.array([x0, x1, x1, x0, x0]), np.array([y0, y0, y1, y1, y0]))
@@ -148,6 +150,8 @@ def _processing_fields(run: RunMetadata) -> dict[str, Any]:
 
 
 def _projection_fields(geobox: GeoBox) -> dict[str, Any]:
+    if geobox.crs is None:
+        raise ValueError("tile grid has no CRS: a published tile needs a georeferenced grid")
     epsg = geobox.crs.epsg
     return {
         "proj:code": f"EPSG:{epsg}" if epsg is not None else None,

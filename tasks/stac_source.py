@@ -1,5 +1,7 @@
 """Find Sentinel items in a static STAC catalogue (local or `s3://`) or a STAC API, with clear errors.
 
+Both are `ItemSource`s (`StaticCatalogue`, `StacApi`); `item_source(config.source)` gives the
+configured one, and every search keeps only items in the period and region, in time order.
 STAC APIs are searched with pystac-client: each request has a timeout, `next` links are followed
 (page size `page_size`), and 429/5xx answers are retried a bounded number of times with
 exponential backoff (honouring `Retry-After`); connection failures are retried the same bounded
@@ -14,10 +16,15 @@ import importlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Protocol
 
 import pystac
 from odc.geo.geom import Geometry
+
+from pivotmap.tasks import storage
+
+if TYPE_CHECKING:
+    from pivotmap.config import SourceConfig
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
 HrefModifier = Callable[[pystac.Item], pystac.Item | None]
@@ -28,15 +35,6 @@ class SourceError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class SearchResult:
-    """Items kept for one collection, and the ones skipped with their reason."""
-
-    collection: str
-    items: list[pystac.Item]
-    skipped: list[dict] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
 class ApiSettings:
     """How a STAC API is called: timeout per request, retries, backoff and page size."""
 
@@ -44,6 +42,62 @@ class ApiSettings:
     max_retries: int = 3
     backoff_s: float = 0.5
     page_size: int | None = None
+
+
+class ItemSource(Protocol):
+    """Where Sentinel items are found: a static catalogue or a STAC API."""
+
+    def search(
+        self, collection: str, region_lonlat: Geometry, start: dt.date, end: dt.date
+    ) -> list[pystac.Item]: ...
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """What both kinds of source share: items are filtered and signed the same way."""
+
+    url: str
+    settings: ApiSettings = field(default_factory=ApiSettings)
+    href_modifier: HrefModifier | None = None
+
+    def search(
+        self, collection: str, region_lonlat: Geometry, start: dt.date, end: dt.date
+    ) -> list[pystac.Item]:
+        """Items of `collection` intersecting `region_lonlat` with a datetime within [start, end]."""
+        found = self.found(collection, region_lonlat, start, end)
+        return _select(found, region_lonlat, start, end, self.href_modifier)
+
+    def found(
+        self, collection: str, region_lonlat: Geometry, start: dt.date, end: dt.date
+    ) -> Iterable[pystac.Item]:
+        raise NotImplementedError
+
+
+class StaticCatalogue(Catalogue):
+    """A static STAC catalogue: `catalog.json` as a path, an http(s) or an `s3://` URL."""
+
+    def found(self, collection, region_lonlat, start, end) -> Iterable[pystac.Item]:
+        return _static_items(self.url, collection, self.settings)
+
+
+class StacApi(Catalogue):
+    """A STAC API searched with pystac-client (timeout, paging and bounded retries)."""
+
+    def found(self, collection, region_lonlat, start, end) -> Iterable[pystac.Item]:
+        return _api_items(self.url, collection, region_lonlat, start, end, self.settings)
+
+
+SOURCE_KINDS: dict[str, type[Catalogue]] = {
+    "static": StaticCatalogue,
+    "api": StacApi,
+}
+
+
+def item_source(source: SourceConfig) -> ItemSource:
+    """The configured source (`source.kind`) with its request settings and href modifier."""
+    settings = ApiSettings(source.timeout_s, source.max_retries, source.backoff_s, source.page_size)
+    modifier = load_href_modifier(source.href_modifier)
+    return _source_kind(source.kind)(source.url, settings, modifier)
 
 
 def search_items(
@@ -58,14 +112,27 @@ def search_items(
     api: ApiSettings | None = None,
     href_modifier: HrefModifier | None = None,
 ) -> list[pystac.Item]:
-    """Items of `collection` intersecting `region_lonlat` with a datetime within [start, end]."""
-    settings = api or ApiSettings(timeout_s=timeout_s)
-    if kind == "static":
-        items = _static_items(url, collection, settings)
-    else:
-        items = _api_items(url, collection, region_lonlat, start, end, settings)
+    """One search without a run config (scripts, tests): the `kind` source's `search`."""
+    source = _source_kind(kind)(url, api or ApiSettings(timeout_s=timeout_s), href_modifier)
+    return source.search(collection, region_lonlat, start, end)
+
+
+def _source_kind(kind: str) -> type[Catalogue]:
+    if kind not in SOURCE_KINDS:
+        raise SourceError(f"unknown source kind {kind!r}: use one of {', '.join(SOURCE_KINDS)}")
+    return SOURCE_KINDS[kind]
+
+
+def _select(
+    items: Iterable[pystac.Item],
+    region_lonlat: Geometry,
+    start: dt.date,
+    end: dt.date,
+    modifier: HrefModifier | None,
+) -> list[pystac.Item]:
+    """The items in the period and region, hrefs modified, in (datetime, id) order."""
     kept = [it for it in items if _in_period(it, start, end) and _intersects(it, region_lonlat)]
-    kept = [modify_hrefs(it, href_modifier) for it in kept]
+    kept = [modify_hrefs(it, modifier) for it in kept]
     return sorted(kept, key=lambda it: (it.datetime or it.common_metadata.start_datetime, it.id))
 
 
@@ -168,33 +235,20 @@ class HttpStacIO(pystac.stac_io.DefaultStacIO):
 
 
 class S3StacIO(pystac.stac_io.DefaultStacIO):
-    """pystac I/O that also reads `s3://` (boto3; endpoint and credentials from the environment)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._client = None
+    """pystac I/O that also reads `s3://` (through `tasks.storage`; endpoint and credentials
+    from the environment)."""
 
     def read_text_from_href(self, href: str) -> str:
         if not href.startswith("s3://"):
             return super().read_text_from_href(href)
-        parts = urlsplit(href)
         try:
-            body = self._s3().get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"]
-            return body.read().decode("utf-8")
-        except Exception as exc:
-            if "NoSuchKey" in type(exc).__name__ or "NoSuchKey" in str(exc):
-                raise FileNotFoundError(href) from exc
+            return storage.read_bytes(href).decode("utf-8")
+        except storage.NotFound:
+            raise  # a FileNotFoundError: the caller names the missing catalogue
+        except storage.StorageError as exc:
             raise SourceError(
-                f"cannot read {href}: {exc} — check AWS_ENDPOINT_URL and the AWS credentials "
-                "in the environment"
+                f"{exc} — check AWS_ENDPOINT_URL and the AWS credentials in the environment"
             ) from exc
-
-    def _s3(self):
-        if self._client is None:
-            import boto3
-
-            self._client = boto3.client("s3")
-        return self._client
 
 
 # ---------------------------------------------------------------------------- STAC APIs

@@ -277,3 +277,42 @@ def local_path(url: str) -> Path:
     if is_remote(url):
         raise StorageError(f"{url} is not on this machine: this step needs a local folder")
     return Path(parse(url).path)
+
+
+# ---------------------------------------------------------------------------- GDAL/AWS settings
+# Readers (rasterio/GDAL on Dask workers) get these as an explicit, secret-free dict that each
+# task enters, never as worker globals; credentials come from each worker's own environment.
+
+GDAL_DEFAULTS = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_MAX_RETRY": "5",
+    "GDAL_HTTP_RETRY_DELAY": "1",
+    "GDAL_HTTP_TIMEOUT": "60",
+    "GDAL_HTTP_MULTIRANGE": "YES",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
+    "VSI_CACHE": "TRUE",
+}
+GDAL_PASSED_THROUGH = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_NO_SIGN_REQUEST", "AWS_REQUEST_PAYER")
+
+
+def gdal_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """GDAL/AWS settings for readers, from this process's environment; never secrets.
+
+    A `GDAL_DEFAULTS` key set in the environment (e.g. `GDAL_HTTP_MAX_RETRY`) overrides it.
+
+    `AWS_ENDPOINT_URL(_S3)` (an S3-compatible store) becomes GDAL's endpoint, scheme and
+    path-style addressing. Access keys are left to each worker's environment.
+    """
+    import os
+
+    env = {k: os.environ.get(k, v) for k, v in GDAL_DEFAULTS.items()}  # the operator's win
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parts = urlparse(endpoint)
+        env["AWS_S3_ENDPOINT"] = parts.netloc or parts.path
+        env["AWS_HTTPS"] = "NO" if parts.scheme == "http" else "YES"
+        env["AWS_VIRTUAL_HOSTING"] = "FALSE"
+    env.update({k: os.environ[k] for k in GDAL_PASSED_THROUGH if os.environ.get(k)})
+    env.update(overrides or {})
+    return env

@@ -362,8 +362,8 @@ def _voronoi_parcels(rng: np.random.Generator, height: int, width: int) -> np.nd
     seed_r = cell_rows * c + np.floor(rng.random((ny, nx)) * np.minimum(c, height - cell_rows * c))
     seed_c = cell_cols * c + np.floor(rng.random((ny, nx)) * np.minimum(c, width - cell_cols * c))
     angle = rng.uniform(0, np.pi)  # fields share an orientation, as in a real parcel layout
-    pad = dict(pad_width=1, constant_values=-1e9)  # far-away seeds outside the region
-    seed_r, seed_c = np.pad(seed_r, **pad), np.pad(seed_c, **pad)
+    far = -1e9  # far-away seeds outside the region
+    seed_r, seed_c = np.pad(seed_r, 1, constant_values=far), np.pad(seed_c, 1, constant_values=far)
     ids = np.pad(np.arange(ny * nx).reshape(ny, nx), pad_width=1, constant_values=-1)
     rows, cols = np.mgrid[0:height, 0:width]
     best = np.full((height, width), np.inf)
@@ -830,9 +830,9 @@ def _collection(layout: _Layout, name: str, items: list[pystac.Item]) -> pystac.
     """One of the two child collections, holding `items`."""
     is_s2 = name == "sentinel-2-l2a"
     times = [item.datetime for item in items if item.datetime is not None]
+    interval: list[datetime | None] = [min(times), max(times)] if times else [None, None]
     extent = pystac.Extent(
-        pystac.SpatialExtent([layout.lonlat_bbox]),
-        pystac.TemporalExtent([[min(times), max(times)]] if times else [[None, None]]),
+        pystac.SpatialExtent([layout.lonlat_bbox]), pystac.TemporalExtent([interval])
     )
     collection = pystac.Collection(
         id=name,

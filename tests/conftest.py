@@ -18,6 +18,23 @@ REALDATA = SHARED / "realdata"
 FLANDERS = REALDATA / "flanders-31UDS-2018"
 SCHEMAS = SHARED / "stac-schemas"
 
+# CI must not go green on a run where nothing passed (a wrong -m, every test skipped).
+_PASSED: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.passed:
+        _PASSED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A run in which no test passed (all deselected or skipped) is not a green run."""
+    if exitstatus == pytest.ExitCode.OK and not _PASSED and not session.config.option.collectonly:
+        session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("pivotmap: no test passed; exit status 5", red=True)
+
 
 @pytest.fixture(scope="session")
 def flanders() -> Path:

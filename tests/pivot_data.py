@@ -1,17 +1,21 @@
-"""Small generated obs cubes and a pivot build that mirrors the pivot flow, for the cube tests."""
+"""Small generated obs cubes, a pivot build that mirrors the pivot stage, and a one-tile run
+folder, for the cube tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import numpy as np
 import xarray as xr
 
-from pivotmap.flows.pivot import pivot_variables
+from pivotmap.config import RunConfig
+from pivotmap.results import IngestResult, ModalityIngest
 from pivotmap.tasks import cube
 from pivotmap.tasks.grid import GridSpec
-from pivotmap.tasks.pivot import FillSettings, Tail, daily_times, fill_region
+from pivotmap.tasks.pivot import FillSettings, Tail, daily_times, fill_region, pivot_variables
 from pivotmap.tasks.sensors import S1_VARIABLES, S2_VARIABLES
+from pivotmap.tasks.workspace import Workspace
 
 START = dt.date(2024, 3, 1)
 SIZE = 32
@@ -68,3 +72,30 @@ def build(
     if publish:
         cube.publish_days(pivot, times, {"period_end": str(times[-1])[:10]})
     return info
+
+
+def run_folder(root: str, n_days: int = 60) -> Workspace:
+    """A run folder (local or s3://) of one tile with obs cubes and an ingest result: what the
+    pivot stage needs."""
+    x0, y0, x1, y1 = TILE.bounds
+    config = RunConfig.model_validate(
+        {
+            "name": "tiny",
+            "source": {"kind": "static", "url": "/nowhere/catalog.json"},
+            "grid": dataclasses.asdict(GRID),
+            "region": {"bbox": [x0 + 10, y0 + 10, x1 - 10, y1 - 10], "crs": GRID.crs},
+            "period": {"start": START, "end": START + dt.timedelta(days=n_days - 1)},
+        }
+    )
+    ws = Workspace.open(config, root)
+    days = {"s2": np.arange(0, n_days, 5), "s1": np.arange(1, n_days, 6)}
+    modalities = {}
+    for m, d in days.items():
+        write_obs(ws.obs_url(m), m, d)
+        modalities[m] = ModalityIngest(
+            collection=m, items_found=len(d), items_used=len(d), item_ids=[f"{m}-{i}" for i in d],
+            skipped_items=[], dates=len(d), tiles_written=[], tiles_already_done=[],
+            cache_key="test", cube=ws.obs_url(m),
+        )  # fmt: skip
+    ws.write_result(IngestResult(tiles=[TILE.id], modalities=modalities, duration_s=0.0))
+    return ws

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from tests.pivot_data import build, write_obs
+from tests.pivot_data import build, run_folder, write_obs
 
 # Zarr warns about numcodecs codecs from every Dask thread.
 pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs:UserWarning")
@@ -91,3 +91,96 @@ def test_s3_and_local_give_the_same_bytes(obs_urls, local_cube, s3_bucket):
     assert all(remote[k] == local[k] for k in local), [k for k in local if remote[k] != local[k]]
     ds = xr.open_zarr(f"s3://{s3_bucket}/pivot.zarr")
     xr.testing.assert_identical(ds.load(), xr.open_zarr(local_cube).load())
+
+
+def test_reader_decodes_windows_to_float32_with_nan_and_sampled_days(local_cube):
+    from pivotmap.tasks.cube import PivotReader, open_cube
+
+    reader = PivotReader(str(local_cube))
+    assert reader.times.dtype == np.dtype("datetime64[ns]") and len(reader.times) == 60
+    window = reader.window(slice(2, 9), slice(20, 32), step_days=7)
+    assert dict(window.sizes) == {"time": 9, "y": 7, "x": 12}
+    np.testing.assert_array_equal(window.time.values, reader.times[::7])
+    cf = open_cube(str(local_cube)).isel(y=slice(2, 9), x=slice(20, 32), time=slice(0, None, 7))
+    for name, var in window.data_vars.items():
+        assert var.dtype == np.float32 and "scale_factor" not in var.attrs
+        np.testing.assert_allclose(var.values, cf[name].values, rtol=1e-6, equal_nan=True)
+    assert np.isnan(window["B02"].values).any()  # unfilled days read as NaN, not as -32768
+
+
+def test_reader_raw_int16_and_points_agree_with_windows(local_cube):
+    import zarr
+
+    from pivotmap.tasks.cube import FILL, PivotReader
+
+    reader = PivotReader(str(local_cube))
+    raw = reader.window(slice(0, 32), slice(0, 32), dtype="int16")
+    stored = zarr.open_group(str(local_cube), mode="r")["B08"][:]
+    assert raw["B08"].dtype == np.int16 and (raw["B08"].values == stored).all()
+    assert (stored == FILL).any() and raw["B08"].attrs["_FillValue"] == FILL
+    rows, cols = np.array([0, 5, 31]), np.array([3, 5, 0])
+    points = reader.points(rows, cols, step_days=2)
+    assert dict(points.sizes) == {"time": 30, "pixel": 3}
+    window = reader.window(slice(0, 32), slice(0, 32), step_days=2)
+    for name, var in points.data_vars.items():
+        assert var.dtype == np.float32
+        expected = window[name].values[:, rows, cols]
+        np.testing.assert_array_equal(var.values, expected)
+    with pytest.raises(ValueError, match="float32 or raw int16"):
+        reader.window(slice(0, 1), slice(0, 1), dtype="float64")
+
+
+def test_iter_windows_covers_a_span_row_by_row():
+    from pivotmap.tasks.cube import iter_windows
+
+    windows = list(iter_windows((10, 15), (100, 107), 3))
+    assert windows[:3] == [
+        (slice(10, 13), slice(100, 103)),
+        (slice(10, 13), slice(103, 106)),
+        (slice(10, 13), slice(106, 107)),
+    ]
+    assert windows[-1] == (slice(13, 15), slice(106, 107)) and len(windows) == 6
+
+
+def test_pivot_stage_in_an_s3_run_folder_equals_the_local_build(tmp_path, s3_bucket):
+    from pivotmap.results import PivotResult
+    from pivotmap.tasks.cube import PivotReader
+    from pivotmap.tasks.pivot import build_pivot
+
+    local, remote = run_folder(str(tmp_path / "run")), run_folder(f"s3://{s3_bucket}/run")
+    built = {ws.root: build_pivot(ws) for ws in (local, remote)}
+    assert built[remote.root].cube_version == built[local.root].cube_version
+    assert built[remote.root].mode == "create" and built[remote.root].quality["success"]
+    assert remote.read_result(PivotResult) == built[remote.root]
+    assert remote.is_done("pivot", local.tiles()[0].id, built[local.root].cube_version)
+    windows = [
+        PivotReader(ws.pivot_url).window(slice(3, 20), slice(0, 32), 3) for ws in (local, remote)
+    ]
+    xr.testing.assert_identical(windows[0], windows[1])
+    assert build_pivot(remote).mode == "current"  # nothing new: nothing rewritten
+
+
+def test_a_tile_job_needs_nothing_but_urls_in_an_s3_run_folder(tmp_path, s3_bucket):
+    """Weights, spec, cube and map all at s3://: the same map as from a local run folder."""
+    import io
+
+    import torch
+
+    from pivotmap.models.inference import TileJob, load_for_worker, run_tile_job, save_for_workers
+    from pivotmap.models.network import ModelSpec, build_model
+    from pivotmap.tasks import storage
+    from pivotmap.tasks.pivot import build_pivot
+
+    torch.manual_seed(0)
+    spec = ModelSpec(classes=(1, 2, 3), n_steps=12, step_days=5, hidden=16)
+    model = build_model(spec).eval()
+    maps = []
+    for ws in (run_folder(str(tmp_path / "run")), run_folder(f"s3://{s3_bucket}/run")):
+        build_pivot(ws)
+        model_url = save_for_workers(model, spec, ws.model_url("m", "1"))
+        job = TileJob("t", (0, 32), (0, 32), ws.pivot_url, model_url, ws.map_url("t"), 256, 16)
+        assert run_tile_job(job)["mapped_fraction"] > 0.9
+        with np.load(io.BytesIO(storage.read_bytes(ws.map_url("t")))) as data:
+            maps.append((data["classes"], data["confidence"]))
+    load_for_worker.cache_clear()
+    assert all((a == b).all() for a, b in zip(maps[0], maps[1], strict=True))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pivotmap.config import RunConfig
-from pivotmap.flows.deploy import CONCURRENCY_LIMITS
+from pivotmap.runtime import CONCURRENCY_LIMITS
 from tests.procs import stop_group
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
@@ -181,7 +181,7 @@ def test_stac_and_s3_requests_take_slots_of_the_global_limits(deployed):
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from pivotmap.flows.deploy import request_slot
+    from pivotmap.runtime import request_slot
 
     url, *_ = deployed
     seen = {}

@@ -47,7 +47,7 @@ def dying(real):
 if mode == "staging":
     cog.write_confidence_cog = dying(cog.write_confidence_cog)
 elif mode == "switch":
-    publish._write_root_catalog = dying(publish._write_root_catalog)
+    publish.write_root_catalog = dying(publish.write_root_catalog)
 elif mode == "folder":
     shutil.copyfile = dying(shutil.copyfile)
 else:

@@ -289,7 +289,7 @@ def load_run(base, tmp_path_factory, prefect_server):
     folder = tmp_path_factory.mktemp("load")
     config = _predict_workspace(base, folder, dask="local", workers=2, window=16)
     started = time.monotonic()
-    summary = predict_flow(load_run_config(config), str(folder))
+    summary = predict_flow(load_run_config(config), str(folder)).to_dict()
     return folder, summary, time.monotonic() - started
 
 

@@ -39,7 +39,7 @@ def _produce_over_http(region: Path, out: Path, rate: float) -> tuple[dict, dict
         raw = fd.config_dict(region, source={"url": server.url + "catalog.json",
                                              "max_retries": 4, "backoff_s": 0.05},
                              ingest={"workers": 1})  # fmt: skip
-        summary = produce_flow(RunConfig.model_validate(raw), str(out))
+        summary = produce_flow(RunConfig.model_validate(raw), str(out)).to_dict()
     return summary, dict(server.counts)
 
 
@@ -89,7 +89,7 @@ def _cube_differences(a: Path, b: Path) -> dict[str, int]:
 
 def test_truncated_cog_body_fails_the_read_never_gives_other_pixels(region):
     """Without the reader's own retry, a short body is an error, never silently other pixels."""
-    from pivotmap.tasks.load import gdal_env
+    from pivotmap.tasks.storage import gdal_env
 
     tifs = sorted(region.rglob("*.tif"))[:30]
     with serve_flaky(region, rate=0.5, seed=1, kinds=("truncate",)) as server:
@@ -110,7 +110,8 @@ def test_truncated_cog_body_fails_the_read_never_gives_other_pixels(region):
 
 def test_remote_reads_retry_a_truncated_body_uncached(region):
     """The reader's retry reads the COG again from the server (GDAL caches the failure)."""
-    from pivotmap.tasks.load import _read_raw, gdal_env
+    from pivotmap.tasks.load import _read_raw
+    from pivotmap.tasks.storage import gdal_env
     from pivotmap.tasks.synthetic import CRS
 
     tif = sorted((region / "sentinel-2-l2a").rglob("B04.tif"))[0]

@@ -128,7 +128,7 @@ def test_schedules_are_valid_crons():
 
 
 def test_request_slot_needs_no_api_outside_a_flow_run(monkeypatch):
-    from pivotmap.flows.deploy import request_slot
+    from pivotmap.runtime import request_slot
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens there
     entered = False

@@ -15,10 +15,13 @@ import pytest
 import xarray as xr
 
 from pivotmap.config import RunConfig
-from pivotmap.flows.ingest import batches, blocks, one_orbit_per_day, run_ingest
+from pivotmap.results import IngestResult
 from pivotmap.tasks.grid import GridSpec
-from pivotmap.tasks.load import by_day, dilate, gdal_env, load_s2
+from pivotmap.tasks.ingest import batches, blocks, ingest, one_orbit_per_day
+from pivotmap.tasks.load import by_day, dilate, load_s2
 from pivotmap.tasks.stac_source import SourceError, search_items
+from pivotmap.tasks.storage import gdal_env
+from pivotmap.tasks.workspace import Workspace
 
 PATCH = (501360, 5629040, 502000, 5629680)
 PATCH_DIR = Path("catalogue-not-read")
@@ -43,6 +46,10 @@ def _config(catalog, **ingest) -> RunConfig:
     })  # fmt: skip
 
 
+def _ingest(config: RunConfig, out: str, force: bool = False) -> IngestResult:
+    return ingest(Workspace.open(config, out), force)
+
+
 def _obs(out, modality):
     return xr.open_zarr(out / "cube" / f"obs_{modality}.zarr", chunks=None)
 
@@ -50,10 +57,10 @@ def _obs(out, modality):
 def test_obs_cubes_hold_masked_reflectance_and_db_and_reruns_read_nothing(catalogue, tmp_path):
     out = tmp_path / "out"
     config = _config(catalogue)
-    summary = run_ingest(config, str(out))
-    s2, s1 = summary["modalities"]["s2"], summary["modalities"]["s1"]
-    assert (s2["items_used"], s2["dates"], s2["skipped_items"]) == (10, 10, [])
-    assert s1["items_used"] == s1["dates"] == 21 and s1["orbit_states"] == {"ascending": 21}
+    summary = _ingest(config, str(out))
+    s2, s1 = summary.modalities["s2"], summary.modalities["s1"]
+    assert (s2.items_used, s2.dates, s2.skipped_items) == (10, 10, [])
+    assert s1.items_used == s1.dates == 21 and s1.orbit_states == {"ascending": 21}
     obs = _obs(out, "s2")
     items = search_items("static", config.source.url, "sentinel-2-l2a", _region(), *_period())
     direct = load_s2(items, GridSpec("EPSG:32631", 10, 64, *PATCH[:2]).tile(0, 0).geobox, MASK)
@@ -66,14 +73,14 @@ def test_obs_cubes_hold_masked_reflectance_and_db_and_reruns_read_nothing(catalo
 
     for cog in catalogue.rglob("*.tif"):  # nothing can be read any more...
         cog.unlink()
-    again = run_ingest(config, str(out))  # ...and nothing needs to be
+    again = _ingest(config, str(out))  # ...and nothing needs to be
     assert all(
-        m["tiles_written"] == [] and m["tiles_already_done"] == ["E501360mN5629040m"]
-        for m in again["modalities"].values()
+        m.tiles_written == [] and m.tiles_already_done == ["E501360mN5629040m"]
+        for m in again.modalities.values()
     )
     assert _obs(out, "s2").B04.equals(obs.B04)
-    forced = run_ingest(config, str(out), force=True)
-    skipped = forced["modalities"]["s2"]["skipped_items"]
+    forced = _ingest(config, str(out), force=True)
+    skipped = forced.modalities["s2"].skipped_items
     assert len(skipped) == 10 and all(s["stage"] == "read" for s in skipped)
     assert "cannot read COG" in skipped[0]["reason"]
     assert _obs(out, "s2").B04.isnull().all()
@@ -94,11 +101,11 @@ def test_corrupt_or_missing_cog_skips_that_item_and_names_it(catalogue, tmp_path
     corrupt, missing = "S2X_31UDS_20170814_0_L2A", "S2X_31UDS_20170903_0_L2A"
     (s2_dir / corrupt / "B04.tif").write_bytes(b"II*\x00 this is not a COG")
     (s2_dir / missing / "SCL.tif").unlink()
-    summary = run_ingest(_config(catalogue), str(tmp_path / "out"))["modalities"]["s2"]
-    reasons = {s["item"]: s["reason"] for s in summary["skipped_items"]}
+    summary = _ingest(_config(catalogue), str(tmp_path / "out")).modalities["s2"]
+    reasons = {s["item"]: s["reason"] for s in summary.skipped_items}
     assert set(reasons) == {corrupt, missing}
     assert all(r.startswith("cannot read COG") for r in reasons.values())
-    assert summary["tiles_written"][0]["read_failures"]
+    assert summary.tiles_written[0]["read_failures"]
     obs = _obs(tmp_path / "out", "s2")
     assert obs.B04.sel(time="2017-08-14").isnull().all()
     others = obs.B04.drop_sel(time=[np.datetime64("2017-08-14"), np.datetime64("2017-09-03")])
@@ -115,27 +122,27 @@ def _drop_scl(catalogue, item_id):
 def test_item_without_scl_is_an_error_or_skipped_as_configured(catalogue, tmp_path):
     _drop_scl(catalogue, "S2X_31UDS_20170824_0_L2A")
     with pytest.raises(SourceError, match="S2X_31UDS_20170824_0_L2A.*s2_without_scl: skip"):
-        run_ingest(_config(catalogue), str(tmp_path / "a"))
-    summary = run_ingest(_config(catalogue, s2_without_scl="skip"), str(tmp_path / "b"))
-    (skip,) = summary["modalities"]["s2"]["skipped_items"]
+        _ingest(_config(catalogue), str(tmp_path / "a"))
+    summary = _ingest(_config(catalogue, s2_without_scl="skip"), str(tmp_path / "b"))
+    (skip,) = summary.modalities["s2"].skipped_items
     assert skip["item"] == "S2X_31UDS_20170824_0_L2A" and "SCL asset present" in skip["reason"]
-    assert summary["modalities"]["s2"]["items_used"] == 9
+    assert summary.modalities["s2"].items_used == 9
 
 
 def test_orbit_selection_and_changed_settings_reread(catalogue, tmp_path):
     with pytest.raises(SourceError, match="no items of 'sentinel-1-rtc'"):
-        run_ingest(_config(catalogue, s1_orbit_state="descending"), str(tmp_path / "d"))
+        _ingest(_config(catalogue, s1_orbit_state="descending"), str(tmp_path / "d"))
     out = tmp_path / "out"
-    first = run_ingest(_config(catalogue), str(out))["modalities"]["s2"]
-    wider = run_ingest(_config(catalogue, scl_dilation_px=2), str(out))["modalities"]["s2"]
-    assert first["tiles_written"] and wider["tiles_written"]  # new settings: read again
-    valid = wider["tiles_written"][0]["valid_fraction"]
-    assert valid < first["tiles_written"][0]["valid_fraction"]
+    first = _ingest(_config(catalogue), str(out)).modalities["s2"]
+    wider = _ingest(_config(catalogue, scl_dilation_px=2), str(out)).modalities["s2"]
+    assert first.tiles_written and wider.tiles_written  # new settings: read again
+    valid = wider.tiles_written[0]["valid_fraction"]
+    assert valid < first.tiles_written[0]["valid_fraction"]
 
 
 def test_the_grid_is_part_of_a_finished_tile_key():
     """Tile ids do not carry the tile size: a changed grid must not reuse old tiles."""
-    from pivotmap.flows.ingest import inputs_key
+    from pivotmap.tasks.ingest import inputs_key
 
     base = _config(PATCH_DIR)
     other = base.model_copy(update={"grid": base.grid.model_copy(update={"tile_size": 32})})
@@ -192,16 +199,16 @@ def test_items_without_geometry_or_bbox_still_group_by_day():
 def test_ingest_through_a_stac_api_equals_the_static_catalogue(flanders, tmp_path):
     from tests.stac_api import serve_catalog
 
-    static = run_ingest(_config(flanders), str(tmp_path / "static"))
+    static = _ingest(_config(flanders), str(tmp_path / "static"))
     with serve_catalog(flanders) as url:
         config = _config(flanders).model_copy(
             update={"source": _config(flanders).source.model_copy(
                 update={"kind": "api", "url": url, "page_size": 5, "timeout_s": 10})}
         )  # fmt: skip
-        served = run_ingest(config, str(tmp_path / "api"))
+        served = _ingest(config, str(tmp_path / "api"))
         assert url.hits["POST /search"] == 2 + 5  # 10 S2 and 21 S1 items, pages of 5
     for m in ("s2", "s1"):
-        assert served["modalities"][m]["item_ids"] == static["modalities"][m]["item_ids"]
+        assert served.modalities[m].item_ids == static.modalities[m].item_ids
         a, b = _obs(tmp_path / "api", m), _obs(tmp_path / "static", m)
         for var in a.data_vars:
             np.testing.assert_array_equal(a[var].values, b[var].values)
@@ -233,13 +240,35 @@ def _config_dict_ingest(ingest: dict) -> RunConfig:
 def test_reads_run_on_a_dask_cluster_given_by_address(flanders, tmp_path):
     from distributed import LocalCluster
 
-    local = run_ingest(_config(flanders), str(tmp_path / "local"))
+    local = _ingest(_config(flanders), str(tmp_path / "local"))
     with LocalCluster(
         n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None
     ) as cluster:
         config = _config(flanders, scheduler_address=cluster.scheduler_address)
-        remote = run_ingest(config, str(tmp_path / "dask"))
-    assert remote["modalities"]["s2"]["item_ids"] == local["modalities"]["s2"]["item_ids"]
+        remote = _ingest(config, str(tmp_path / "dask"))
+    assert remote.modalities["s2"].item_ids == local.modalities["s2"].item_ids
     for m in ("s2", "s1"):
         a, b = _obs(tmp_path / "dask", m), _obs(tmp_path / "local", m)
         assert all(a[v].equals(b[v]) for v in a.data_vars)
+
+
+def test_obs_cubes_and_markers_live_in_an_s3_run_folder(s3_bucket, tmp_path):
+    """A run folder on S3 (moto server): the obs cubes are Zarr on S3, the markers too."""
+    from pivotmap.flows.demo import prepare_demo
+    from pivotmap.tasks import storage
+
+    config, _ = prepare_demo(tmp_path, 7, 1, 32, "2023-05-01", "2023-05-31")
+    run = f"s3://{s3_bucket}/run"
+    result = _ingest(config, run)
+    (tile,) = result.tiles
+    for m, var in (("s2", "B04"), ("s1", "VV")):
+        done = result.modalities[m]
+        assert done.cube == f"{run}/cube/obs_{m}.zarr" and done.tiles_written
+        obs = xr.open_zarr(done.cube, consolidated=True, chunks=None)
+        assert obs.sizes["time"] == done.dates > 0 and obs[var].notnull().any()
+        assert storage.list_files(f"{run}/state/ingest-{m}", "*.json") == [
+            f"{run}/state/ingest-{m}/{tile}.json"
+        ]
+    again = _ingest(config, run)  # the markers on S3 are found: nothing is read again
+    assert all(m.tiles_already_done == [tile] for m in again.modalities.values())
+    assert storage.read_text_or_none(f"{run}/reports/ingest.json") == again.to_json()

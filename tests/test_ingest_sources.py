@@ -212,7 +212,8 @@ def s3_flanders(flanders, monkeypatch):
 
 
 def test_static_catalogue_on_s3_searches_and_reads_like_local(s3_flanders, flanders):
-    from pivotmap.tasks.load import gdal_env, load_dates
+    from pivotmap.tasks.load import load_dates
+    from pivotmap.tasks.storage import gdal_env
 
     on_s3 = search_items("static", s3_flanders, "sentinel-2-l2a", _region(), START, END)
     local = search_items(

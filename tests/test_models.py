@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pivotmap.models.baseline import MISSING, fit_random_forest, temporal_features
+from pivotmap.models.datamodule import label_subset
 from pivotmap.models.distill import distill, student_spec
 from pivotmap.models.encoders import LearnedPooling
 from pivotmap.models.evaluation import code_version, confusion_png, metrics
@@ -20,7 +21,7 @@ from pivotmap.models.network import (
     flops_per_pixel,
 )
 from pivotmap.models.pretrain import mask_spans, pretrain
-from pivotmap.models.training import fit, label_subset, predict_proba
+from pivotmap.models.training import fit, predict_proba
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from pivotmap.config import RunConfig
+from pivotmap.flows.demo import demo_config_dict
 from pivotmap.flows.report import (
-    kv,
     operations_markdown,
     tile_status_rows,
     train_markdown,
     write_quality_html,
 )
+from pivotmap.results import IngestResult, PivotResult, ProduceResult, TrainResult
+from pivotmap.runtime import kv
 from pivotmap.tasks.quality import quality_html
+from pivotmap.tasks.workspace import Workspace
 
 PIVOT = {
     "stage": "pivot",
+    "cube": "/x/cube/pivot.zarr",
+    "mode": "full",
+    "reason": "new cube",
+    "duration_s": 1.0,
     "cube_version": "abc123",
     "tiles_written": [{"tile": "T1"}],
     "tiles_already_done": ["T2"],
@@ -30,18 +39,26 @@ PIVOT = {
     },
 }
 INGEST = {
+    "tiles": ["T1", "T2"], "duration_s": 1.0,
     "modalities": {
         "s2": {
             "collection": "sentinel-2-l2a", "items_found": 5, "items_used": 4, "dates": 4,
-            "skipped_items": [{"item": "x", "reason": "cloudy"}],
+            "skipped_items": [{"item": "x", "reason": "cloudy"}], "item_ids": ["a", "b", "c", "d"],
             "tiles_written": [], "tiles_already_done": ["T1", "T2"], "cache_key": "k-s2",
+            "cube": "/x/cube/obs_s2.zarr",
         }
     }
 }  # fmt: skip
+STAGES = [IngestResult.model_validate(INGEST), PivotResult.model_validate(PIVOT)]
+
+
+@pytest.fixture
+def ws(tmp_path) -> Workspace:
+    return Workspace.open(RunConfig.model_validate(demo_config_dict()), tmp_path)
 
 
 def test_tile_status_says_what_was_written_and_why_the_rest_was_skipped():
-    rows = tile_status_rows({"ingest": INGEST, "pivot": PIVOT})
+    rows = tile_status_rows(STAGES)
     status = {(r["stage"], r["tile"]): (r["status"], r["reason"]) for r in rows}
     assert status[("pivot", "T1")] == ("written", "")
     assert status[("pivot", "T2")][0] == "skipped" and "abc123" in status[("pivot", "T2")][1]
@@ -49,25 +66,32 @@ def test_tile_status_says_what_was_written_and_why_the_rest_was_skipped():
         "skipped",
         "already done with the same inputs (cache key k-s2)",
     )
-    assert tile_status_rows({})[0]["reason"] == "no tile processed"
+    assert tile_status_rows([])[0]["reason"] == "no tile processed"
 
 
-def test_quality_page_shows_the_failures_and_the_verdict(tmp_path):
+def test_quality_page_shows_the_failures_and_the_verdict(ws):
     page = quality_html(PIVOT["quality"])
     assert "FAILED" in page and "3.0% outside" in page and "observed 4.2" in page
     assert "evaluated_expectations" in page
     passed = {**PIVOT["quality"], "success": True, "failed_critical": [], "failed_warning": []}
     assert "passed" in quality_html(passed) and "<p>None.</p>" in quality_html(passed)
-    path = write_quality_html(tmp_path, PIVOT["quality"])
+    path = Path(write_quality_html(ws, PIVOT["quality"]))
     assert path.name == "quality-pivot-cube.html" and "<html>" in path.read_text()
 
 
-def test_operations_section_links_quality_pages_and_products(tmp_path):
-    summary = {"config_hash": "h", "period": "2023-01-01/2023-12-31", "map": "/x/mosaic.vrt"}
-    text = operations_markdown(summary, {"ingest": INGEST, "pivot": PIVOT}, tmp_path)
+def test_operations_section_links_quality_pages_and_products(ws, tmp_path):
+    summary = ProduceResult(
+        config="demo", config_hash="h", period="2023-01-01/2023-12-31", tiles=2,
+        items_used={"s2": 4}, items_skipped={"s2": 1}, cube="/x/cube/pivot.zarr",
+        cube_version="abc123", map="/x/mosaic.vrt", quicklook="/x/quicklook.png",
+        stac_catalog="/x/catalog.json", product_version="m1-cabc123",
+        mlflow={"tracking_uri": "sqlite:///x", "model": "m", "model_version": "1", "run_id": "r"},
+        duration_s=1.0,
+    )  # fmt: skip
+    text = operations_markdown(ws, summary, STAGES)
     assert "4 items used of 5 found, 1 skipped" in text
     assert "| pivot | T2 | skipped |" in text
-    assert f"({(tmp_path / 'quality-pivot-cube.html').as_uri()})" in text
+    assert f"({(tmp_path / 'reports' / 'quality-pivot-cube.html').as_uri()})" in text
     assert "FAILED" in text and "file:///x/mosaic.vrt" in text
 
 
@@ -77,8 +101,12 @@ def test_train_markdown_names_the_model_and_its_scores():
         "kappa": 0.7, "n_test_pixels": 100, "split": "blocks", "promotion_reason": "better",
         "run_id": "r", "model_uri": "models:/m/3", "cube_version": "c", "device": "cpu",
         "baseline": {"overall_accuracy": 0.5, "macro_f1": 0.4},
+        "per_class_f1": {}, "confusion_matrix": [], "classes": [], "student": None,
+        "pretraining": None, "n_train_pixels": 1000, "label_fraction": 0.1, "promoted": True,
+        "champion_version": "3", "validation_key": "v", "parameters": 1, "flops_per_pixel": 1.0,
+        "n_steps": 1, "cube_url": "/x/cube/pivot.zarr", "code_version": "0.1.0", "final_loss": 0.1,
     }  # fmt: skip
-    text = train_markdown(summary)
+    text = train_markdown(TrainResult.model_validate(summary))
     assert "`m` v3" in text and "macro-F1 0.800" in text and "baseline: OA 0.500" in text
 
 
@@ -93,19 +121,19 @@ def test_structured_log_lines_are_key_value():
 @pytest.fixture(scope="module")
 def small_region(tmp_path_factory):
     """Four 32 px tiles, two months: the generated data, shared by the resume tests."""
-    from pivotmap.flows.deploy import prepare_small_demo
+    from pivotmap.flows.demo import prepare_demo
 
     out = tmp_path_factory.mktemp("resume")
-    prepare_small_demo(out, 7, 2, 32, "2023-05-01", "2023-06-30")
+    prepare_demo(out, 7, 2, 32, "2023-05-01", "2023-06-30")
     return out
 
 
 def _ingest(out, overrides=None):
     from pivotmap.config import load_run_config
-    from pivotmap.flows.ingest import run_ingest
+    from pivotmap.tasks.ingest import ingest
 
     config = load_run_config(out / "demo.yaml", overrides=overrides)
-    return run_ingest(config, str(out))["modalities"]["s2"]
+    return ingest(Workspace.open(config, out), False).to_dict()["modalities"]["s2"]
 
 
 def _written(summary) -> set[str]:

@@ -4,15 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from pivotmap.models.datamodule import spatial_block_split, stratified_sample
+from pivotmap.models.evaluation import metrics
 from pivotmap.models.features import fit_normalisation, has_data, network_input
 from pivotmap.models.network import ModelSpec, build_model, count_parameters
-from pivotmap.models.training import (
-    fit,
-    metrics,
-    predict_proba,
-    spatial_block_split,
-    stratified_sample,
-)
+from pivotmap.models.training import fit, predict_proba
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

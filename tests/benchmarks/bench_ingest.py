@@ -3,7 +3,7 @@
 Generates a seeded synthetic region (SYNTHETIC data, `generate_demo_region`) with larger tiles,
 then in one process times
 
-* pivotmap: `run_ingest` (static catalogue search, Great Expectations item checks, SCL masking,
+* pivotmap: `tasks.ingest.ingest` (static catalogue search, Great Expectations item checks, SCL masking,
   S1 → dB, windowed reads on Dask threads, int16 Zarr v3 obs cubes per tile block), and
 * baseline: `odc.stac.load(items, bands, geobox, groupby="solar_day")` of the same items and
   bands (S2 bands + SCL, S1 vv/vh) onto the same geobox, then `to_zarr` (Zarr v3), no masking.
@@ -25,8 +25,12 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from pivotmap.results import IngestResult
 
 
 def _config(data: Path, tile_size: int, tiles: int, months: int, workers: int) -> dict:
@@ -46,16 +50,16 @@ def _baseline(config, out: Path, workers: int) -> tuple[float, int]:
     """Plain odc-stac load + to_zarr of the items pivotmap used; returns (seconds, px-dates)."""
     import odc.stac
 
-    from pivotmap.flows.ingest import region_lonlat
-    from pivotmap.flows.workspace import Workspace
+    from pivotmap.tasks.region import tiles_lonlat
     from pivotmap.tasks.stac_source import search_items
+    from pivotmap.tasks.workspace import Workspace
 
     ws = Workspace.open(config, out)
     tiles = ws.tiles()
     geobox = ws.extent(tiles)
     period, src = config.period, config.source
     found = {
-        c: search_items("static", src.url, c, region_lonlat(tiles), period.start, period.end)
+        c: search_items("static", src.url, c, tiles_lonlat(tiles), period.start, period.end)
         for c in (src.s2_collection, src.s1_collection)
     }
     bands = {
@@ -74,15 +78,16 @@ def _baseline(config, out: Path, workers: int) -> tuple[float, int]:
     return time.perf_counter() - started, px_dates
 
 
-def _pivotmap(config, out: Path) -> tuple[float, int, dict]:
-    from pivotmap.flows.ingest import run_ingest
+def _pivotmap(config, out: Path) -> tuple[float, int, IngestResult]:
+    from pivotmap.tasks.ingest import ingest
+    from pivotmap.tasks.workspace import Workspace
 
     started = time.perf_counter()
-    summary = run_ingest(config, str(out), force=True)
+    result = ingest(Workspace.open(config, out), force=True)
     seconds = time.perf_counter() - started
-    n_px = len(summary["tiles"]) * config.grid.tile_size**2
-    px_dates = sum(m["dates"] * n_px for m in summary["modalities"].values())
-    return seconds, px_dates, summary
+    n_px = len(result.tiles) * config.grid.tile_size**2
+    px_dates = sum(m.dates * n_px for m in result.modalities.values())
+    return seconds, px_dates, result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,9 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 
+    import pivotmap.tasks.ingest  # noqa: F401  (warm the imports)
     from pivotmap.config import RunConfig
     from pivotmap.runtime import apply_offline_defaults
-    from pivotmap.tasks.item_checks import _run  # noqa: F401  (warm the GX import)
     from pivotmap.tasks.synthetic import generate_demo_region
 
     apply_offline_defaults()
@@ -125,9 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
             "pivotmap_px_dates_per_s": round(max(ours)),
             "baseline_px_dates_per_s": round(max(base)),
             "ratio": round(max(ours) / max(base), 3),
-            "tiles": len(summary["tiles"]),
+            "tiles": len(summary.tiles),
             "tile_size": args.tile_size,
-            "dates": {m: v["dates"] for m, v in summary["modalities"].items()},
+            "dates": {m: v.dates for m, v in summary.modalities.items()},
             "workers": args.workers,
             "data": "SYNTHETIC (generate_demo_region)",
         }

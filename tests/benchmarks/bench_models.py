@@ -37,11 +37,10 @@ def build_cube(config, out: Path) -> None:
 
 def load(config, out: Path, **overrides):
     """The train flow's data preparation (same split, pixels and normalisation)."""
-    from pivotmap.flows.train import prepare_data
-    from pivotmap.flows.workspace import Workspace
-    from pivotmap.models.training import spatial_block_split
+    from pivotmap.models.datamodule import prepare_data, spatial_block_split
     from pivotmap.tasks.labels import read_labels
     from pivotmap.tasks.nomenclature import load_nomenclature
+    from pivotmap.tasks.workspace import Workspace
 
     config = config.model_copy(update={"train": config.train.model_copy(update=overrides)})
     ws = Workspace.open(config, out)
@@ -50,12 +49,12 @@ def load(config, out: Path, **overrides):
     )
     tc = config.train
     test_mask = spatial_block_split(labels, tc.block_size, tc.test_fraction, tc.seed)
-    return prepare_data.fn(ws, labels, test_mask), tc
+    return prepare_data(ws, labels, test_mask), tc
 
 
 def train_and_score(data, tc, init_state=None, modalities=None) -> tuple[dict, object]:
     """Fit a network on the data's training pixels; held-out scores and the model."""
-    from pivotmap.flows.train import evaluate
+    from pivotmap.models.trainer import evaluate
     from pivotmap.models.training import fit
 
     spec = data.spec if modalities is None else data.spec.replace(modalities=modalities)
@@ -78,9 +77,9 @@ def train_and_score(data, tc, init_state=None, modalities=None) -> tuple[dict, o
 
 
 def pretrained_state(data, tc) -> dict:
-    from pivotmap.flows.train import pretrain_encoder
+    from pivotmap.models.trainer import pretrain_encoder
 
-    return pretrain_encoder.fn(data, tc, "cpu")["state"]
+    return pretrain_encoder(data, tc, "cpu")["state"]
 
 
 def few_label_gain(
@@ -88,7 +87,7 @@ def few_label_gain(
 ) -> dict:
     """Scratch vs pretrained fine-tuning on `fraction` of the training labels (same split and
     pretrained encoder; one label draw per seed)."""
-    from pivotmap.models.training import label_subset
+    from pivotmap.models.datamodule import label_subset
 
     rows = []
     for seed in seeds:
@@ -125,8 +124,8 @@ def short(scores: dict) -> dict:
 
 def main(args: list[str] | None = None) -> dict:
     from pivotmap.config import load_run_config
-    from pivotmap.flows.train import distil_student, random_forest_baseline
     from pivotmap.models.evaluation import pixels_per_second_per_core
+    from pivotmap.models.trainer import distil_student, evaluate, random_forest_baseline
     from pivotmap.runtime import apply_offline_defaults
 
     apply_offline_defaults()
@@ -158,11 +157,9 @@ def main(args: list[str] | None = None) -> dict:
     result["fusion_pretrained"], model = train_and_score(data, tc, init_state=state)
     result["s2_only"], _ = train_and_score(data, tc, modalities=("s2",))
     result["s1_only"], _ = train_and_score(data, tc, modalities=("s1",))
-    result["random_forest"] = random_forest_baseline.fn(data, tc)
+    result["random_forest"] = random_forest_baseline(data, tc)
     student_tc = tc.model_copy(update={"distill_epochs": tc.distill_epochs or tc.epochs})
-    student = distil_student.fn(data, model, student_tc, "cpu").model
-    from pivotmap.flows.train import evaluate
-
+    student = distil_student(data, model, student_tc, "cpu").model
     result["student"] = evaluate(student, data, "cpu")
     x = np.concatenate([data.x] * max(1, 8192 // len(data.x)))[:8192]
     result["fusion_pretrained"]["px_per_s_per_core"] = round(pixels_per_second_per_core(model, x))

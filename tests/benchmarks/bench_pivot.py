@@ -141,11 +141,10 @@ def time_gapfill(obs_url: str, days: int, repeat: int = 3) -> dict:
 
 def build_pivotmap(obs: dict[str, str], url: str, size: int, days: int) -> float:
     """The pivot flow's path: create the cube, fill shard blocks on Dask threads, publish."""
-    from pivotmap.flows.pivot import pivot_variables
     from pivotmap.runtime import keep_freed_memory
     from pivotmap.tasks import cube
     from pivotmap.tasks.grid import GridSpec
-    from pivotmap.tasks.pivot import FillSettings, daily_times, fill_region
+    from pivotmap.tasks.pivot import FillSettings, daily_times, fill_region, pivot_variables
 
     keep_freed_memory()  # as the pivot flow does
     t0 = time.perf_counter()

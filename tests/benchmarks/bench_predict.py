@@ -27,10 +27,9 @@ def build_cube(url: str, tile: int, tiles: int, days: int) -> None:
 
     import xarray as xr
 
-    from pivotmap.flows.pivot import pivot_variables
     from pivotmap.tasks import cube
     from pivotmap.tasks.grid import GridSpec
-    from pivotmap.tasks.pivot import daily_times
+    from pivotmap.tasks.pivot import daily_times, pivot_variables
 
     grid = GridSpec(
         crs="EPSG:32631", resolution=10, tile_size=tile, origin_x=500000, origin_y=5630000
@@ -68,15 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     import xarray as xr
 
-    from pivotmap.models.inference import (
-        TileJob,
-        _read_window,
-        classify,
-        open_raw,
-        run_tile_job,
-        save_for_workers,
-    )
+    from pivotmap.models.inference import TileJob, classify, run_tile_job, save_for_workers
     from pivotmap.models.network import ModelSpec, build_model, count_parameters, flops_per_pixel
+    from pivotmap.tasks.cube import PivotReader
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -93,10 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         build_cube(url, args.tile, args.tiles, args.days)
         build_s = time.perf_counter() - t0
-        model_dir = str(save_for_workers(model, spec, Path(tmp) / "model"))
+        model_url = save_for_workers(model, spec, str(Path(tmp) / "model"))
         jobs = [
             TileJob(tile_id=f"t{i}", rows=(0, args.tile), cols=(i * args.tile, (i + 1) * args.tile),
-                    pivot_url=url, model_dir=model_dir, out_path=str(Path(tmp) / f"t{i}.npz"),
+                    pivot_url=url, model_url=model_url, out_url=str(Path(tmp) / f"t{i}.npz"),
                     batch_size=8192, window=64)
             for i in range(args.tiles)
         ]  # fmt: skip
@@ -120,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             classify(model, spec, ds.isel(time=slice(0, None, spec.step_days)), 8192, "cpu")
         base_s = time.perf_counter() - t0
 
-        window = _read_window(open_raw(url), jobs[0], 0, 0, spec.step_days)
+        window = PivotReader(url).window(slice(0, 64), slice(0, 64), spec.step_days)
         t0 = time.perf_counter()
         classify(model, spec, window, 8192, "cpu")
         compute_one = time.perf_counter() - t0

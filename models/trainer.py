@@ -1,0 +1,479 @@
+"""The train stage: labels and pivot cube → a fused S1/S2 classifier, measured and registered.
+
+Steps (each one a Prefect task when `flows/train.py` runs them; training uses CUDA with bf16
+autocast where the stage runs on a GPU, elsewhere the CPU):
+
+1. split the labels in spatial blocks; read the labelled pixels and a sample of unlabelled ones
+   (never from held-out blocks) — `models/datamodule.py`;
+2. optionally pretrain the encoders by masked reconstruction on the unlabelled pixels;
+3. train the classifier (from the pretrained encoders when there are some);
+4. a random forest on temporal features of the same pixels and split (the baseline);
+5. optionally distil a smaller student, and align the encoder with class descriptions (text);
+6. log everything to MLflow, register the model (and the student) and move @champion only when
+   the candidate wins on the same held-out data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pivotmap import __version__
+from pivotmap.models.datamodule import (
+    TrainingData,
+    labels,
+    labels_config,
+    prepare_data,
+    spatial_block_split,
+    stratified_sample,
+)
+from pivotmap.models.evaluation import code_version, confusion_png, headline, metrics
+from pivotmap.models.network import count_parameters, flops_per_pixel
+from pivotmap.models.training import FitResult, cpu_threads, pick_device, predict_proba
+from pivotmap.results import PivotResult, TrainResult
+from pivotmap.runtime import run_logger
+from pivotmap.tasks.nomenclature import load_nomenclature
+
+if TYPE_CHECKING:
+    from pivotmap.config import RunConfig, TrainConfig
+    from pivotmap.models.registry import RegisteredModel
+    from pivotmap.tasks.nomenclature import Nomenclature
+    from pivotmap.tasks.workspace import Workspace
+
+Step = Callable[[Callable], Callable]  # wraps a step function (e.g. as a Prefect task)
+
+
+def _as_is(fn: Callable) -> Callable:
+    return fn
+
+
+# ---------------------------------------------------------------------------- the steps
+def pretrain_encoder(data: TrainingData, tc: TrainConfig, device: str) -> dict:
+    """Masked-reconstruction pretraining on the unlabelled pixels: encoder weights and losses."""
+    from pivotmap.models.pretrain import pretrain
+
+    state, losses = pretrain(
+        data.x_unlabelled,
+        data.spec,
+        epochs=tc.pretrain_epochs,
+        batch_size=tc.batch_size,
+        learning_rate=tc.learning_rate,
+        seed=tc.seed,
+        device=device,
+    )
+    return {"state": state, "losses": losses, "pixels": len(data.x_unlabelled)}
+
+
+def train_classifier(
+    data: TrainingData, tc: TrainConfig, device: str, init_state: dict | None = None
+) -> FitResult:
+    """Supervised training on the training pixels (from pretrained encoders if given)."""
+    from pivotmap.models.training import fit
+
+    idx = data.train_idx
+    return fit(
+        data.x[idx],
+        data.y[idx],
+        data.spec,
+        epochs=tc.epochs,
+        batch_size=tc.batch_size,
+        learning_rate=tc.learning_rate,
+        seed=tc.seed,
+        device=device,
+        init_state=init_state,
+        init_lr_scale=tc.pretrain_lr_scale,
+    )
+
+
+def random_forest_baseline(data: TrainingData, tc: TrainConfig) -> dict:
+    """The random forest on temporal features, same pixels and split; its scores."""
+    from pivotmap.models.baseline import fit_random_forest, temporal_features
+
+    started = time.monotonic()
+    features = temporal_features(data.series, data.spec.channels[:-2], tc.baseline_every)
+    forest = fit_random_forest(
+        features[data.train_idx], data.codes[data.train_idx], trees=tc.baseline_trees, seed=tc.seed
+    )
+    predicted = forest.predict(features[data.is_test])
+    scores = metrics(data.codes[data.is_test], predicted, data.spec.classes)
+    return {
+        **scores,
+        "model": f"RandomForestClassifier({tc.baseline_trees} trees, class-balanced)",
+        "features": int(features.shape[1]),
+        "duration_s": round(time.monotonic() - started, 2),
+    }
+
+
+def distil_student(data: TrainingData, teacher, tc: TrainConfig, device: str) -> FitResult:
+    """A smaller student trained on the teacher's soft predictions (all non-test pixels)."""
+    from pivotmap.models.distill import distill, student_spec
+
+    y_pool = np.full(len(data.x_unlabelled), -1)
+    x = np.concatenate([data.x[data.train_idx], data.x_unlabelled])
+    y = np.concatenate([data.y[data.train_idx], y_pool])
+    return distill(
+        teacher,
+        x,
+        y,
+        student_spec(data.spec, tc.distill_hidden),
+        epochs=tc.distill_epochs,
+        batch_size=tc.batch_size,
+        learning_rate=tc.learning_rate,
+        seed=tc.seed,
+        device=device,
+    )
+
+
+def start_text_embedding(nomenclature: Nomenclature, config: RunConfig):
+    """Embed every class phrasing and configured prompt in a child process, or None when the
+    text alignment is off."""
+    if not config.concept.enabled:
+        return None
+    from pivotmap.models.text_align import EmbeddingJob
+
+    texts = [p for c in nomenclature.classes for p in c.phrasings] + list(config.concept.prompts)
+    return EmbeddingJob(texts)
+
+
+def align_text(data: TrainingData, model, nomenclature: Nomenclature, job, config: RunConfig):
+    """The text-alignment head on the frozen encoder, with its zero-shot figures."""
+    import copy
+
+    from pivotmap.models.text_align import build_alignment
+
+    cc, seed = config.concept, config.train.seed
+    train = data.train_idx[stratified_sample(data.codes[data.train_idx], cc.max_pixels, seed)]
+    test = np.flatnonzero(data.is_test)
+    x, y, frozen = data.x, data.y, copy.deepcopy(model).cpu()
+    return build_alignment(
+        frozen, nomenclature, job.result(), x[train], y[train], x[test], y[test],
+        steps=cc.steps, seed=seed,
+    )  # fmt: skip
+
+
+def evaluate(model, data: TrainingData, device: str) -> dict:
+    """Scores of a network on the held-out pixels, with its size and cost."""
+    proba = predict_proba(model, data.x[data.is_test], 8192, device)
+    predicted = np.asarray(model.spec.classes)[proba.argmax(1)]
+    scores = metrics(data.codes[data.is_test], predicted, model.spec.classes)
+    scores["parameters"] = count_parameters(model)
+    scores["flops_per_pixel"] = flops_per_pixel(model.spec)
+    return scores
+
+
+@dataclass(frozen=True)
+class Trained:
+    """The networks one run trained and their held-out scores (the baseline's too)."""
+
+    model: Any
+    losses: list[float]
+    scores: dict
+    pretrained: dict | None
+    alignment: Any  # text_align.Alignment or None
+    student_model: Any
+    student: dict | None
+    baseline: dict | None
+
+
+def fit_models(
+    data: TrainingData, config: RunConfig, device: str, nomenclature, text_job, step: Step
+) -> Trained:
+    """Pretrain, train, align and distil under the configured CPU threads; then the forest."""
+    tc = config.train
+    with cpu_threads(device, tc.cpu_threads):
+        pretrained = step(pretrain_encoder)(data, tc, device) if tc.pretrain_epochs else None
+        init = pretrained["state"] if pretrained else None
+        fitted = step(train_classifier)(data, tc, device, init)
+        scores = evaluate(fitted.model, data, device)
+        alignment = None
+        if text_job:
+            alignment = step(align_text)(data, fitted.model, nomenclature, text_job, config)
+        student_model = student = None
+        if tc.distill_epochs:
+            student_model = step(distil_student)(data, fitted.model, tc, device).model
+            student = evaluate(student_model, data, device)
+    baseline = step(random_forest_baseline)(data, tc) if tc.baseline_trees else None
+    return Trained(
+        model=fitted.model, losses=fitted.losses, scores=scores, pretrained=pretrained,
+        alignment=alignment, student_model=student_model, student=student, baseline=baseline,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- what is recorded
+def validation_key(labels_url: str, test_mask: np.ndarray, cube_version: str) -> str:
+    """Names the held-out data: same labels file, same split, same cube."""
+    digest = hashlib.sha256(
+        Path(labels_url).read_bytes() if Path(labels_url).is_file() else labels_url.encode()
+    )
+    digest.update(np.packbits(test_mask).tobytes())
+    digest.update(cube_version.encode())
+    return digest.hexdigest()[:16]
+
+
+def confusion_figures(
+    ws: Workspace,
+    names: dict[int, str],
+    classes: tuple[int, ...],
+    results: dict[str, dict],
+    folder: Path,
+) -> dict[str, Path]:
+    """One confusion-matrix PNG per evaluated model, drawn in local `folder` (for MLflow) and
+    kept under the run's reports/; {artifact name: local path}."""
+    labels = [names.get(c, str(c)) for c in classes]
+    out = {}
+    for label, scores in results.items():
+        name = f"confusion_{label}"
+        title = f"{label}: OA {scores['overall_accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}"
+        path = confusion_png(scores["confusion_matrix"], labels, folder / f"{name}.png", title)
+        ws.write_report_file(path.name, path.read_bytes())
+        out[name] = path
+    return out
+
+
+def run_params(ws: Workspace, data: TrainingData, device: str, cube_version: str) -> dict:
+    """What MLflow records as the run's parameters: config, data sizes, cube and code versions."""
+    tc, config = ws.config.train, ws.config
+    return {
+        **tc.model_dump(mode="json"),
+        "n_train_pixels": len(data.train_idx),
+        "n_test_pixels": int(data.is_test.sum()),
+        "n_unlabelled_pixels": len(data.x_unlabelled),
+        "n_steps": data.spec.n_steps,
+        "cube_url": ws.pivot_url,
+        "cube_version": cube_version,
+        "labels_url": labels_config(config).url,
+        "config_hash": config.config_hash(),
+        "software_version": __version__,
+        "code_version": code_version(__version__),
+        "device": device,
+    }
+
+
+def run_metrics(scores: dict, baseline: dict | None, student: dict | None) -> dict:
+    """Model, baseline (`rf_…`) and student (`student_…`) scores as flat MLflow metrics."""
+    out = {k: scores[k] for k in ("overall_accuracy", "macro_f1", "kappa")}
+    out["f1"] = scores["per_class_f1"]
+    out |= {"parameters": scores["parameters"], "flops_per_pixel": scores["flops_per_pixel"]}
+    for prefix, other in (("rf", baseline), ("student", student)):
+        if other:
+            out |= {f"{prefix}_{k}": other[k] for k in ("overall_accuracy", "macro_f1", "kappa")}
+            out[f"{prefix}_f1"] = other["per_class_f1"]
+    return out
+
+
+def alignment_metrics(alignment) -> dict:
+    """Zero-shot figures as MLflow metrics (`zs_…`); none without an alignment."""
+    if alignment is None:
+        return {}
+    keys: tuple[str, ...] = (
+        "seen_top1",
+        "heldout_top1",
+        "heldout_top1_class_mean",
+        "chance_top1",
+        "null_heldout_top1",
+    )
+    keys += ("heldout_mean_rank", "chance_mean_rank")
+    return {f"zs_{k}": alignment.zero_shot[k] for k in keys}
+
+
+def mlflow_target(ws: Workspace) -> dict:
+    """Where the run's MLflow records go: tracking URI, artifact root and experiment."""
+    from pivotmap.models.registry import tracking_uri_for
+
+    return {
+        "tracking_uri": tracking_uri_for(ws.root, ws.config.mlflow.tracking_uri),
+        "artifact_root": ws.url("mlflow", "artifacts"),
+        "experiment": f"pivotmap-{ws.config.name}",
+    }
+
+
+def register(
+    ws: Workspace,
+    model,
+    data: TrainingData,
+    key: str,
+    params: dict,
+    flat: dict,
+    figures: dict[str, Path],
+    alignment=None,
+) -> RegisteredModel:
+    """Log the run (params, metrics, confusion PNGs, input signature) and register the model
+    (with its text-alignment head when there is one)."""
+    from pivotmap.models.registry import log_and_register
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return log_and_register(
+            **mlflow_target(ws),
+            model_name=ws.config.model_name,
+            model=model.cpu(),
+            spec=data.spec,
+            params=params,
+            metrics=flat,
+            validation_key=key,
+            artifacts=figures,
+            tags={"pivotmap.role": "model", "pivotmap.code_version": params["code_version"]},
+            input_example=data.x[:4],
+            model_files=alignment.save(Path(tmp)) if alignment else None,
+        )
+
+
+def register_student(
+    ws: Workspace, student, data: TrainingData, key: str, teacher: dict, scores: dict
+) -> RegisteredModel:
+    """Register the distilled student as `<model name>-student`, with its gap to the teacher."""
+    from pivotmap.models.registry import log_and_register
+
+    flat = {k: scores[k] for k in ("overall_accuracy", "macro_f1", "kappa")}
+    flat |= {"f1": scores["per_class_f1"], "parameters": scores["parameters"]}
+    flat["macro_f1_gap_to_teacher"] = teacher["macro_f1"] - scores["macro_f1"]
+    return log_and_register(
+        **mlflow_target(ws),
+        model_name=f"{ws.config.model_name}-student",
+        model=student.cpu(),
+        spec=student.spec,
+        params={"teacher_model": ws.config.model_name, "cube_url": ws.pivot_url},
+        metrics=flat,
+        validation_key=key,
+        tags={"pivotmap.role": "student"},
+        input_example=data.x[:4],
+    )
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What one training run produced: the data it used, what it trained, registered versions."""
+
+    data: TrainingData
+    trained: Trained
+    registered: RegisteredModel
+    student_registered: RegisteredModel | None
+    validation_key: str
+    device: str
+    cube_version: str
+
+
+def record(
+    ws: Workspace,
+    data: TrainingData,
+    trained: Trained,
+    names: dict[int, str],
+    key: str,
+    device: str,
+    cube_version: str,
+) -> TrainOutcome:
+    """Confusion figures, the MLflow run and the registered model (and student) versions."""
+    scores, baseline, student = trained.scores, trained.baseline, trained.student
+    evaluated = {"model": scores} | ({"random_forest": baseline} if baseline else {})
+    flat = run_metrics(scores, baseline, student) | alignment_metrics(trained.alignment)
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = confusion_figures(ws, names, data.spec.classes, evaluated, Path(tmp))
+        params = run_params(ws, data, device, cube_version)
+        registered = register(
+            ws, trained.model, data, key, params, flat, figures, trained.alignment
+        )
+    student_registered = None
+    if student:
+        student_registered = register_student(ws, trained.student_model, data, key, scores, student)
+    return TrainOutcome(
+        data=data, trained=trained, registered=registered, student_registered=student_registered,
+        validation_key=key, device=device, cube_version=cube_version,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- the stage
+def train(ws: Workspace, device: str | None = None, step: Step = _as_is) -> TrainResult:
+    """Split labels spatially, (pre)train on the pivot cube, compare with a random forest,
+    evaluate on held-out blocks, register; the result is kept in the run folder.
+
+    `step` wraps each training step (the flow makes them Prefect tasks)."""
+    started = time.monotonic()
+    config, tc, dev = ws.config, ws.config.train, pick_device(device)
+    nomenclature = load_nomenclature(labels_config(config).nomenclature)
+    codes = labels(ws, nomenclature)
+    cube_version = ws.read_result(PivotResult).cube_version
+    test_mask = spatial_block_split(codes, tc.block_size, tc.test_fraction, tc.seed)
+    text_job = start_text_embedding(nomenclature, config)  # overlaps training (issue 9)
+    data = step(prepare_data)(ws, codes, test_mask)
+    trained = fit_models(data, config, dev, nomenclature, text_job, step)
+    key = validation_key(labels_config(config).url, test_mask, cube_version)
+    names = {c.code: c.name for c in nomenclature.classes}
+    outcome = record(ws, data, trained, names, key, dev, cube_version)
+    r, scores = outcome.registered, trained.scores
+    run_logger("train").info(
+        "model %s v%s: OA %.3f macro-F1 %.3f (%s)",
+        r.name, r.version, scores["overall_accuracy"], scores["macro_f1"], r.reason,
+    )  # fmt: skip
+    result = train_result(ws, outcome, duration_s=round(time.monotonic() - started, 2))
+    ws.write_result(result)
+    return result
+
+
+def _student_summary(student: dict, teacher: dict, registered: RegisteredModel) -> dict:
+    out = headline(student) | {k: student[k] for k in ("parameters", "flops_per_pixel")}
+    out["macro_f1_gap"] = round(teacher["macro_f1"] - student["macro_f1"], 4)
+    out["overall_accuracy_gap"] = round(
+        teacher["overall_accuracy"] - student["overall_accuracy"], 4
+    )
+    out |= {"model_name": registered.name, "model_version": registered.version}
+    return out
+
+
+def _pretraining_summary(pretrained: dict | None, tc: TrainConfig) -> dict | None:
+    if pretrained is None:
+        return None
+    return {
+        "epochs": tc.pretrain_epochs,
+        "unlabelled_pixels": pretrained["pixels"],
+        "final_loss": round(pretrained["losses"][-1], 4),
+    }
+
+
+def _baseline_summary(baseline: dict | None) -> dict | None:
+    if baseline is None:
+        return None
+    return headline(baseline) | {k: baseline[k] for k in ("model", "features", "confusion_matrix")}
+
+
+def train_result(ws: Workspace, outcome: TrainOutcome, duration_s: float) -> TrainResult:
+    """The stage's typed result: what the CLI prints and reports/train.json keeps."""
+    tc, o, t = ws.config.train, outcome, outcome.trained
+    data, scores, registered = o.data, t.scores, o.registered
+    return TrainResult(
+        **headline(scores),
+        n_test_pixels=scores["n_test_pixels"],
+        confusion_matrix=scores["confusion_matrix"],
+        classes=list(data.spec.classes),
+        baseline=_baseline_summary(t.baseline),
+        student=None
+        if t.student is None or o.student_registered is None
+        else _student_summary(t.student, scores, o.student_registered),
+        pretraining=_pretraining_summary(t.pretrained, tc),
+        n_train_pixels=len(data.train_idx),
+        label_fraction=tc.label_fraction,
+        split=f"spatial blocks of {tc.block_size} px, {tc.test_fraction:.0%} held out",
+        model_name=registered.name,
+        model_version=registered.version,
+        run_id=registered.run_id,
+        model_uri=registered.uri,
+        promoted=registered.promoted,
+        promotion_reason=registered.reason,
+        champion_version=registered.champion_version,
+        validation_key=o.validation_key,
+        parameters=scores["parameters"],
+        flops_per_pixel=scores["flops_per_pixel"],
+        n_steps=data.spec.n_steps,
+        cube_url=ws.pivot_url,
+        cube_version=o.cube_version,
+        code_version=code_version(__version__),
+        device=o.device,
+        final_loss=round(t.losses[-1], 4),
+        text_alignment=t.alignment.zero_shot if t.alignment else None,
+        duration_s=duration_s,
+    )

@@ -47,7 +47,18 @@ def demo_config_dict(data_dir: str = "data", seed: int = 42) -> dict:
             "cpu_threads": 1,  # CI's 2 shared cores: one thread trains small batches faster
         },
         # The demo runs anywhere, offline too: the test suite validates its STAC offline.
-        "publish": {"validate_stac": "off", "mosaic_cog": True},
+        "publish": {
+            "providers": [
+                {
+                    "name": "pivotmap demo (synthetic data)",
+                    "roles": ["producer", "licensor", "host"],
+                    "description": "Whoever runs this config; replace with your organisation "
+                    "and its URL.",
+                }
+            ],
+            "validate_stac": "off",
+            "mosaic_cog": True,
+        },
         # A concept map published with the map, and the saliency of one pixel (issue 9).
         "concept": {"prompts": ["a lake"]},
         "explain": {"pixels": [[500105.0, 5631005.0]]},

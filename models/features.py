@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from pivotmap.models import pivot_series
 from pivotmap.models.network import ModelSpec
 
 
@@ -34,28 +35,18 @@ def fit_normalisation(series: np.ndarray, spec: ModelSpec) -> ModelSpec:
 
 
 def network_input(series: np.ndarray, doy: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """Normalise bands, scale ages to [0, 1] (1 = nothing known), zero missing values, add doy."""
+    """Normalise bands, scale ages to [0, 1] (1 = nothing known), zero missing values, add doy
+    (`pivot_series`: the code that also travels with the registered model)."""
     names = (*spec.s2_channels, *spec.s1_channels)
-    x = np.empty((series.shape[0], series.shape[1], len(names) + 2), dtype=np.float32)
-    for c, name in enumerate(names):
-        values = series[:, :, c]
-        if name.startswith("age_"):
-            x[:, :, c] = np.where(
-                np.isfinite(values), np.minimum(values, spec.age_cap) / spec.age_cap, 1.0
-            )
-        else:
-            scaled = (values - spec.norm_mean.get(name, 0.0)) / spec.norm_std.get(name, 1.0)
-            x[:, :, c] = np.where(np.isfinite(scaled), scaled, 0.0)
-    angle = 2 * np.pi * doy.astype(np.float32) / 365.25
-    x[:, :, -2] = np.sin(angle)[None, :]
-    x[:, :, -1] = np.cos(angle)[None, :]
-    return x
+    return pivot_series.network_input(
+        series, doy, names, spec.norm_mean, spec.norm_std, spec.age_cap
+    )
 
 
 def has_data(series: np.ndarray) -> np.ndarray:
     """Pixels with at least one finite value in any band: only those get a class."""
-    return np.isfinite(series).any(axis=(1, 2))
+    return pivot_series.has_data(series)
 
 
 def day_of_year(ds: xr.Dataset) -> np.ndarray:
-    return ds.time.dt.dayofyear.values
+    return pivot_series.day_of_year(ds.time.values)

@@ -1,60 +1,133 @@
 """The MLflow pyfunc face of a pivotmap model, logged as code (MLflow "models from code").
 
-MLflow copies this file into the model artifact and runs it at load time, so that
-`mlflow.pyfunc.load_model("models:/<name>@champion").predict(x)` works for any user with
-pivotmap installed, and nothing is cloudpickled: the weights are a safetensors file and the
-architecture is rebuilt from `spec.json` with `pivotmap.models.network.build_model`.
+It runs without pivotmap: the network travels as a `torch.export` program (`network.pt2`: the
+graph as JSON, the weights as raw tensors, no pickle) and the preprocessing as `pivot_series.py`
+(logged beside this file through `code_paths`), so the model's requirements are index packages
+only. `mlflow.pyfunc.load_model("models:/<name>@champion").predict(x)` takes what a user reads
+from the pivot cube:
 
-Input is what the network takes: a float32 array [N, T, C] with the channels of
-`ModelSpec.channels`, already prepared (normalised, gaps at 0, ages capped) as the training and
-prediction pipelines feed it. Output is the class code (not the index) of each of the N pixels.
+- `time`: the daily dates, datetime64[ns] [D], with D = `n_steps * step_days` of `spec.json`
+  (a shorter cube is padded with NaN days at the end: the network never sees them);
+- one float32 array [N, D] per pivot variable of `spec.json` (bands, VV/VH, ages), decoded
+  values with NaN where missing (all NaN for a variable the cube lacks).
+
+It samples every `step_days` from the first date, normalises, caps ages and adds the day of year
+as pivotmap's prediction does, and returns a DataFrame of N rows: `class` (class code, 255 where
+a pixel has no data), `confidence` (0–100, 255 where no data) and `p_<code>` (probabilities).
 Pass `model_config={"device": "cuda"}` to `load_model` to predict on a GPU (default: CPU).
+
+This file imports nothing of pivotmap.
 """
 
 import json
+import zipfile
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
-from pivotmap.models.network import ModelSpec, build_model
-
 _BATCH = 65536  # pixels per forward pass: bounds memory on large inputs
+NODATA = 255  # class and confidence of a pixel with no data, as in the published maps
 
 
 class PivotmapClassifier(PythonModel):
-    """Pixel time series [N, T, C] float32 -> class codes [N].
-
-    The `np.ndarray` type hint tells MLflow to validate against the logged tensor signature
-    (it infers no schema from this hint, and stops warning about missing hints).
-    """
+    """Daily pivot series of N pixels -> class code, confidence and probabilities per pixel."""
 
     def load_context(self, context) -> None:
-        from safetensors.torch import load_file
+        import pivot_series  # logged with the model (`code_paths`): on sys.path at load time
 
+        self.prep = pivot_series
         with open(context.artifacts["spec"], encoding="utf-8") as f:
-            self.spec = ModelSpec.from_dict(json.load(f))
+            self.spec = json.load(f)
         config = context.model_config or {}
         self.device = torch.device(config.get("device", "cpu"))
-        net = build_model(self.spec)
-        net.load_state_dict(load_file(context.artifacts["weights"], device="cpu"))
-        self.net = net.to(self.device).eval()
-        self.codes = np.asarray(self.spec.classes, dtype=np.int64)
+        self.net = load_network(context.artifacts["network"], self.device)
+        self.codes = np.asarray(self.spec["classes"], dtype=np.int64)
+        self.names = (*self.spec["s2_channels"], *self.spec["s1_channels"])
+        self.n_days = self.spec["n_steps"] * self.spec["step_days"]
 
-    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
-        x = np.asarray(model_input, dtype=np.float32)
-        if x.ndim != 3 or x.shape[-1] != len(self.spec.channels):
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        """Class, confidence and probabilities of each pixel (rows in input order)."""
+        dates, series = self._checked(model_input)
+        ok = self.prep.has_data(series)
+        proba = np.full((len(series), len(self.codes)), np.nan, dtype=np.float32)
+        if ok.any():
+            proba[ok] = self._proba(series[ok], self.prep.day_of_year(dates))
+        classes = np.full(len(series), NODATA, dtype=np.int32)
+        confidence = np.full(len(series), NODATA, dtype=np.int32)
+        classes[ok] = self.codes[proba[ok].argmax(1)]
+        confidence[ok] = np.rint(proba[ok].max(1) * 100).astype(np.uint8)
+        columns: dict[str, np.ndarray] = {"class": classes, "confidence": confidence}
+        columns |= {f"p_{code}": proba[:, k] for k, code in enumerate(self.codes)}
+        return pd.DataFrame(columns)
+
+    def _checked(self, model_input) -> tuple[np.ndarray, np.ndarray]:
+        """The sampled dates [T] and series [N, T, C] float32; a clear error on a wrong input
+        (MLflow's schema check refuses it first when the model is loaded through MLflow)."""
+        missing = [n for n in ("time", *self.names) if n not in model_input]
+        if missing:
+            raise ValueError(f"missing inputs {missing}: expected 'time' and {list(self.names)}")
+        dates = self._shaped("time", np.asarray(model_input["time"]))
+        arrays = [self._shaped(n, np.asarray(model_input[n], np.float32)) for n in self.names]
+        steps = self.prep.sample_days(self.n_days, self.spec["step_days"])
+        return dates[steps], np.stack([a[:, steps] for a in arrays], axis=-1)
+
+    def _shaped(self, name: str, values: np.ndarray) -> np.ndarray:
+        """`values` if its shape is [D] (`time`) or [N, D] (a variable), else a ValueError that
+        names the expected daily length."""
+        ndim, shape = (1, f"[{self.n_days}]") if name == "time" else (2, f"[N, {self.n_days}]")
+        if values.ndim != ndim or values.shape[-1] != self.n_days:
             raise ValueError(
-                f"expected an array [N, T, {len(self.spec.channels)}] "
-                f"(channels {', '.join(self.spec.channels)}), got shape {x.shape}"
+                f"input {name!r} has shape {values.shape}: expected {shape}, a daily axis of "
+                f"{self.n_days} days from the first date ({self.spec['n_steps']} steps of "
+                f"{self.spec['step_days']} days; pad a shorter series with NaN days at the end)"
             )
-        out = np.empty(len(x), dtype=np.int64)
+        return values
+
+    def _proba(self, series: np.ndarray, doy: np.ndarray) -> np.ndarray:
+        """Softmax probabilities [N, K], batched; bf16 autocast on CUDA as pivotmap predicts."""
+        s = self.spec
+        out = []
+        on_cuda = self.device.type == "cuda"
         with torch.inference_mode():
-            for start in range(0, len(x), _BATCH):
-                batch = torch.from_numpy(x[start : start + _BATCH]).to(self.device)
-                out[start : start + _BATCH] = self.net(batch).argmax(dim=-1).cpu().numpy()
-        return self.codes[out]
+            for start in range(0, len(series), _BATCH):
+                x = self.prep.network_input(
+                    series[start : start + _BATCH], doy, self.names,
+                    s["norm_mean"], s["norm_std"], s["age_cap"],
+                )  # fmt: skip
+                batch = torch.from_numpy(x).to(self.device)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on_cuda):
+                    logits = self.net(batch)
+                out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+        return np.concatenate(out)
+
+
+def load_network(path: str, device: torch.device):
+    """The exported network on `device`; an archive that declares pickled payloads is refused
+    (pivotmap writes none, and torch would unpickle them without restriction)."""
+    if pickled_entries(path):
+        raise ValueError(f"{path}: the exported network holds pickled payloads; refusing it")
+    from torch.export.passes import move_to_device_pass
+
+    program = torch.export.load(path)
+    if device.type != "cpu":
+        program = move_to_device_pass(program, device)
+    return program.module()
+
+
+def pickled_entries(path: str) -> list[str]:
+    """Names of the payloads a `torch.export` archive stores as pickles (none for pivotmap's)."""
+    with zipfile.ZipFile(path) as archive:
+        found = [
+            n for n in archive.namelist() if "/sample_inputs/" in n and archive.getinfo(n).file_size
+        ]
+        for name in archive.namelist():
+            if name.endswith("_config.json"):
+                config = json.loads(archive.read(name)).get("config", {})
+                found += [k for k, meta in config.items() if meta.get("use_pickle", True)]
+    return found
 
 
 mlflow.models.set_model(PivotmapClassifier())

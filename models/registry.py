@@ -1,9 +1,12 @@
 """MLflow registry helpers: log a trained model, register it, move @champion only when it wins.
 
-A model version holds the weights as safetensors plus `spec.json`, logged as an MLflow pyfunc
-"model from code" (`models/mlflow_pyfunc.py`), so nothing is pickled and
-`mlflow.pyfunc.load_model("models:/<name>@champion")` works for users. pivotmap itself reads
-the weights directly (`load_champion`) and runs no code from the artifact.
+A model version holds the weights as safetensors plus `spec.json`, and the same network as a
+`torch.export` program, logged as an MLflow pyfunc "model from code" (`models/mlflow_pyfunc.py`,
+with `models/pivot_series.py` as its code path): nothing is pickled, and
+`mlflow.pyfunc.load_model("models:/<name>@champion")` runs for users without pivotmap, from the
+raw daily series of the pivot cube. pivotmap itself reads the weights directly (`load_champion`)
+and runs no code from the artifact. What MLflow stores with the model names no local path of
+the producer: local paths in params become their last name, and the MLmodel is cleaned.
 
 Promotion rule: the candidate takes @champion only if its `macro_f1` is strictly higher than the
 champion's, measured on the same held-out data (the `pivotmap.validation_key` tag).
@@ -19,10 +22,12 @@ import json
 import logging
 import math
 import os
+import re
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
@@ -40,7 +45,11 @@ SCORE = "macro_f1"
 CHAMPION = "champion"
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "spec.json"
+NETWORK_FILE = "network.pt2"  # the torch.export program the pyfunc runs
 PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
+PREPROCESSING_CODE = Path(__file__).with_name("pivot_series.py")  # imports nothing of pivotmap
+# What the logged model installs: index packages only, pinned as pivotmap runs them.
+MODEL_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas")
 
 # INFO chatter on every call (database creation, input-example validation).
 _CHATTY_LOGGERS = ("mlflow.store.db.utils", "mlflow.pyfunc")
@@ -97,7 +106,7 @@ def log_and_register(
     validation_key: str,
     artifacts: dict[str, Path] | None = None,
     tags: dict | None = None,
-    input_example: np.ndarray | None = None,
+    input_example: np.ndarray | Mapping[str, np.ndarray] | None = None,
     model_files: dict[str, Path] | None = None,
 ) -> RegisteredModel:
     """Log a run with the model as a pyfunc, register a new version, and maybe promote it.
@@ -109,7 +118,11 @@ def log_and_register(
         metrics: floats; nested dicts are flattened (`{"f1": {3: 0.8}}` -> `f1_3`). Must
             include `macro_f1`, the promotion score.
         validation_key: identifies the held-out data; scores are compared only on equal keys.
+        params: logged as the run's parameters; a local path (e.g. `cube_url`) is logged as its
+            last name only: published metadata names no folder of the producer.
         artifacts: extra files (logged at the run root) or folders (logged under their key).
+        input_example: kept for older callers and ignored unless a dict in the pyfunc's input
+            form (`models/mlflow_pyfunc.py`); by default an example is built from `spec`.
         model_files: files stored inside the model version beside its weights, by name (e.g. the
             text-alignment head); read back with `load_model_files`.
     """
@@ -125,7 +138,8 @@ def log_and_register(
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     root = artifact_root if artifact_root is not None else _default_artifact_root(tracking_uri)
     experiment_id = _experiment_id(client, experiment, root)
-    run_tags = {**(tags or {}), VALIDATION_KEY_TAG: validation_key}
+    run_tags = {**_flatten_params(tags or {}), VALIDATION_KEY_TAG: validation_key}
+    run_tags.setdefault("mlflow.source.name", _script_name())
     with tempfile.TemporaryDirectory() as tmp, _using_tracking_uri(tracking_uri):
         files = _save_weights(state, spec, Path(tmp))
         files |= {
@@ -138,6 +152,7 @@ def log_and_register(
             mlflow.log_metrics(flat_metrics)  # before log_model, so the LoggedModel gets them too
             _log_extra_artifacts(extra)
             info = _log_pyfunc(files, spec, input_example)
+            _clean_mlmodel(info.model_id, Path(tmp))
         version_tags = {VALIDATION_KEY_TAG: validation_key}
         version_tags |= {f"metric.{k}": f"{v:.6g}" for k, v in flat_metrics.items()}
         version = _register(info.model_uri, model_name, version_tags)
@@ -268,14 +283,33 @@ def _flatten_metrics(metrics: Mapping) -> dict[str, float]:
 
 
 def _flatten_params(params: Mapping, prefix: str = "") -> dict[str, str]:
+    """Strings by dotted name, local paths reduced to their last name (`_public_value`)."""
     flat: dict[str, str] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat |= _flatten_params(value, f"{name}.")
         else:
-            flat[name] = str(value)
+            flat[name] = _public_value(str(value))
     return flat
+
+
+def _script_name() -> str:
+    """The running program's name for MLflow's `mlflow.source.name` tag (MLflow records its
+    path, a folder of the producer)."""
+    return PurePosixPath(sys.argv[0].replace("\\", "/")).name or "python"
+
+
+def _public_value(value: str) -> str:
+    """A local path (`/…`, `~/…`, `file:…`, `C:\\…`) as its last name; anything else unchanged.
+
+    MLflow shows params and tags to whoever reads the registry, and the producer's folders mean
+    nothing there (and disclose its layout); URLs such as s3://… stay as they are."""
+    text = value.strip()
+    if not re.match(r"^(/|~|file:|[A-Za-z]:[\\/])", text) or "\n" in text:
+        return value
+    name = PurePosixPath(text.replace("\\", "/").rstrip("/")).name
+    return name or value
 
 
 def _check_artifacts(artifacts: Mapping[str, Path]) -> dict[str, Path]:
@@ -363,49 +397,132 @@ def _experiment_id(client: MlflowClient, name: str, artifact_root: Path | str | 
 
 
 def _save_weights(state: dict, spec: ModelSpec, folder: Path) -> dict[str, str]:
+    """The weights and spec pivotmap reads, and the exported network the pyfunc runs."""
     from safetensors.torch import save_file
 
     weights, spec_path = folder / WEIGHTS_FILE, folder / SPEC_FILE
     save_file(state, str(weights), metadata={"format": "pt"})
     spec_path.write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
-    return {"weights": str(weights), "spec": str(spec_path)}
+    network = _export_network(state, spec, folder / NETWORK_FILE)
+    return {"weights": str(weights), "spec": str(spec_path), "network": str(network)}
 
 
-def _log_pyfunc(files: dict[str, str], spec: ModelSpec, input_example: np.ndarray | None):
+def _export_network(state: dict, spec: ModelSpec, path: Path) -> Path:
+    """The eval-mode network as a `torch.export` program, any number of pixels [N, T, C].
+
+    An exported graph freezes the architecture with the model (later pivotmap code cannot
+    break a registered version) and needs no pivotmap code to run; it computes what the
+    eager network computes, bit for bit on CPU."""
+    import torch
+
+    from pivotmap.models.network import build_model
+
+    net = build_model(spec)
+    net.load_state_dict(state)
+    example = torch.zeros(2, spec.n_steps, len(spec.channels))
+    pixels = torch.export.Dim("pixels", min=1)
+    program = torch.export.export(net.eval(), (example,), dynamic_shapes=({0: pixels},))
+    program._example_inputs = None  # else torch.export.save pickles them into the archive
+    torch.export.save(program, str(path))
+    return path
+
+
+def _log_pyfunc(files: dict[str, str], spec: ModelSpec, input_example: object):
     import mlflow
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, len(spec.channels)))]),
-        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
-    )
-    # An example lets MLflow check, at logging time, that the logged model loads and predicts.
-    if input_example is None:
-        input_example = np.zeros((1, spec.n_steps, len(spec.channels)), dtype=np.float32)
-    input_example = np.asarray(input_example, dtype=np.float32)
+    if not isinstance(input_example, Mapping):  # a network-input array from older callers
+        input_example = _input_example(spec)
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(PYFUNC_CODE),  # models from code: nothing is cloudpickled
+        code_paths=[str(PREPROCESSING_CODE)],
         artifacts=files,
-        signature=signature,
-        input_example=input_example,
+        signature=_signature(spec),
+        # An example lets MLflow check, at logging time, that the logged model loads and predicts.
+        input_example=dict(input_example),
         model_config={"device": "cpu"},  # load_model(..., model_config={"device": "cuda"})
         pip_requirements=_pip_requirements(),  # explicit: inference would load the model again
+        tags={"mlflow.source.name": _script_name()},
     )
 
 
+def pyfunc_inputs(spec: ModelSpec) -> tuple[str, ...]:
+    """The pyfunc's input names: `time`, then the pivot variables the network reads."""
+    return ("time", *spec.s2_channels, *spec.s1_channels)
+
+
+def _signature(spec: ModelSpec):
+    """Exact shapes: MLflow refuses a daily axis of another length before the model runs."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    days = spec.n_steps * spec.step_days
+    f32 = np.dtype(np.float32)
+    inputs = [TensorSpec(np.dtype("datetime64[ns]"), (days,), "time")]
+    inputs += [TensorSpec(f32, (-1, days), name) for name in pyfunc_inputs(spec)[1:]]
+    outputs = [ColSpec("integer", "class"), ColSpec("integer", "confidence")]
+    outputs += [ColSpec("float", f"p_{code}") for code in spec.classes]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))  # type: ignore[arg-type]
+
+
+def _input_example(spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Two pixels a year from 2024-01-01: one at the training means, observed daily, one empty."""
+    import numpy as np
+
+    days = spec.n_steps * spec.step_days
+    start = np.datetime64("2024-01-01", "ns")
+    example: dict[str, np.ndarray] = {"time": start + np.arange(days) * np.timedelta64(1, "D")}
+    for name in pyfunc_inputs(spec)[1:]:
+        typical = 0.0 if name.startswith("age_") else spec.norm_mean.get(name, 0.0)
+        values = np.full((2, days), np.nan, dtype=np.float32)
+        values[0] = typical
+        example[name] = values
+    return example
+
+
 def _pip_requirements() -> list[str]:
+    """The model's requirements, pinned to what runs here; never pivotmap."""
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for package in ("pivotmap", "torch", "safetensors", "numpy"):
+    for package in MODEL_REQUIREMENTS:
         try:
             reqs.append(f"{package}=={version(package).split('+', 1)[0]}")
         except PackageNotFoundError:
             reqs.append(package)
     return reqs
+
+
+def _clean_mlmodel(model_id: str, folder: Path) -> None:
+    """Rewrite the logged MLmodel without the producer's local paths (`public_mlmodel`)."""
+    import mlflow
+    import yaml
+
+    source = mlflow.get_logged_model(model_id).artifact_location.rstrip("/")
+    (folder / "mlmodel").mkdir()
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{source}/MLmodel", dst_path=str(folder / "mlmodel")
+    )
+    raw = yaml.safe_load(Path(local).read_text(encoding="utf-8"))
+    Path(local).write_text(yaml.safe_dump(public_mlmodel(raw), sort_keys=False), encoding="utf-8")
+    mlflow.MlflowClient().log_model_artifact(model_id, local)
+
+
+def public_mlmodel(raw: dict) -> dict:
+    """The MLmodel without local paths: the artifacts' source files (`uri`), the code file's
+    folder and the artifact location are producer-side facts that loading never reads."""
+    out = dict(raw)
+    out["artifact_path"] = "model"  # MLflow 3 writes the artifact location (file:///…) here
+    pyfunc = dict(out.get("flavors", {}).get("python_function", {}))
+    if "model_code_path" in pyfunc:  # loading joins its name to the model folder
+        pyfunc["model_code_path"] = PurePosixPath(str(pyfunc["model_code_path"])).name
+    pyfunc["artifacts"] = {
+        name: {k: v for k, v in entry.items() if k != "uri"}
+        for name, entry in (pyfunc.get("artifacts") or {}).items()
+    }
+    out["flavors"] = {**out.get("flavors", {}), "python_function": pyfunc}
+    return out
 
 
 def _log_extra_artifacts(extra: Mapping[str, Path]) -> None:

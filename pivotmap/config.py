@@ -375,6 +375,12 @@ class PublishConfig(_Frozen):
         default_factory=list,
         description="STAC providers of the products: {name, roles, url, description} each.",
     )
+    base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="Public http(s) URL where the products folder is served; gives catalog.json "
+        "and each Collection an absolute `self` link (all other links stay relative).",
+    )
 
     @model_validator(mode="after")
     def _offline_needs_schemas(self) -> PublishConfig:

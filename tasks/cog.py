@@ -1,4 +1,11 @@
-"""Cloud-optimised GeoTIFFs and a VRT mosaic of map tiles, byte-identical for identical input."""
+"""Cloud-optimised GeoTIFFs and a VRT mosaic of map tiles, byte-identical for identical input.
+
+Class names reach GDAL readers three ways: the VRT band holds `CategoryNames` and a raster
+attribute table; each class COG carries a band description and `CLASS_<code>` band metadata in
+its GDAL_METADATA tag; and a `<cog>.aux.xml` sidecar beside it holds the category names and the
+attribute table, because GDAL before 3.12 keeps those for GeoTIFF only in such a PAM file
+(OSGeo/gdal#13201 moved the RAT into the TIFF tag in 3.12; rasterio 1.4.4 bundles GDAL 3.10).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,16 @@ from odc.geo.geobox import GeoBox
 from pivotmap.tasks.nomenclature import NODATA_CODE
 
 Colormap = Mapping[int, tuple[int, int, int, int]]
+ClassNames = Mapping[int, str]  # class code -> name, from the nomenclature
+
+CLASS_BAND = "land-cover class"
+CONFIDENCE_BAND, CONFIDENCE_UNIT = "classifier confidence", "%"
+# Attribute table columns: name, GDALRATFieldType (0 integer, 2 string) and GDALRATFieldUsage
+# (5 MinMax = the pixel value, 2 Name, 6..9 Red/Green/Blue/Alpha), as gdal.h numbers them.
+_RAT_COLUMNS = (
+    ("value", 0, 5), ("class_name", 2, 2),
+    ("red", 0, 6), ("green", 0, 7), ("blue", 0, 8), ("alpha", 0, 9),
+)  # fmt: skip
 
 # The COG driver writes no timestamps; PAM off stops GDAL leaving .aux.xml sidecars next to
 # the files (they would break byte-identical reruns and the idempotency check).
@@ -43,8 +60,11 @@ def _write_cog(
     *,
     resampling: str,
     colormap: Colormap | None = None,
+    description: str,
+    unit: str = "",
+    tags: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write one uint8 band as a COG (internal tiles, overviews, nodata 255)."""
+    """Write one uint8 band as a COG (internal tiles, overviews, nodata 255, band metadata)."""
     if array.dtype != np.uint8 or array.shape != (geobox.height, geobox.width):
         raise ValueError(
             f"{path.name}: expected a uint8 array of shape {(geobox.height, geobox.width)}, "
@@ -69,17 +89,96 @@ def _write_cog(
         dst.write(array, 1)
         if colormap is not None:
             dst.write_colormap(1, dict(colormap))
+        # Description, unit and band tags go into the GDAL_METADATA TIFF tag: no sidecar.
+        dst.set_band_description(1, description)
+        if unit:
+            dst.set_band_unit(1, unit)
+        if tags:
+            dst.update_tags(1, **dict(tags))
     return path
 
 
-def write_class_cog(path: Path, classes: np.ndarray, geobox: GeoBox, colormap: Colormap) -> Path:
-    """Class codes as a paletted COG; nearest overviews so no code is ever invented."""
-    return _write_cog(path, classes, geobox, resampling="NEAREST", colormap=colormap)
+def write_class_cog(
+    path: Path,
+    classes: np.ndarray,
+    geobox: GeoBox,
+    colormap: Colormap,
+    names: ClassNames | None = None,
+) -> Path:
+    """Class codes as a paletted COG; nearest overviews so no code is ever invented.
+
+    With `names`, the band metadata lists `CLASS_<code>=<name>` and `<path>.aux.xml` holds the
+    category names and attribute table that `gdalinfo` and QGIS show.
+    """
+    tags = {f"CLASS_{code}": name for code, name in sorted((names or {}).items())}
+    _write_cog(
+        path, classes, geobox, resampling="NEAREST", colormap=colormap,
+        description=CLASS_BAND, tags=tags,
+    )  # fmt: skip
+    if names:
+        write_class_sidecar(path, names, colormap)
+    return path
 
 
 def write_confidence_cog(path: Path, confidence: np.ndarray, geobox: GeoBox) -> Path:
     """Confidence 0..100 as a COG; averaged overviews (GDAL skips nodata when averaging)."""
-    return _write_cog(path, confidence, geobox, resampling="AVERAGE")
+    return _write_cog(
+        path, confidence, geobox, resampling="AVERAGE",
+        description=CONFIDENCE_BAND, unit=CONFIDENCE_UNIT,
+    )  # fmt: skip
+
+
+def sidecar_path(path: Path) -> Path:
+    """Where GDAL looks for a raster's PAM metadata: `<file>.aux.xml` beside it."""
+    return path.with_name(path.name + ".aux.xml")
+
+
+def category_names(names: ClassNames) -> ET.Element:
+    """GDAL `CategoryNames`: entry i names code i; codes without a class get an empty name."""
+    element = ET.Element("CategoryNames")
+    for code in range(max(names) + 1):
+        ET.SubElement(element, "Category").text = names.get(code, "")
+    return element
+
+
+def _rat_field(table: ET.Element, index: int, name: str, kind: int, usage: int) -> None:
+    field = ET.SubElement(table, "FieldDefn", index=str(index))
+    ET.SubElement(field, "Name").text = name
+    ET.SubElement(field, "Type").text = str(kind)
+    ET.SubElement(field, "Usage").text = str(usage)
+
+
+def attribute_table(names: ClassNames, colormap: Colormap) -> ET.Element:
+    """A thematic GDAL raster attribute table: one row per class with its code, name, colour."""
+    table = ET.Element("GDALRasterAttributeTable", tableType="thematic")
+    for index, (name, kind, usage) in enumerate(_RAT_COLUMNS):
+        _rat_field(table, index, name, kind, usage)
+    for row, code in enumerate(sorted(names)):
+        values = [code, names[code], *colormap.get(code, (0, 0, 0, 0))]
+        element = ET.SubElement(table, "Row", index=str(row))
+        for value in values:
+            ET.SubElement(element, "F").text = str(value)
+    return table
+
+
+def _write_xml(path: Path, root: ET.Element) -> Path:
+    """Indented UTF-8 XML with a final newline: the same bytes for the same tree."""
+    ET.indent(root)
+    path.write_text(ET.tostring(root, encoding="unicode") + "\n", encoding="utf-8")
+    return path
+
+
+def _write_sidecar(path: Path, *elements: ET.Element) -> Path:
+    """A PAM `.aux.xml` for band 1 of `path` holding `elements` (category names, RAT)."""
+    root = ET.Element("PAMDataset")
+    band = ET.SubElement(root, "PAMRasterBand", band="1")
+    band.extend(elements)
+    return _write_xml(sidecar_path(path), root)
+
+
+def write_class_sidecar(path: Path, names: ClassNames, colormap: Colormap) -> Path:
+    """`<path>.aux.xml` with the category names and attribute table of a class raster."""
+    return _write_sidecar(path, category_names(names), attribute_table(names, colormap))
 
 
 @dataclass(frozen=True)
@@ -157,10 +256,24 @@ def _simple_source(href: str, shape: tuple[int, int], offset: tuple[int, int]) -
     return source
 
 
+def _band_metadata(names: ClassNames) -> ET.Element:
+    """VRT band `Metadata` with `CLASS_<code>=<name>`, as the class COGs carry it."""
+    metadata = ET.Element("Metadata")
+    for code, name in sorted(names.items()):
+        ET.SubElement(metadata, "MDI", key=f"CLASS_{code}").text = name
+    return metadata
+
+
 def write_mosaic_vrt(
-    path: Path, sources: Sequence[tuple[Path, GeoBox]], colormap: Colormap
+    path: Path,
+    sources: Sequence[tuple[Path, GeoBox]],
+    colormap: Colormap,
+    names: ClassNames | None = None,
 ) -> Path:
-    """A GDAL VRT mosaicking single-band uint8 COGs, referenced by paths relative to the VRT."""
+    """A GDAL VRT mosaicking single-band uint8 COGs, referenced by paths relative to the VRT.
+
+    With `names`, the band carries category names and an attribute table (standard VRT elements).
+    """
     layout = mosaic_layout([gb for _, gb in sources])
     root = ET.Element("VRTDataset", rasterXSize=str(layout.width), rasterYSize=str(layout.height))
     ET.SubElement(root, "SRS").text = layout.crs  # GDAL assumes x,y (GIS) axis order
@@ -168,21 +281,36 @@ def write_mosaic_vrt(
         repr(float(v)) for v in layout.transform.to_gdal()
     )
     band = ET.SubElement(root, "VRTRasterBand", dataType="Byte", band="1")
+    ET.SubElement(band, "Description").text = CLASS_BAND
+    if names:
+        band.append(_band_metadata(names))
     ET.SubElement(band, "NoDataValue").text = str(NODATA_CODE)
     ET.SubElement(band, "ColorInterp").text = "Palette"
     band.append(_color_table(colormap))
+    if names:
+        band.extend([category_names(names), attribute_table(names, colormap)])
     for (tif, gb), offset in zip(sources, layout.offsets, strict=True):
         href = Path(os.path.relpath(tif, path.parent)).as_posix()
         band.append(_simple_source(href, (gb.height, gb.width), offset))
-    ET.indent(root)
-    path.write_text(ET.tostring(root, encoding="unicode") + "\n", encoding="utf-8")
-    return path
+    return _write_xml(path, root)
 
 
 def write_mosaic_cog(path: Path, vrt: Path) -> Path:
-    """The whole mosaic as one paletted COG (what users who do not read VRT ask for)."""
+    """The whole mosaic as one paletted COG (what users who do not read VRT ask for).
+
+    The band description and `CLASS_<code>` metadata travel inside the COG; the VRT's category
+    names and attribute table go to `<path>.aux.xml` (PAM is off while GDAL writes, so the
+    sidecar is ours and byte-stable).
+    """
     from rasterio.shutil import copy as gdal_copy
 
     with rasterio.Env(**_GDAL_ENV):
         gdal_copy(str(vrt), str(path), driver="COG", overview_resampling="NEAREST", **_COG_OPTIONS)
+    root = ET.parse(vrt).getroot()
+    classes = [
+        *root.iterfind("VRTRasterBand/CategoryNames"),
+        *root.iterfind("VRTRasterBand/GDALRasterAttributeTable"),
+    ]
+    if classes:
+        _write_sidecar(path, *classes)
     return path

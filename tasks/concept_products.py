@@ -120,6 +120,17 @@ def layer_asset(layer: LayerFile, path: Path, href: str) -> pystac.Asset:
     asset = file_asset(path, href, pystac.MediaType.COG, list(layer.roles), layer.title)
     asset.description = layer.description
     asset.extra_fields.update(dict(layer.fields))
+    # Every layer is uint8 with nodata 255 (see write_layer_cog); readers such as odc-stac
+    # need that on each band, also for layers recorded before the bands said so.
+    asset.extra_fields["bands"] = [
+        {**band, "data_type": "uint8", "nodata": NODATA_CODE}
+        for band in layer.fields.get("bands", [{"name": layer.key}])
+    ]
+    # A layer's own grid (explanations are coarser than the tile): odc-stac would otherwise
+    # assume the Item's grid and load it resampled.
+    with rasterio.Env(**_GDAL_ENV), rasterio.open(path) as src:
+        asset.extra_fields["proj:shape"] = [src.height, src.width]
+        asset.extra_fields["proj:transform"] = [round(v, 8) for v in list(src.transform)[:6]]
     return asset
 
 
@@ -136,7 +147,15 @@ def concept_layer(url: str, prompt: str, calibration: str, model: Mapping[str, s
             "pivotmap:method": calibration,
             "pivotmap:model_name": model["name"],
             "pivotmap:model_version": str(model["version"]),
-            "bands": [{"name": "probability", "description": "percent 0-100, 255 = no data"}],
+            "bands": [
+                {
+                    "name": "probability",
+                    "description": "percent 0-100, 255 = no data",
+                    "data_type": "uint8",
+                    "nodata": NODATA_CODE,
+                    "unit": "%",
+                }
+            ],
         },
     )
 
@@ -165,8 +184,18 @@ def explanation_layer(
             "pivotmap:variables": list(variables),
             "pivotmap:windows": list(windows),
             "bands": [
-                {"name": "dominant_variable", "description": "index into pivotmap:variables"},
-                {"name": "dominant_window", "description": "index into pivotmap:windows"},
+                {
+                    "name": "dominant_variable",
+                    "description": "index into pivotmap:variables",
+                    "data_type": "uint8",
+                    "nodata": NODATA_CODE,
+                },
+                {
+                    "name": "dominant_window",
+                    "description": "index into pivotmap:windows",
+                    "data_type": "uint8",
+                    "nodata": NODATA_CODE,
+                },
             ],
         },
     )

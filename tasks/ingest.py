@@ -162,6 +162,7 @@ def inputs_key(config: RunConfig, items: list[pystac.Item]) -> str:
         "period": config.period.model_dump(mode="json"),
         "mask": [list(ing.scl_mask), ing.scl_dilation_px, ing.s2_harmonisation],
         "reader": "pivotmap-v2",
+        "layout": cube.LAYOUT_VERSION,  # a cube with other codecs is rebuilt, not appended to
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -208,7 +208,8 @@ def plan_update(current: CubeState | None, target: CubeState, start: dt.date) ->
     if current is None:
         return UpdatePlan("create", "no cube yet")
     if current.base_key != target.base_key:
-        return UpdatePlan("create", "grid, first day, variables or fill settings changed")
+        why = "grid, first day, variables, fill settings or storage layout changed"
+        return UpdatePlan("create", why)
     if target.end < current.end:
         return UpdatePlan("create", f"period now ends {target.end}, before {current.end}")
     if set(current.dates) != set(target.dates):
@@ -325,6 +326,7 @@ def target_state(config: RunConfig, ingest: IngestResult, obs: dict) -> CubeStat
         "pivot": config.pivot.model_dump(mode="json", exclude={"min_valid_fraction"}),
         "method_version": method.version,
         "modalities": sorted(obs),
+        "layout": cube.LAYOUT_VERSION,  # another codec chain: rebuild, never append to it
     }
     dates = {
         m: tuple(str(d) for d in np.asarray(g["time"][:], dtype="datetime64[D]"))

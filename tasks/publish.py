@@ -88,11 +88,17 @@ class Provenance:
     source_collections: Sequence[str]
     software_version: str
     config_hash: str
+    model_card: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # mlm:* fields
 
     def stac_properties(self) -> dict[str, Any]:
-        """Provenance as `pivotmap:*` STAC fields, on every Item and the Collection."""
-        fields = ("model_name", "model_version", "model_run_id", "model_uri", "cube_url")
+        """Provenance as `pivotmap:*` STAC fields, on every Item and the Collection.
+
+        Locations go out as `public_ref`s: a local cube path becomes its name (the version
+        identifies it), never the producer's path."""
+        fields = ("model_name", "model_version", "model_run_id")
         props: dict[str, Any] = {f"pivotmap:{name}": getattr(self, name) for name in fields}
+        props["pivotmap:model_uri"] = stac_products.public_ref(self.model_uri)
+        props["pivotmap:cube_url"] = stac_products.public_ref(self.cube_url)
         props["pivotmap:cube_version"] = self.cube_version
         props["pivotmap:source_item_count"] = self.source_item_count
         props["pivotmap:source_collections"] = list(self.source_collections)
@@ -103,7 +109,8 @@ class Provenance:
         """One sentence for `processing:lineage`."""
         return (
             f"Classes predicted by model {self.model_name} version {self.model_version} "
-            f"({self.model_uri}, run {self.model_run_id}) from data cube {self.cube_url} "
+            f"({stac_products.public_ref(self.model_uri)}, run {self.model_run_id}) from data "
+            f"cube {stac_products.public_ref(self.cube_url)} "
             f"version {self.cube_version}, built from {self.source_item_count} items of "
             f"{', '.join(self.source_collections)} between {self.period_start} and {self.period_end}."
         )
@@ -115,7 +122,14 @@ class Provenance:
             software_version=self.software_version,
             lineage=self.lineage(),
             properties=self.stac_properties(),
+            model=self.model_metadata(),
         )
+
+    def model_metadata(self) -> dict[str, Any]:
+        """The model for the Collection's MLM fields: its card plus name, version and URI."""
+        uri = stac_products.public_ref(self.model_uri)
+        return {**self.model_card, "name": self.model_name, "version": self.model_version,
+                "uri": uri}  # fmt: skip
 
 
 def _check_request(maps: Sequence[TileMap], nomenclature: Nomenclature, version: str) -> None:
@@ -153,8 +167,9 @@ def _stage_tile(
     """Write one tile's class and confidence COGs and describe them in an Item."""
     folder = staging / tile.tile_id
     class_tif = cog.write_class_cog(
-        folder / f"{tile.tile_id}_class.tif", tile.classes, tile.geobox, nomenclature.colormap()
-    )
+        folder / f"{tile.tile_id}_class.tif", tile.classes, tile.geobox,
+        nomenclature.colormap(), {c.code: c.name for c in nomenclature.classes},
+    )  # fmt: skip
     confidence_tif = cog.write_confidence_cog(
         folder / f"{tile.tile_id}_confidence.tif", tile.confidence, tile.geobox
     )
@@ -162,6 +177,7 @@ def _stage_tile(
     assets = {
         "class": stac_products.class_asset(class_tif, f"./{class_tif.name}", nomenclature, counts),
         "confidence": stac_products.confidence_asset(confidence_tif, f"./{confidence_tif.name}"),
+        **_categories_asset("class_categories", class_tif),
     }
     for layer in layers:  # concept maps, explanation layers (issue 9)
         copy = folder / f"{tile.tile_id}_{layer.key}.tif"
@@ -170,36 +186,64 @@ def _stage_tile(
     return stac_products.build_tile_item(tile.tile_id, tile.geobox, assets, run)
 
 
+def _categories_asset(key: str, raster: Path) -> dict[str, pystac.Asset]:
+    """The `.aux.xml` beside a class raster (category names and attribute table, which GDAL
+    before 3.12 cannot keep inside a GeoTIFF) as an asset, so downloaders fetch it too."""
+    sidecar = cog.sidecar_path(raster)
+    if not sidecar.is_file():
+        return {}
+    title = f"Category names and attribute table of {raster.name} (GDAL PAM)"
+    asset = stac_products.file_asset(sidecar, f"./{sidecar.name}", "application/xml",
+                                     ["metadata"], title)  # fmt: skip
+    return {key: asset}
+
+
+def _item_hrefs(maps: Sequence[TileMap]) -> pystac.layout.CustomLayoutStrategy:
+    """Items at `<tile id>/<item id>.json`: the folder and COGs keep the tile id (downloads,
+    mirrors and readers of older versions rely on it), the file is named like the lowercase
+    Item id (stac-check wants file name == id)."""
+    folders = {stac_products.item_id(m.tile_id): m.tile_id for m in maps}
+
+    def item_href(item: pystac.Item, parent_dir: str) -> str:
+        return str(Path(parent_dir) / folders[item.id] / f"{item.id}.json")
+
+    return pystac.layout.CustomLayoutStrategy(item_func=item_href)
+
+
 def _stage_run_products(
     staging: Path,
     maps: Sequence[TileMap],
     nomenclature: Nomenclature,
     title: str,
     mosaic_cog: bool = False,
+    *,
+    period: str = "",
+    version: str = "",
 ) -> dict[str, pystac.Asset]:
     """Write the mosaic VRT, quicklook PNG and class-area table; return their assets."""
     classes = [(m.classes, m.geobox) for m in maps]
     sources = [(staging / m.tile_id / f"{m.tile_id}_class.tif", m.geobox) for m in maps]
-    vrt = cog.write_mosaic_vrt(staging / "mosaic_class.vrt", sources, nomenclature.colormap())
-    png = quicklook.write_quicklook(staging / "quicklook.png", classes, nomenclature, title)
+    names = {c.code: c.name for c in nomenclature.classes}
+    vrt = cog.write_mosaic_vrt(
+        staging / "mosaic_class.vrt", sources, nomenclature.colormap(), names
+    )
+    png = quicklook.write_quicklook(
+        staging / "quicklook.png", classes, nomenclature, title, period=period, version=version
+    )
     areas = staging / "class_areas.json"
     table = quicklook.class_areas(classes, nomenclature)
     areas.write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
-    mosaic = stac_products.file_asset(
-        vrt, "./mosaic_class.vrt", stac_products.VRT_MEDIA_TYPE, ["data"], "Class mosaic (GDAL VRT)"
-    )
-    mosaic.extra_fields["classification:classes"] = stac_products.classification_classes(
-        nomenclature
-    )
+    mosaic = stac_products.mosaic_asset(
+        vrt, "./mosaic_class.vrt", stac_products.VRT_MEDIA_TYPE, "Class mosaic (GDAL VRT)",
+        nomenclature,
+    )  # fmt: skip
     extra = {}
     if mosaic_cog:
         tif = cog.write_mosaic_cog(staging / "mosaic_class.tif", vrt)
-        extra["mosaic_cog"] = stac_products.file_asset(
-            tif, "./mosaic_class.tif", pystac.MediaType.COG, ["data"], "Class mosaic (COG)"
+        extra["mosaic_cog"] = stac_products.mosaic_asset(
+            tif, "./mosaic_class.tif", pystac.MediaType.COG, "Class mosaic (COG)", nomenclature
         )
-        extra["mosaic_cog"].extra_fields["classification:classes"] = mosaic.extra_fields[
-            "classification:classes"
-        ]
+        extra |= _categories_asset("mosaic_cog_categories", tif)
     return {
         **extra,
         "mosaic": mosaic,
@@ -212,17 +256,36 @@ def _stage_run_products(
     }
 
 
-def _save_collection(collection: pystac.Collection, staging: Path, out_dir: Path) -> None:
-    """Save the Collection self-contained; its root link is `../catalog.json` (set at commit)."""
+def _save_collection(
+    collection: pystac.Collection,
+    staging: Path,
+    out_dir: Path,
+    strategy: pystac.layout.HrefLayoutStrategy,
+    self_url: str | None = None,
+) -> None:
+    """Save the Collection self-contained; its root link is `../catalog.json` (set at commit).
+
+    Every link stays relative, so the folder relocates. With a public `self_url` (from
+    publish.base_url) the Collection also gets an absolute `self` link: the STAC spec wants
+    `self` absolute, so without a public URL there is none (a local path would leak, and a
+    relative one breaks the spec)."""
     # A stand-in root at the final catalogue location makes pystac write the root and parent
     # links relative to it; the staging folder and out_dir/<version> are siblings, so they hold.
     root = pystac.Catalog(
         id="root", description="stand-in", catalog_type=pystac.CatalogType.SELF_CONTAINED
     )
     root.set_self_href(str(out_dir / "catalog.json"))
-    root.add_child(collection)
-    collection.normalize_hrefs(str(staging))
+    root.add_child(collection, title=collection.title)
+    collection.normalize_hrefs(str(staging), strategy=strategy)
     collection.save(catalog_type=pystac.CatalogType.SELF_CONTAINED)
+    path = staging / "collection.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for link in data["links"]:  # stac-check wants a title on every link of a collection
+        if link["rel"] in ("root", "parent"):
+            link.setdefault("title", collection.title)
+    if self_url:
+        data["links"].insert(0, {"rel": "self", "href": self_url, "type": "application/json"})
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
 def _stage(
@@ -240,10 +303,21 @@ def _stage(
     """Write every file of the version into `staging`; returns the in-memory Collection."""
     layers = layers or {}
     items = [_stage_tile(staging, m, nomenclature, run, layers.get(m.tile_id, ())) for m in maps]
-    assets = _stage_run_products(staging, maps, nomenclature, title, mosaic_cog)
-    collection = stac_products.build_collection(collection_id, title, version, items, assets, run)
-    _save_collection(collection, staging, staging.parent)
+    assets = _stage_run_products(
+        staging, maps, nomenclature, title, mosaic_cog,
+        period=f"{run.period_start} – {run.period_end}", version=version,
+    )  # fmt: skip
+    collection = stac_products.build_collection(
+        collection_id, title, version, items, assets, run, nomenclature
+    )
+    self_url = _public_url(run.base_url, version, "collection.json")
+    _save_collection(collection, staging, staging.parent, _item_hrefs(maps), self_url)
     return collection
+
+
+def _public_url(base_url: str | None, *parts: str) -> str | None:
+    """`base_url/part/…`, or None without a base URL."""
+    return "/".join([base_url.rstrip("/"), *parts]) if base_url else None
 
 
 def _files(folder: Path) -> list[Path]:
@@ -285,7 +359,10 @@ def _commit(staging: Path, final: Path) -> bool:
 
 
 def _root_catalog_text(out_dir: Path, version: str, collection_id: str, title: str) -> str:
-    """catalog.json: the entry point, linking to the current version's Collection only."""
+    """catalog.json: the entry point, linking to the current version's Collection only.
+
+    Its `self` link (absolute) follows the Collection's: present only when that version was
+    published under a public base URL, so a rollback keeps it consistent."""
     catalog = pystac.Catalog(
         id=f"{collection_id}-catalog",
         title=title,
@@ -297,7 +374,21 @@ def _root_catalog_text(out_dir: Path, version: str, collection_id: str, title: s
     catalog.add_link(
         pystac.Link(pystac.RelType.CHILD, target, pystac.MediaType.JSON, f"{title} {version}")
     )
-    return json.dumps(catalog.to_dict(include_self_link=False), indent=2) + "\n"
+    data = catalog.to_dict(include_self_link=False)
+    if base := _published_base(out_dir / version / "collection.json", version):
+        data["links"].insert(0, {"rel": "self", "href": f"{base}/catalog.json",
+                                 "type": "application/json"})  # fmt: skip
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _published_base(collection_path: Path, version: str) -> str | None:
+    """The public base URL a version was published under (from its Collection's `self`)."""
+    if not collection_path.is_file():
+        return None
+    links = json.loads(collection_path.read_text(encoding="utf-8")).get("links", [])
+    href = next((link["href"] for link in links if link["rel"] == "self"), "")
+    suffix = f"/{version}/collection.json"
+    return href[: -len(suffix)] if href.endswith(suffix) else None
 
 
 def served_version(catalog: dict) -> str | None:
@@ -364,6 +455,7 @@ def publish_products(
     providers: Sequence[dict] = (),
     mosaic_cog: bool = False,
     layers: Mapping[str, Sequence[LayerFile]] | None = None,
+    base_url: str | None = None,
 ) -> dict[str, Any]:
     """Publish `maps` as `out_dir/<version>/` (COGs, mosaic, quicklook, stats, STAC), atomically.
 
@@ -371,7 +463,8 @@ def publish_products(
     the version only once its folder is whole. `validation` is 'offline' (schemas from
     `schema_dir`), 'online' (schemas fetched by pystac) or 'off'; default offline when
     `schema_dir` is given, else off. `layers` adds files (concept maps, explanation layers) as
-    assets of the tile Items, by tile id.
+    assets of the tile Items, by tile id. `base_url`: the public URL of `out_dir`, for absolute
+    `self` links on catalog.json and the Collection (all other links stay relative).
     """
     validation = validation or ("offline" if schema_dir is not None else "off")
     started = time.perf_counter()
@@ -389,6 +482,7 @@ def publish_products(
             provenance.run_metadata(),
             license=license,
             providers=tuple(pystac.Provider.from_dict(p) for p in providers),
+            base_url=base_url,
         )
         collection = _stage(
             staging, maps, nomenclature, run, collection_id=collection_id, title=title,
@@ -587,7 +681,49 @@ def build_provenance(
         source_collections=[m.collection for m in ingest.modalities.values()],
         software_version=__version__,
         config_hash=config.config_hash(),
+        model_card=model_card(config, model),
     )
+
+
+def model_card(config: RunConfig, model: ModelRef) -> dict[str, Any]:
+    """MLM extension fields of the model that made the maps (what a reader needs to find it,
+    load it and feed it: per-pixel cube series in, class scores out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pivotmap.tasks.nomenclature import load_nomenclature
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "unknown"
+    classes = []
+    if config.labels is not None:
+        nomenclature = load_nomenclature(config.labels.nomenclature)
+        classes = stac_products.classification_classes(nomenclature)[:-1]  # no nodata class
+    return {
+        "mlm:name": model.name,
+        "mlm:architecture": "pivotmap temporal encoders (one per modality) with fusion",
+        "mlm:tasks": ["classification", "semantic-segmentation"],
+        "mlm:framework": "PyTorch",
+        "mlm:framework_version": torch_version,
+        "mlm:pretrained": False,
+        "mlm:input": [{
+            "name": "pixel time series",
+            "bands": [],
+            "input": {"shape": [-1, -1, -1], "dim_order": ["batch", "time", "channel"],
+                      "data_type": "float32"},
+            "description": f"Per pixel, the pivot cube's S2 and S1 series with their dates, "
+            f"sampled every {config.train.step_days} days; the model does its own preprocessing.",
+        }],
+        "mlm:output": [{
+            "name": "class",
+            "tasks": ["classification"],
+            "result": {"shape": [-1, len(classes)], "dim_order": ["batch", "class"],
+                       "data_type": "float32"},
+            "description": "Class scores per pixel; the map holds the arg-max code.",
+            **({"classification:classes": classes} if classes else {}),
+        }],
+    }  # fmt: skip
 
 
 def publish_options(config: RunConfig) -> dict[str, Any]:
@@ -603,6 +739,7 @@ def publish_options(config: RunConfig) -> dict[str, Any]:
         "license": p.license,
         "providers": p.providers,
         "mosaic_cog": p.mosaic_cog,
+        "base_url": p.base_url,
     }
 
 

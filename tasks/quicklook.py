@@ -1,4 +1,8 @@
-"""Whole-region summaries of a run: the quicklook PNG with legend and the class-area table."""
+"""Whole-region summaries of a run: the quicklook map and the class-area table.
+
+The quicklook is a small map a person can read without a GIS: legend, grid coordinates in the
+map's CRS, a scale bar, and a subtitle with the period, the product version and the CRS.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,11 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
+from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 from odc.geo.geobox import GeoBox
 
-from pivotmap.tasks.cog import mosaic_layout
+from pivotmap.tasks.cog import MosaicLayout, mosaic_layout
 from pivotmap.tasks.nomenclature import NODATA_CODE, Nomenclature
 
 # Matplotlib stamps its name and version into PNGs by default; None removes the key so that
@@ -56,10 +62,15 @@ def class_areas(
     }
 
 
+def decimation_step(layout: MosaicLayout, max_size: int) -> int:
+    """Keep every `step`-th pixel so that the longer side is at most `max_size`."""
+    return max(1, math.ceil(max(layout.width, layout.height) / max_size))
+
+
 def decimated_mosaic(tiles: Sequence[tuple[np.ndarray, GeoBox]], max_size: int) -> np.ndarray:
     """The class mosaic sampled every `step` pixels so its longer side is at most `max_size`."""
     layout = mosaic_layout([gb for _, gb in tiles])
-    step = max(1, math.ceil(max(layout.width, layout.height) / max_size))
+    step = decimation_step(layout, max_size)
     out = np.full(
         (math.ceil(layout.height / step), math.ceil(layout.width / step)), NODATA_CODE, np.uint8
     )
@@ -94,22 +105,103 @@ def _legend_handles(nomenclature: Nomenclature, has_nodata: bool) -> list[Patch]
     return handles
 
 
-def write_quicklook(
-    path: Path,
+def nice_length(span: float) -> float:
+    """A 1, 2 or 5 x 10^n length of at most a fifth of `span` (> 0): a readable scale bar."""
+    target = span / 5
+    power = 10 ** math.floor(math.log10(target))
+    return max(f * power for f in (1, 2, 5) if f * power <= target)
+
+
+def _length_label(metres: float) -> str:
+    return f"{metres / 1000:g} km" if metres >= 1000 else f"{metres:g} m"
+
+
+def crs_label(geobox: GeoBox) -> str:
+    """'EPSG:32631 (WGS 84 / UTM zone 31N)', or the CRS name where there is no EPSG code."""
+    crs = geobox.crs
+    if crs is None:
+        raise ValueError("grid has no CRS: a quicklook needs a georeferenced grid")
+    return f"EPSG:{crs.epsg} ({crs.proj.name})" if crs.epsg is not None else str(crs.proj.name)
+
+
+def _centre_latitude(geobox: GeoBox) -> float:
+    return float(geobox.extent.centroid.coords[0][1])
+
+
+def _add_coordinates(axes: Any, geobox: GeoBox) -> None:
+    """Grid lines and tick labels in the map CRS, written out in full (no offset, no 1e6)."""
+    geographic = geobox.crs is not None and geobox.crs.geographic
+    if geographic:  # a degree of longitude is shorter than one of latitude, by cos(latitude)
+        axes.set_aspect(1 / math.cos(math.radians(_centre_latitude(geobox))))
+    axes.set_xlabel("longitude (°)" if geographic else "easting (m)", fontsize=8)
+    axes.set_ylabel("latitude (°)" if geographic else "northing (m)", fontsize=8)
+    for axis in (axes.xaxis, axes.yaxis):
+        formatter = ScalarFormatter(useOffset=False)
+        formatter.set_scientific(False)
+        axis.set_major_formatter(formatter)
+        axis.set_major_locator(MaxNLocator(nbins=5))
+    axes.tick_params(labelsize=7)
+    axes.grid(color="black", alpha=0.25, linewidth=0.5)
+
+
+def _add_scale_bar(axes: Any, geobox: GeoBox, width: float) -> str:
+    """A scale bar about a fifth of the map width; returns its label."""
+    crs = geobox.crs
+    if crs is not None and crs.geographic:  # degrees: metres per degree of longitude here
+        unit_m = 111_320 * math.cos(math.radians(_centre_latitude(geobox)))
+    else:
+        unit_m = crs.proj.axis_info[0].unit_conversion_factor if crs is not None else 1.0
+    metres = nice_length(width * unit_m)
+    label = _length_label(metres)
+    bar = AnchoredSizeBar(
+        axes.transData, metres / unit_m, label, "lower left", pad=0.6, sep=4,
+        frameon=True, size_vertical=0, fontproperties={"size": 8},
+    )  # fmt: skip
+    bar.patch.set_alpha(0.8)
+    axes.add_artist(bar)
+    return label
+
+
+def _map_extent(
+    layout: MosaicLayout, shape: tuple[int, int], step: int
+) -> tuple[float, float, float, float]:
+    """(left, right, bottom, top) of the decimated mosaic in CRS units, for `imshow`."""
+    t = layout.transform
+    return (t.c, t.c + shape[1] * step * t.a, t.f + shape[0] * step * t.e, t.f)
+
+
+def subtitle(geobox: GeoBox, period: str = "", version: str = "") -> str:
+    """'period 2023-01-01 – 2023-12-31 · version v3 · CRS EPSG:…', leaving out unknown parts."""
+    parts = [f"period {period}" if period else "", f"version {version}" if version else ""]
+    return " · ".join([p for p in parts if p] + [f"CRS {crs_label(geobox)}"])
+
+
+def render_quicklook(
     tiles: Sequence[tuple[np.ndarray, GeoBox]],
     nomenclature: Nomenclature,
     title: str,
     *,
+    period: str = "",
+    version: str = "",
     max_size: int = 1600,
-) -> Path:
-    """Render the whole-region class map with a legend to a PNG (Agg, no pyplot state)."""
+) -> Figure:
+    """The quicklook as a Matplotlib figure (Agg canvas, no pyplot state): map, grid, legend."""
     mosaic = decimated_mosaic(tiles, max_size)
+    layout = mosaic_layout([gb for _, gb in tiles])
+    geobox = tiles[0][1]
     figure = Figure(figsize=(10, 7), dpi=120)
     FigureCanvasAgg(figure)
-    axes = figure.add_axes((0.02, 0.04, 0.68, 0.86))
-    axes.imshow(_rgba_lookup(nomenclature)[mosaic], interpolation="nearest")
-    axes.set_axis_off()
-    figure.suptitle(title, fontsize=13)
+    axes = figure.add_axes((0.08, 0.08, 0.62, 0.80))
+    extent = _map_extent(layout, mosaic.shape, decimation_step(layout, max_size))
+    axes.imshow(_rgba_lookup(nomenclature)[mosaic], interpolation="nearest", extent=extent)
+    _add_coordinates(axes, geobox)
+    _add_scale_bar(axes, geobox, extent[1] - extent[0])
+    # Titles hang off the map's top edge, so they stay over the map whatever its aspect.
+    axes.set_title(subtitle(geobox, period, version), fontsize=9, pad=6)
+    axes.annotate(
+        title, (0.5, 1.0), xytext=(0, 22), xycoords="axes fraction", textcoords="offset points",
+        ha="center", va="bottom", fontsize=13,
+    )  # fmt: skip
     figure.legend(
         handles=_legend_handles(nomenclature, bool((mosaic == NODATA_CODE).any())),
         loc="center left",
@@ -117,6 +209,23 @@ def write_quicklook(
         title=nomenclature.name,
         frameon=False,
         fontsize=9,
+    )
+    return figure
+
+
+def write_quicklook(
+    path: Path,
+    tiles: Sequence[tuple[np.ndarray, GeoBox]],
+    nomenclature: Nomenclature,
+    title: str,
+    *,
+    period: str = "",
+    version: str = "",
+    max_size: int = 1600,
+) -> Path:
+    """Render the whole-region class map (legend, grid, scale bar, period, version) to a PNG."""
+    figure = render_quicklook(
+        tiles, nomenclature, title, period=period, version=version, max_size=max_size
     )
     figure.savefig(path, format="png", metadata=_PNG_METADATA, bbox_inches="tight", pad_inches=0.2)
     return path

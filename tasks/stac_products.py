@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,15 +19,20 @@ from pystac.validation import JsonSchemaSTACValidator
 
 from pivotmap.tasks.nomenclature import NODATA_CODE, Nomenclature
 
+log = logging.getLogger(__name__)
+
 # Versions chosen because index.json in shared/stac-schemas holds a local copy of each.
 PROJECTION_SCHEMA = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
 CLASSIFICATION_SCHEMA = "https://stac-extensions.github.io/classification/v2.0.0/schema.json"
 FILE_SCHEMA = "https://stac-extensions.github.io/file/v2.1.0/schema.json"
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 VERSION_SCHEMA = "https://stac-extensions.github.io/version/v1.2.0/schema.json"
+MLM_SCHEMA = "https://stac-extensions.github.io/mlm/v1.4.0/schema.json"
 ITEM_EXTENSIONS = [PROJECTION_SCHEMA, CLASSIFICATION_SCHEMA, FILE_SCHEMA, PROCESSING_SCHEMA]
 COLLECTION_EXTENSIONS = [CLASSIFICATION_SCHEMA, FILE_SCHEMA, PROCESSING_SCHEMA, VERSION_SCHEMA]
 VRT_MEDIA_TYPE = "application/xml"  # GDAL VRT has no registered media type; it is XML
+# Provider roles a reader looks for (stac-check, STAC best practice); pivotmap adds processor.
+PROVIDER_ROLES = ("producer", "licensor", "host")
 
 
 class OfflineSchemaError(LookupError):
@@ -44,6 +50,25 @@ class RunMetadata:
     properties: Mapping[str, Any]  # provenance fields, e.g. pivotmap:model_name
     license: str = "CC-BY-4.0"
     providers: Sequence[pystac.Provider] = field(default_factory=tuple)
+    model: Mapping[str, Any] = field(default_factory=dict)  # mlm:* fields of the model
+    base_url: str | None = None  # public URL of the products folder, for `self` links
+
+
+def item_id(tile_id: str) -> str:
+    """A tile's Item id: lowercase, as STAC search best practice wants (tile ids are mixed case).
+
+    The tile's folder and COG names keep the tile id, so links and downloads stay as before.
+    """
+    return tile_id.lower()
+
+
+def public_ref(url: str) -> str:
+    """What a downloader may see of a producer's location: remote URLs as they are, a local
+    path or file:// URL by its last name only (a local path helps no one and discloses)."""
+    # Any URI scheme but file: (s3://, https://, models:/ of MLflow); one letter is a drive.
+    if re.match(r"^[a-z][a-z0-9+.-]+:", url) and not url.startswith("file:"):
+        return url
+    return url.rstrip("/").rsplit("/", 1)[-1] or url
 
 
 def multihash_sha256(path: Path) -> str:
@@ -162,12 +187,38 @@ def _projection_fields(geobox: GeoBox) -> dict[str, Any]:
     }
 
 
+def uint8_band(name: str, description: str, **extra: Any) -> dict[str, Any]:
+    """A STAC 1.1 `bands` entry of a uint8 band with nodata 255, which odc-stac and GDAL-based
+    readers use to decode the band (without it odc-stac loads float32 with no nodata)."""
+    return {
+        "name": name, "description": description, "data_type": "uint8", "nodata": NODATA_CODE,
+        **extra,
+    }  # fmt: skip
+
+
+def class_band(nomenclature: Nomenclature) -> dict[str, Any]:
+    """The `bands` entry of a class map: uint8, nodata 255, and its legend."""
+    return uint8_band(
+        "class",
+        f"Land-cover class code ({nomenclature.name}); {NODATA_CODE} is no data.",
+        **{"classification:classes": classification_classes(nomenclature)},
+    )
+
+
+def confidence_band() -> dict[str, Any]:
+    """The `bands` entry of the confidence map: percent 0..100, nodata 255."""
+    return uint8_band(
+        "confidence", "Model confidence in the mapped class, 0-100 percent.", unit="%"
+    )
+
+
 def class_asset(
     path: Path, href: str, nomenclature: Nomenclature, counts: np.ndarray
 ) -> pystac.Asset:
     """The class COG asset with its legend and per-class pixel counts."""
     asset = file_asset(path, href, pystac.MediaType.COG, ["data"], "Land-cover class")
     asset.extra_fields["classification:classes"] = classification_classes(nomenclature, counts)
+    asset.extra_fields["bands"] = [class_band(nomenclature)]
     return asset
 
 
@@ -175,20 +226,35 @@ def confidence_asset(path: Path, href: str) -> pystac.Asset:
     """The confidence COG asset (percent 0..100, nodata 255)."""
     asset = file_asset(path, href, pystac.MediaType.COG, ["data", "metadata"], "Confidence (%)")
     asset.description = "Model confidence in the mapped class, 0-100 percent; 255 is no data."
+    asset.extra_fields["bands"] = [confidence_band()]
+    return asset
+
+
+def mosaic_asset(
+    path: Path, href: str, media_type: str, title: str, nomenclature: Nomenclature
+) -> pystac.Asset:
+    """A class mosaic asset (VRT or COG): the legend and the class band like a tile's."""
+    asset = file_asset(path, href, media_type, ["data"], title)
+    asset.extra_fields["classification:classes"] = classification_classes(nomenclature)
+    asset.extra_fields["bands"] = [class_band(nomenclature)]
     return asset
 
 
 def build_tile_item(
     tile_id: str, geobox: GeoBox, assets: Mapping[str, pystac.Asset], run: RunMetadata
 ) -> pystac.Item:
-    """One Item per tile: footprint, period, projection, processing and provenance fields."""
+    """One Item per tile: footprint, period, projection, processing and provenance fields.
+
+    `datetime` is the period's start as a nominal time (stac-check flags a null one, and many
+    clients search on it); `start_datetime`/`end_datetime` give the period the map describes.
+    """
     geometry, bbox = _footprint_4326(geobox)
     start, end = _period(run)
     item = pystac.Item(
-        id=tile_id,
+        id=item_id(tile_id),
         geometry=geometry,
         bbox=bbox,
-        datetime=None,
+        datetime=start,
         start_datetime=start,
         end_datetime=end,
         properties={**_projection_fields(geobox), **_processing_fields(run), **run.properties},
@@ -209,6 +275,60 @@ def _processor(run: RunMetadata) -> pystac.Provider:
     )
 
 
+def providers(run: RunMetadata) -> list[pystac.Provider]:
+    """The configured providers plus pivotmap (processor); warns when none is the producer,
+    licensor or host (users need to know whom the map is from and under what terms)."""
+    found = {role for p in run.providers for role in (p.roles or [])}
+    if missing := [role for role in PROVIDER_ROLES if role not in found]:
+        log.warning(
+            "publish.providers names no provider with role(s) %s: add who produces, licenses "
+            "and hosts the maps, e.g. {name: My agency, roles: [producer, licensor, host]}",
+            missing,
+        )
+    return [*run.providers, _processor(run)]
+
+
+def _summaries(items: Sequence[pystac.Item], nomenclature: Nomenclature) -> dict[str, Any]:
+    """Collection summaries. Each is an object (a JSON Schema or a range): the MLM v1.4.0
+    schema rejects any summary that is not an object, so plain value lists are not used."""
+    codes = sorted({str(item.properties.get("proj:code")) for item in items})
+    gsd = sorted({abs(float(item.properties["proj:transform"][0])) for item in items})
+    return {
+        "proj:code": {"type": "string", "enum": codes},
+        "gsd": {"minimum": gsd[0], "maximum": gsd[-1]},
+        "pivotmap:class_codes": {"type": "integer", "enum": [*nomenclature.codes, NODATA_CODE]},
+    }
+
+
+def _item_assets(items: Sequence[pystac.Item]) -> dict[str, dict[str, Any]]:
+    """`item_assets`: the assets every Item has, as Item-independent templates."""
+    keys = set.intersection(*(set(item.assets) for item in items))
+    first = items[0].assets
+    drop = {"href", "file:size", "file:checksum"}
+    out: dict[str, dict[str, Any]] = {}
+    for key in sorted(keys):
+        template = {k: v for k, v in first[key].to_dict().items() if k not in drop}
+        if "classification:classes" in template:  # per-tile counts do not belong in a template
+            template["classification:classes"] = [
+                {k: v for k, v in c.items() if k not in ("count", "percentage")}
+                for c in template["classification:classes"]
+            ]
+        out[key] = template
+    return out
+
+
+def model_asset(model: Mapping[str, Any]) -> pystac.Asset:
+    """The registered model as an MLM asset: its MLflow URI (`models:/name/version`)."""
+    return pystac.Asset(
+        href=str(model["uri"]),
+        title=f"MLflow model {model['name']} version {model['version']}",
+        description="Load with mlflow.pyfunc.load_model(href) against the producer's MLflow "
+        "registry; the model does its own preprocessing.",
+        roles=["mlm:model"],
+        extra_fields={"mlm:artifact_type": "mlflow.pyfunc"},
+    )
+
+
 def build_collection(
     collection_id: str,
     title: str,
@@ -216,8 +336,10 @@ def build_collection(
     items: Sequence[pystac.Item],
     assets: Mapping[str, pystac.Asset],
     run: RunMetadata,
+    nomenclature: Nomenclature,
 ) -> pystac.Collection:
-    """The run's Collection: extent of all Items, run-level assets, licence and providers."""
+    """The run's Collection: extent of all Items, summaries, item_assets, run-level assets,
+    licence, providers and (MLM extension) the model that made the map."""
     boxes = np.array([item.bbox for item in items], dtype=float)
     spatial = [*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist()]
     extent = pystac.Extent(
@@ -230,14 +352,29 @@ def build_collection(
         description=f"{title}: land-cover map version {version}, one Item per grid tile.",
         extent=extent,
         license=run.license,
-        providers=[*run.providers, _processor(run)],
+        providers=providers(run),
         stac_extensions=list(COLLECTION_EXTENSIONS),
-        extra_fields={"version": version, **run.properties},
+        summaries=pystac.Summaries(_summaries(items, nomenclature)),
+        extra_fields={
+            "version": version,
+            "item_assets": _item_assets(items),
+            **run.properties,
+            **_mlm_fields(run.model),
+        },
     )
+    if run.model:
+        collection.stac_extensions.append(MLM_SCHEMA)
+        collection.add_asset("model", model_asset(run.model))
     for key, asset in assets.items():
         collection.add_asset(key, asset)
-    collection.add_items(items)
+    for item in items:
+        collection.add_item(item, title=f"Tile {item.id}")
     return collection
+
+
+def _mlm_fields(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The mlm:* fields of the model (name, architecture, tasks, input, output…)."""
+    return {k: v for k, v in model.items() if k.startswith("mlm:")}
 
 
 class _OfflineValidator(JsonSchemaSTACValidator):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ import pytest
 from pivotmap.runtime import apply_offline_defaults
 
 apply_offline_defaults()
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

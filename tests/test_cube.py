@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,6 @@ import pytest
 import xarray as xr
 
 from tests.pivot_data import build, run_folder, write_obs
-
-# Zarr warns about numcodecs codecs from every Dask thread.
-pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs:UserWarning")
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +42,23 @@ def test_cf_metadata_and_codec_chain(local_cube):
     enc = b08.encoding
     assert enc["dtype"] == np.int16 and enc["scale_factor"] == 1e-4 and enc["_FillValue"] == -32768
     assert enc["chunks"][0] == 60 and enc["shards"] == (60, 32, 32)  # a pixel's year in one chunk
-    names = [type(f).__name__ for f in enc["filters"]]
-    assert names == ["TransposeCodec", "Delta", "Delta"]
+    assert [type(f).__name__ for f in enc["filters"]] == ["TransposeCodec"]  # time-last
+    (blosc,) = enc["compressors"]
+    assert (blosc.cname.value, blosc.shuffle.value, blosc.typesize) == ("zstd", "shuffle", 2)
+    assert blosc.clevel == 5 and blosc.blocksize == 1 << 20
     assert float(age.min()) >= 0 and float(age.max()) <= 366
 
 
 def test_interpolated_days_are_a_constant_integer_step(local_cube):
-    """Between two observations the stored codes step by a constant: delta² is zero there."""
+    """Between two observations the stored codes step by a constant (the values the storage
+    layout must keep: codecs change how they are stored, never what)."""
     import zarr
 
     codes = zarr.open_group(str(local_cube), mode="r")["VV"][:, 5, 5].astype(np.int32)
     second = np.diff(codes, 2)
     obs_days = np.arange(1, 60, 6)
     inside = np.ones(second.size, bool)
-    for d in obs_days:  # delta² at and right after an observation carries the new slope
+    for d in obs_days:  # the second difference at and right after an obs carries the new slope
         inside[max(d - 2, 0) : d + 1] = False
     assert inside.sum() > 20 and np.all(second[inside] == 0)
 
@@ -184,3 +185,39 @@ def test_a_tile_job_needs_nothing_but_urls_in_an_s3_run_folder(tmp_path, s3_buck
             maps.append((data["classes"], data["confidence"]))
     load_for_worker.cache_clear()
     assert all((a == b).all() for a, b in zip(maps[0], maps[1], strict=True))
+
+
+@pytest.mark.filterwarnings("ignore:Numcodecs codecs:UserWarning")  # the old layout, on purpose
+def test_a_cube_with_an_older_storage_layout_is_rebuilt_not_appended_to(tmp_path, monkeypatch):
+    """A pivot written with the numcodecs delta filters (layout 1) is rebuilt by the stage with
+    core codecs only, to the same values."""
+    import zarr
+    from zarr.codecs.numcodecs import Delta
+
+    from pivotmap.tasks import cube
+    from pivotmap.tasks.cube import PivotReader
+    from pivotmap.tasks.pivot import build_pivot
+
+    def delta_encoding(*args, **kwargs):
+        enc = new_encoding(*args, **kwargs)
+        for name in [n for n in enc if n in cube.VARIABLES]:
+            enc[name]["filters"] = [*enc[name]["filters"], Delta(dtype="int16")]
+        return enc
+
+    new_encoding = cube.encoding
+    ws = run_folder(str(tmp_path / "run"))
+    monkeypatch.setattr(cube, "LAYOUT_VERSION", "1")
+    monkeypatch.setattr(cube, "encoding", delta_encoding)
+    build_pivot(ws)
+
+    def codecs() -> str:
+        return json.dumps(zarr.open_array(ws.pivot_url + "/B08", mode="r").metadata.to_dict())
+
+    assert "numcodecs.delta" in codecs()
+    old = PivotReader(ws.pivot_url).window(slice(0, 32), slice(0, 32), dtype="int16")
+    monkeypatch.undo()
+    rebuilt = build_pivot(ws)
+    assert rebuilt.mode == "create" and "storage layout" in rebuilt.reason
+    assert "numcodecs" not in codecs() and "blosc" in codecs()
+    new = PivotReader(ws.pivot_url).window(slice(0, 32), slice(0, 32), dtype="int16")
+    xr.testing.assert_equal(new, old)  # the same int16 codes (the state attributes differ)

@@ -14,9 +14,6 @@ import xarray as xr
 from pivotmap.tasks.pivot import CubeState, Tail, plan_update
 from tests.pivot_data import START, build, write_obs
 
-# Zarr warns about numcodecs codecs from every Dask thread.
-pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs:UserWarning")
-
 S2_DAYS = np.arange(0, 90, 5)
 S1_DAYS = np.arange(2, 90, 6)
 

@@ -84,7 +84,9 @@ def test_summary_reports_the_run(published):
     out, summary, maps = published
     assert summary["version"] == "v1" and summary["tiles_published"] == 2
     assert summary["already_published"] is False
-    assert summary["files"] == 2 * 3 + 4  # per tile: 2 COGs + item; run: vrt, png, json, collection
+    # per tile: 2 COGs, the class COG's .aux.xml (category names) and the item;
+    # run: vrt, png, json, collection
+    assert summary["files"] == 2 * 4 + 4
     assert summary["bytes"] == sum(p.stat().st_size for p in (out / "v1").rglob("*") if p.is_file())
     assert Path(summary["collection"]) == out / "v1" / "collection.json"
 
@@ -205,12 +207,15 @@ def test_catalog_walks_to_assets_with_matching_checksums(published):
     (collection,) = catalog.get_children()
     assert isinstance(collection, pystac.Collection) and collection.id == "pivotmap-test"
     assert collection.license and collection.providers
-    assert set(collection.assets) == {"mosaic", "quicklook", "class_areas"}
+    assert set(collection.assets) == {"mosaic", "quicklook", "class_areas", "model"}
     assert collection.assets["quicklook"].roles == ["overview"]
+    assert collection.assets["model"].href == "models:/pivotmap-demo/7"  # a registry URI
     items = list(collection.get_items())
-    assert sorted(i.id for i in items) == sorted(m.tile_id for m in maps)
+    assert sorted(i.id for i in items) == sorted(m.tile_id.lower() for m in maps)
     for owner in [collection, *items]:
-        for asset in owner.assets.values():
+        for key, asset in owner.assets.items():
+            if key == "model":
+                continue
             path = Path(asset.get_absolute_href())
             assert path.is_file()
             assert asset.extra_fields["file:size"] == path.stat().st_size
@@ -219,11 +224,14 @@ def test_catalog_walks_to_assets_with_matching_checksums(published):
 
 def test_items_carry_projection_classification_and_provenance(published, nomenclature):
     out, _, maps = published
-    item = pystac.Item.from_file(str(out / "v1" / maps[0].tile_id / f"{maps[0].tile_id}.json"))
+    item = pystac.Item.from_file(
+        str(out / "v1" / maps[0].tile_id / f"{maps[0].tile_id.lower()}.json")
+    )
     props = item.properties
     assert props["proj:code"] == "EPSG:32631" and props["proj:shape"] == [32, 32]
     assert props["proj:transform"] == list(maps[0].geobox.affine)[:6]
-    assert props["start_datetime"].startswith("2024-01-01") and item.datetime is None
+    assert props["start_datetime"].startswith("2024-01-01")
+    assert props["datetime"] == props["start_datetime"]  # a nominal time, never null
     assert props["processing:software"] == {"pivotmap": "0.1.0"}
     assert "pivotmap-demo" in props["processing:lineage"]
     assert props["pivotmap:model_version"] == "7" and props["pivotmap:model_run_id"] == "0123abcd"
@@ -255,7 +263,9 @@ def test_validate_offline_accepts_published_stac_without_network(
 
 def test_validate_offline_rejects_a_bad_classification(published, schema_dir):
     out, _, maps = published
-    item = pystac.Item.from_file(str(out / "v1" / maps[0].tile_id / f"{maps[0].tile_id}.json"))
+    item = pystac.Item.from_file(
+        str(out / "v1" / maps[0].tile_id / f"{maps[0].tile_id.lower()}.json")
+    )
     item.assets["class"].extra_fields["classification:classes"][0]["color_hint"] = "#006400"
     with pytest.raises(pystac.errors.STACValidationError, match="classification"):
         stac_products.validate_offline(item, schema_dir)
@@ -263,7 +273,9 @@ def test_validate_offline_rejects_a_bad_classification(published, schema_dir):
 
 def test_validate_offline_refuses_unknown_schemas(published, schema_dir):
     out, _, maps = published
-    item = pystac.Item.from_file(str(out / "v1" / maps[0].tile_id / f"{maps[0].tile_id}.json"))
+    item = pystac.Item.from_file(
+        str(out / "v1" / maps[0].tile_id / f"{maps[0].tile_id.lower()}.json")
+    )
     item.stac_extensions.append("https://stac-extensions.github.io/eo/v0.9.0/schema.json")
     with pytest.raises(stac_products.OfflineSchemaError, match="eo/v0.9.0"):
         stac_products.validate_offline(item, schema_dir)

@@ -11,15 +11,19 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from pivotmap.models.network import ModelSpec, build_model
 from pivotmap.models.registry import (
     ChampionInfo,
+    _public_value,
+    _using_tracking_uri,
     load_champion,
     log_and_register,
     promotion_decision,
+    public_mlmodel,
     tracking_uri_for,
 )
 
@@ -116,18 +120,29 @@ def test_load_champion_returns_champion_weights(registry: dict) -> None:
 
 
 def test_pyfunc_predicts_class_codes(registry: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pyfunc takes daily series and dates, samples and prepares them as pivotmap does."""
     import mlflow
+
+    from pivotmap.models.features import network_input
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
     pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
-    x = _inputs(7)
-    codes = pyfunc.predict(x)
-    assert codes.shape == (7,)
-    assert set(codes.tolist()) <= {1, 2, 3}
+    days = SPEC.n_steps * SPEC.step_days
+    rng = np.random.default_rng(1)
+    series = rng.normal(size=(7, days, len(SPEC.channels) - 2)).astype(np.float32)
+    series[0] = np.nan  # a pixel with no data
+    dates = np.datetime64("2023-12-20", "ns") + np.arange(days) * np.timedelta64(1, "D")
+    inputs = {"time": dates} | {n: series[:, :, c] for c, n in enumerate(SPEC.channels[:-2])}
+    out = pyfunc.predict(inputs)
+    assert list(out.columns) == ["class", "confidence", "p_1", "p_2", "p_3"] and len(out) == 7
+    sampled = series[1:, :: SPEC.step_days]
+    doy = pd.DatetimeIndex(dates[:: SPEC.step_days]).day_of_year.to_numpy()  # 354 … 1 …
     champion = registry["models"]["3"].eval()
     with torch.no_grad():
-        expected = np.array(SPEC.classes)[champion(torch.from_numpy(x)).argmax(-1).numpy()]
-    np.testing.assert_array_equal(codes, expected)
+        logits = champion(torch.from_numpy(network_input(sampled, doy, SPEC)))
+    expected = np.array(SPEC.classes)[logits.argmax(-1).numpy()]
+    np.testing.assert_array_equal(out["class"].to_numpy(), [255, *expected])
+    assert out["confidence"].iloc[0] == 255 and out["confidence"].iloc[1:].between(0, 100).all()
 
 
 def test_artifact_holds_no_pickle(
@@ -140,7 +155,8 @@ def test_artifact_holds_no_pickle(
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{NAME}/3", dst_path=tmp_path)
     )
     names = {p.name for p in local.rglob("*") if p.is_file()}
-    assert {"model.safetensors", "spec.json", "mlflow_pyfunc.py", "MLmodel"} <= names
+    assert {"model.safetensors", "spec.json", "network.pt2", "mlflow_pyfunc.py", "MLmodel"} <= names
+    assert "pivot_series.py" in names  # the preprocessing travels with the model
     assert not [n for n in names if n.endswith((".pkl", ".pickle"))]
 
 
@@ -182,3 +198,66 @@ def test_promotion_decision_rules() -> None:
     assert not promoted and "0.6400 ≤ champion v3" in reason
     promoted, reason = promotion_decision("4", 0.99, "j", champ)
     assert not promoted and "different key" in reason
+
+
+def test_local_paths_become_names_and_urls_stay() -> None:
+    assert _public_value("/tmp/run/cube/pivot.zarr") == "pivot.zarr"
+    assert _public_value("/tmp/run/cube/pivot.zarr/") == "pivot.zarr"
+    assert _public_value("file:///data/labels.gpkg") == "labels.gpkg"
+    assert _public_value("~/maps/labels.gpkg") == "labels.gpkg"
+    assert _public_value("C:\\runs\\pivot.zarr") == "pivot.zarr"
+    for kept in ("s3://bucket/run/pivot.zarr", "https://example.org/x", "0.001", "fusion"):
+        assert _public_value(kept) == kept
+
+
+def test_public_mlmodel_drops_producer_paths() -> None:
+    raw = {
+        "artifact_path": "file:///tmp/x/mlflow/artifacts/models/m-1/artifacts",
+        "flavors": {
+            "python_function": {
+                "artifacts": {
+                    "spec": {"path": "artifacts/spec.json", "uri": "/tmp/tmpab/spec.json"}
+                },
+                "model_code_path": "/home/me/pivotmap/models/mlflow_pyfunc.py",
+                "code": "code",
+            },
+            "other": {"kept": True},
+        },
+        "run_id": "abc",
+    }
+    out = public_mlmodel(raw)
+    assert "/tmp" not in json.dumps(out) and "/home" not in json.dumps(out)
+    pyfunc = out["flavors"]["python_function"]
+    assert pyfunc["artifacts"] == {"spec": {"path": "artifacts/spec.json"}}
+    assert pyfunc["model_code_path"] == "mlflow_pyfunc.py" and pyfunc["code"] == "code"
+    assert out["flavors"]["other"] == {"kept": True} and out["run_id"] == "abc"
+
+
+def test_versions_logged_before_the_export_still_load(tmp_path: Path) -> None:
+    """A version with only weights + spec (the pyfunc of pivotmap <= issue 15) loads as before."""
+    import mlflow
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    old = build_model(SPEC)
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, tmp_path / "w.safetensors")
+    (tmp_path / "spec.json").write_text(json.dumps(SPEC.to_dict()))
+    code = tmp_path / "old_pyfunc.py"
+    code.write_text(
+        "import mlflow\nfrom mlflow.pyfunc import PythonModel\n\n\n"
+        "class Old(PythonModel):\n    def predict(self, context, model_input, params=None):\n"
+        "        return model_input\n\n\nmlflow.models.set_model(Old())\n"
+    )
+    uri = tracking_uri_for(tmp_path / "old")
+    Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True)
+    with _using_tracking_uri(uri), mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(code), pip_requirements=["mlflow"],
+            artifacts={"weights": str(tmp_path / "w.safetensors"),
+                       "spec": str(tmp_path / "spec.json")},
+        )  # fmt: skip
+        version = mlflow.register_model(info.model_uri, "old-model").version
+        mlflow.MlflowClient().set_registered_model_alias("old-model", "champion", version)
+    net, spec, _ = load_champion(tracking_uri=uri, model_name="old-model")
+    assert spec == SPEC
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in old.state_dict().items())

@@ -10,7 +10,8 @@ Sentinel-1 (VV/VH in dB with speckle, every 6 days). Then measures
 - `build_ratio`: the naive `open_zarr → resample(time="1D").mean() → interpolate_na → to_zarr`
   (Dask chunks of one shard), over pivotmap's block build into the pivot cube (same path as the
   pivot flow), both reading the obs cubes and writing a Zarr store;
-- `bytes_ratio`: pivot cube bytes / obs cube bytes on disk;
+- `bytes_ratio`: pivot cube bytes / obs cube bytes on disk (both with the cube's storage layout:
+  Zarr v3 core codecs, `tasks/cube.encoding`);
 - peak memory: the peak RSS of each build, each run alone in a fresh process.
 The last stdout line is a JSON object.
 
@@ -204,7 +205,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--days", type=int, default=365)
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
     from pivotmap.runtime import keep_freed_memory, peak_rss_mb
     from pivotmap.tasks import cube
 

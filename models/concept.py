@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import xarray as xr
 from odc.geo.geobox import GeoBox
 from torch import nn
 
 from pivotmap.config import PredictConfig, RunConfig
-from pivotmap.models.features import day_of_year, has_data, network_input, raw_series
+from pivotmap.models.features import window_inputs
 from pivotmap.models.inference import load_for_worker
 from pivotmap.models.network import ModelSpec
 from pivotmap.models.registry import load_champion, load_model_files, tracking_uri_for
@@ -94,13 +93,6 @@ class TileSpan:
             slice(rows.start + self.rows[0], rows.stop + self.rows[0]),
             slice(cols.start + self.cols[0], cols.stop + self.cols[0]),
         )
-
-
-def window_inputs(ds: xr.Dataset, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Network inputs of the pixels with data in a window, and that mask (flat)."""
-    series = raw_series(ds, spec.channels[:-2])
-    ok = has_data(series)
-    return network_input(series[ok], day_of_year(ds), spec), ok
 
 
 def find_workspace(config_path: str | Path, workspace: str | None) -> str:

@@ -29,7 +29,8 @@ import torch
 from odc.geo.geobox import GeoBox
 from torch import nn
 
-from pivotmap.models.concept import TileSpan, window_inputs
+from pivotmap.models.concept import TileSpan
+from pivotmap.models.features import window_inputs
 from pivotmap.models.inference import load_for_worker
 from pivotmap.models.network import ModelSpec
 from pivotmap.models.training import cpu_threads

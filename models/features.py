@@ -50,3 +50,11 @@ def has_data(series: np.ndarray) -> np.ndarray:
 
 def day_of_year(ds: xr.Dataset) -> np.ndarray:
     return pivot_series.day_of_year(ds.time.values)
+
+
+def window_inputs(ds: xr.Dataset, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Network inputs of the pixels with data in a window sampled every `spec.step_days`, and
+    that mask (flat, row-major): what predict, concept maps and explanations feed the model."""
+    series = raw_series(ds, spec.channels[:-2])
+    ok = has_data(series)
+    return network_input(series[ok], day_of_year(ds), spec), ok

@@ -185,16 +185,14 @@ def run_tile_job(job: TileJob) -> dict:
 def classify(model, spec, ds, batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray]:
     """Class codes and confidence (0–100) of a window already sampled every `spec.step_days`;
     255 where the cube has no data."""
-    from pivotmap.models.features import day_of_year, has_data, network_input, raw_series
+    from pivotmap.models.features import window_inputs
     from pivotmap.models.training import predict_proba
 
     h, w = ds.sizes["y"], ds.sizes["x"]
-    series = raw_series(ds, spec.channels[:-2])
-    ok = has_data(series)
+    x, ok = window_inputs(ds, spec)
     classes = np.full(h * w, NODATA_CODE, dtype=np.uint8)
     confidence = np.full(h * w, NODATA_CODE, dtype=np.uint8)
     if ok.any():
-        x = network_input(series[ok], day_of_year(ds), spec)
         proba = predict_proba(model, x, batch_size, device)
         classes[ok] = np.asarray(spec.classes, dtype=np.uint8)[proba.argmax(1)]
         confidence[ok] = np.rint(proba.max(1) * 100).astype(np.uint8)

@@ -232,11 +232,7 @@ def write_bytes(url: str, data: bytes) -> None:
         except Exception as exc:
             raise StorageError(f"cannot write {url}: {_safe(exc)}") from exc
         return
-    path = Path(parse(url).path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    _replace_local(Path(parse(url).path), lambda tmp: tmp.write_bytes(data))
 
 
 def write_text(url: str, text: str) -> None:
@@ -266,10 +262,15 @@ def copy_file(local: Path, url: str) -> None:
         return
     dest = Path(parse(url).path)
     if dest.resolve() != local.resolve():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(local, tmp)
-        tmp.replace(dest)
+        _replace_local(dest, lambda tmp: shutil.copyfile(local, tmp))
+
+
+def _replace_local(path: Path, fill: Callable[[Path], object]) -> None:
+    """Write `path` through a hidden temporary file renamed over it: never seen half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fill(tmp)
+    tmp.replace(path)
 
 
 def local_path(url: str) -> Path:

@@ -30,6 +30,7 @@ from pivotmap.results import (
     PivotResult,
     PredictResult,
     PublishResult,
+    StageNotRun,
 )
 from pivotmap.runtime import request_slot
 from pivotmap.tasks import cog, quicklook, stac_products, storage
@@ -597,7 +598,9 @@ def publish(ws: Workspace) -> PublishResult:
     predict = ws.read_result(PredictResult)
     pivot = ws.read_result(PivotResult)
     version = product_version(predict.model.version, pivot.cube_version)
-    provenance = build_provenance(ws.config, ws.read_result(IngestResult), pivot, predict.model)
+    provenance = build_provenance(
+        ws.config, ws.read_result(IngestResult), pivot, predict.model, nomenclature
+    )
     with tempfile.TemporaryDirectory(prefix="pivotmap-publish-") as tmp:
         folder = Path(tmp) if storage.is_remote(ws.root) else storage.local_path(ws.products_url)
         layers = extra_layers(ws, predict.model, Path(tmp))
@@ -623,7 +626,7 @@ def load_maps(ws: Workspace) -> list[TileMap]:
         try:
             raw = storage.read_bytes(url)
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{url} is missing: run the 'predict' stage first") from exc
+            raise StageNotRun(f"{url} is missing: run the 'predict' stage first") from exc
         with np.load(io.BytesIO(raw)) as data:
             maps.append(TileMap(tile.id, tile.geobox, data["classes"], data["confidence"]))
     return maps
@@ -663,7 +666,11 @@ def product_version(model_version: str, cube_version: str) -> str:
 
 
 def build_provenance(
-    config: RunConfig, ingest: IngestResult, pivot: PivotResult, model: ModelRef
+    config: RunConfig,
+    ingest: IngestResult,
+    pivot: PivotResult,
+    model: ModelRef,
+    nomenclature: Nomenclature,
 ) -> Provenance:
     """Where the maps came from: the model, the cube and the inputs of this run."""
     from pivotmap import __version__
@@ -681,25 +688,20 @@ def build_provenance(
         source_collections=[m.collection for m in ingest.modalities.values()],
         software_version=__version__,
         config_hash=config.config_hash(),
-        model_card=model_card(config, model),
+        model_card=model_card(config, model, nomenclature),
     )
 
 
-def model_card(config: RunConfig, model: ModelRef) -> dict[str, Any]:
+def model_card(config: RunConfig, model: ModelRef, nomenclature: Nomenclature) -> dict[str, Any]:
     """MLM extension fields of the model that made the maps (what a reader needs to find it,
     load it and feed it: per-pixel cube series in, class scores out)."""
     from importlib.metadata import PackageNotFoundError, version
-
-    from pivotmap.tasks.nomenclature import load_nomenclature
 
     try:
         torch_version = version("torch")
     except PackageNotFoundError:
         torch_version = "unknown"
-    classes = []
-    if config.labels is not None:
-        nomenclature = load_nomenclature(config.labels.nomenclature)
-        classes = stac_products.classification_classes(nomenclature)[:-1]  # no nodata class
+    classes = stac_products.classification_classes(nomenclature)[:-1]  # no nodata class
     return {
         "mlm:name": model.name,
         "mlm:architecture": "pivotmap temporal encoders (one per modality) with fusion",

@@ -90,3 +90,13 @@ def test_cli_stage_on_a_fresh_folder_says_which_stage_to_run(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("pivotmap: error:")]
     assert result.returncode == 1 and len(errors) == 1
     assert "StageNotRun" in errors[0] and "run the 'ingest' stage first" in errors[0]
+
+
+def test_a_run_folder_on_object_storage_needs_a_tracking_uri(tmp_path):
+    from pivotmap.models.registry import tracking_uri_for
+
+    with pytest.raises(ValueError, match=r"`mlflow.tracking_uri` must be set.*s3://maps/run"):
+        tracking_uri_for("s3://maps/run")
+    assert tracking_uri_for("s3://maps/run", "http://mlflow:5000") == "http://mlflow:5000"
+    local = tracking_uri_for(str(tmp_path / "run"))
+    assert local == f"sqlite:///{tmp_path / 'run' / 'mlflow' / 'mlflow.db'}"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pivotmap.results import StageResult
 
-STAGES = ("ingest", "pivot", "train", "predict", "publish")
+STAGES = ("ingest", "pivot", "sample", "train", "predict", "publish")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     demo.add_argument("--seed", type=int, default=42, help="seed of the synthetic region")
     _common(demo, config=False)
-    produce = sub.add_parser("produce", help="run ingest → pivot → train → predict → publish")
+    produce = sub.add_parser(
+        "produce", help="run ingest → pivot → sample → train → predict → publish"
+    )
     _common(produce)
     produce.add_argument(
         "--no-train",
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _status_parser(sub)
     _rollback_parser(sub)
     _concept_parser(sub)
+    _plan_parser(sub)
     for stage in STAGES:
         _common(sub.add_parser(stage, help=f"run the {stage} stage only"))
     return parser
@@ -81,6 +84,28 @@ def _status(args: argparse.Namespace) -> dict:
 
     summary = status(args.api, args.out, args.catalog, args.limit)
     print(status_text(summary), file=sys.stderr if args.json else sys.stdout)
+    return summary
+
+
+def _plan_parser(sub) -> None:
+    plan = sub.add_parser(
+        "plan", help="tiles, items, bytes, core-hours and storage of a run, before it runs"
+    )
+    plan.add_argument("--config", required=True, help="run config YAML (see infra/configs/)")
+    plan.add_argument(
+        "--offline", action="store_true", help="skip the catalogue: items from the revisit"
+    )
+    plan.add_argument("--rates", help="rates JSON (bench_scale.py --rates-out); default built in")
+    plan.add_argument(
+        "--json", action="store_true", help="print the plan as one JSON line on stdout"
+    )
+
+
+def _plan(config, args: argparse.Namespace) -> dict:
+    from pivotmap.flows.plan import plan, plan_text
+
+    summary = plan(config, offline=args.offline, rates_file=args.rates)
+    print(plan_text(summary), file=sys.stderr if args.json else sys.stdout)
     return summary
 
 
@@ -128,6 +153,8 @@ def run(args: argparse.Namespace) -> dict:
         result = produce_flow(config, str(Path(args.out)), force=args.force)
         return {"demo_config": str(path), **result.to_dict()}
     config = load_run_config(args.config)
+    if args.command == "plan":
+        return _plan(config, args)
     if args.command == "concept":
         from pivotmap.models.concept import concept_map, find_workspace
 
@@ -146,7 +173,7 @@ def _stage(name: str, config, args) -> StageResult:
 
     module = importlib.import_module(f"pivotmap.flows.{name}")
     flow = getattr(module, f"{name}_flow")
-    if name in ("ingest", "pivot", "predict"):
+    if name in ("ingest", "pivot", "sample", "predict"):
         return flow(config, args.out, force=args.force)
     return flow(config, args.out)
 

@@ -1,4 +1,4 @@
-"""Produce flow: ingest → pivot → train → predict → publish, the end-to-end production run."""
+"""Produce flow: ingest → pivot → sample → train → predict → publish, the end-to-end production run."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pivotmap.flows.pivot import pivot_flow
 from pivotmap.flows.predict import predict_flow
 from pivotmap.flows.publish import publish_flow
 from pivotmap.flows.report import publish_run_report, run_summary
+from pivotmap.flows.sample import sample_flow
 from pivotmap.flows.train import train_flow
 from pivotmap.results import ProduceResult, StageResult
 from pivotmap.tasks.workspace import Workspace
@@ -29,7 +30,8 @@ def produce_flow(
         ingest_flow(config, ws.root, force=force),
         pivot_flow(config, ws.root, force=force),
     ]
-    if train:
+    if train and not config.predict.model_uri:  # a registered model from elsewhere maps as is
+        stages.append(sample_flow(config, ws.root, force=force))
         stages.append(train_flow(config, ws.root))
     stages.append(predict_flow(config, ws.root))
     if config.concept.prompts:  # concept maps and explanations are published with the map

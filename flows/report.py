@@ -15,6 +15,7 @@ from pivotmap.results import (
     ProduceResult,
     PublishResult,
     R,
+    SampleResult,
     StageNotRun,
     StageResult,
     TrainResult,
@@ -199,6 +200,9 @@ def tile_status_rows(stages: Sequence[StageResult]) -> list[dict]:
         elif isinstance(result, PivotResult):
             written = [t["tile"] for t in result.tiles_written]
             add("pivot", written, result.tiles_already_done, result.cube_version)
+        elif isinstance(result, SampleResult):
+            written = [t["tile"] for t in result.tiles_written]
+            add("sample", written, result.tiles_already_done, result.key)
         elif isinstance(result, PredictResult):
             written = [t["tile"] for t in result.tiles]
             add("predict", written, result.tiles_already_done, result.cache_key)
@@ -270,7 +274,7 @@ def stage_artifacts(ws: Workspace, result: StageResult) -> None:
         )
     if isinstance(result, PivotResult | PublishResult) and result.quality:
         write_quality_html(ws, result.quality)
-    if isinstance(result, IngestResult | PivotResult | PredictResult):
+    if isinstance(result, IngestResult | PivotResult | SampleResult | PredictResult):
         create_table_artifact(
             tile_status_rows([result]),
             key=f"{result.STAGE}-tiles-{name}",

@@ -124,11 +124,11 @@ def load_aligned_model(ws: Workspace, predicted: ModelRef | None = None) -> Alig
     except LookupError as err:
         raise ConceptError(str(err)) from None
     files = load_model_files(
-        tracking_uri=uri, model_name=name, version=ref.version, names=ALIGN_FILES
+        tracking_uri=uri, model_name=ref.name, version=ref.version, names=ALIGN_FILES
     )
     if set(files) != set(ALIGN_FILES):
         raise ConceptError(
-            f"model {name} v{ref.version} has no text-alignment head (trained before it "
+            f"model {ref.name} v{ref.version} has no text-alignment head (trained before it "
             "existed or with concept.enabled: false); run `pivotmap train --config FILE --out "
             "DIR` first"
         )

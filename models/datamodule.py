@@ -1,5 +1,9 @@
-"""The training data module: labels on the grid, their spatial split and sampling, and the pixels
-read from the pivot cube, ready for the network, the baseline and pretraining."""
+"""The training data module: the training table drawn by the sample stage (`tasks/sampling.py`)
+read back as network inputs, raw series for the baseline, its split, and unlabelled inputs.
+
+Training never reads the cube: the table holds the sampled pixels' int16 series, so memory is
+set by the sampling quotas (`train.max_*_pixels`), not by the region or its labelled area.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pivotmap.models.features import (
-    day_of_year,
-    fit_normalisation,
-    has_data,
-    network_input,
-    raw_series,
-)
+from pivotmap.models.features import fit_normalisation, network_input
 from pivotmap.models.network import ModelSpec
-from pivotmap.tasks.cube import PivotReader
-from pivotmap.tasks.labels import UNKNOWN, read_labels
+from pivotmap.results import SampleResult
+from pivotmap.tasks import storage
+from pivotmap.tasks.cube import decode_codes
 
 if TYPE_CHECKING:
-    from pivotmap.config import LabelsConfig, RunConfig, TrainConfig
-    from pivotmap.tasks.nomenclature import Nomenclature
+    from pivotmap.config import RunConfig
     from pivotmap.tasks.workspace import Workspace
 
 
@@ -37,7 +35,7 @@ class TrainingData:
     series: np.ndarray  # [N, T, C] raw labelled series (NaN = missing), for the baseline
     x: np.ndarray  # [N, T, C'] network inputs of the labelled pixels
     codes: np.ndarray  # [N] class codes
-    is_test: np.ndarray  # [N] in a held-out block
+    is_test: np.ndarray  # [N] in a held-out group
     train_idx: np.ndarray  # indices of the labelled pixels used for training
     x_unlabelled: np.ndarray  # [U, T, C'] pixels outside held-out blocks, labels unused
 
@@ -47,78 +45,99 @@ class TrainingData:
         return np.array([index[c] for c in self.codes], dtype=np.int64)
 
 
-# ---------------------------------------------------------------------------- labels and split
-def labels_config(config: RunConfig) -> LabelsConfig:
-    """The run's `labels` section; a clear error when the config has none."""
-    if config.labels is None:
-        raise TrainingDataError(
-            f"config {config.name!r} has no `labels` section: training needs reference data"
-        )
-    return config.labels
+# ---------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Table:
+    """Rows of one or more training tables (several runs: regions, years)."""
+
+    series: np.ndarray  # [N, T, C] int16 codes of `channels`
+    doy: np.ndarray  # [N, T] day of year of each step
+    codes: np.ndarray  # [N] class code (0 = unlabelled)
+    split: np.ndarray  # [N] 'train' | 'test' | 'unlabelled'
+    channels: tuple[str, ...]
+    scales: dict[str, float]
+    fill: int
+
+    def decoded(self, names: tuple[str, ...], rows: np.ndarray) -> np.ndarray:
+        """[n, T, len(names)] float32 of `rows` (NaN = missing): what the cube reader gives."""
+        out = np.empty((len(rows), self.series.shape[1], len(names)), dtype=np.float32)
+        for c, name in enumerate(names):
+            k = self.channels.index(name)
+            out[:, :, c] = decode_codes(self.series[rows, :, k], self.scales[name], self.fill)
+        return out
 
 
-def labels(ws: Workspace, nomenclature: Nomenclature) -> np.ndarray:
-    """Class codes on the region's extent (UNKNOWN where none); at least two classes."""
-    url = labels_config(ws.config).url
-    codes = read_labels(url, ws.extent(), nomenclature)
-    if len(np.unique(codes[codes != UNKNOWN])) < 2:
-        raise TrainingDataError(f"labels {url} hold fewer than two classes inside the region")
-    return codes
+def samples_of(ws: Workspace) -> list[SampleResult]:
+    """The run's own training table, then those of the runs in `train.include`."""
+    own = ws.read_result(SampleResult)
+    others = []
+    for root in ws.config.train.include:
+        from pivotmap.tasks.workspace import Workspace as _Ws
+
+        other = _Ws(root=storage.normalise(root), config=ws.config).find_result(SampleResult)
+        if other is None:
+            raise TrainingDataError(
+                f"train.include: {root} holds no training table (reports/sample.json): run "
+                f"`pivotmap sample --config ITS_CONFIG --out {root}` first"
+            )
+        others.append(other)
+    return [own, *others]
 
 
-def spatial_block_split(
-    labels: np.ndarray, block: int, test_fraction: float, seed: int, unknown: int = UNKNOWN
-) -> np.ndarray:
-    """Boolean test mask: whole `block`×`block` squares are held out, so no neighbouring pixel
-    of a test pixel trains the model. Draws are repeated (seeded) until every class with labels
-    in at least two blocks appears on both sides."""
-    h, w = labels.shape
-    by, bx = np.arange(h) // block, np.arange(w) // block
-    block_id = by[:, None] * (bx.max() + 1) + bx[None, :]
-    labelled = labels != unknown
-    blocks = np.unique(block_id[labelled])
-    n_test = max(1, round(len(blocks) * test_fraction))
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels[labelled])
-    best = None
-    for _ in range(200):
-        test_blocks = rng.choice(blocks, size=n_test, replace=False)
-        test = np.isin(block_id, test_blocks) & labelled
-        train = ~np.isin(block_id, test_blocks) & labelled
-        missing = sum(
-            not (labels[test] == c).any() or not (labels[train] == c).any() for c in classes
-        )
-        if best is None or missing < best[0]:
-            best = (missing, test)
-        if missing == 0:
-            break
-    assert best is not None  # set by the first of the 200 draws
-    return best[1]
+def read_tables(samples: list[SampleResult]) -> Table:
+    """Every row of the tables' Parquet files; their channels and time steps must agree."""
+    import io
+    import json
 
+    import pyarrow.parquet as pq
 
-def held_out_area(test_mask: np.ndarray, block: int) -> np.ndarray:
-    """Every pixel of a block holding a test pixel: unlabelled data is never taken from there."""
-    h, w = test_mask.shape
-    by, bx = -(-h // block), -(-w // block)
-    padded = np.zeros((by * block, bx * block), dtype=bool)
-    padded[:h, :w] = test_mask
-    blocks = padded.reshape(by, block, bx, block).any(axis=(1, 3))
-    return np.repeat(np.repeat(blocks, block, 0), block, 1)[:h, :w]
+    parts, meta = [], None
+    for sample in samples:
+        for url in sample.files:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(url)))
+            info = json.loads(table.schema.metadata[b"pivotmap"])
+            if meta is None:
+                meta = info
+            elif (info["channels"], info["n_steps"]) != (meta["channels"], meta["n_steps"]):
+                raise TrainingDataError(
+                    f"training table {url} has {info['n_steps']} steps of {info['channels']}; "
+                    f"{samples[0].files[0]} has {meta['n_steps']} of {meta['channels']}: "
+                    "tables gathered by `train.include` need the same period length and step_days"
+                )
+            if table.num_rows:
+                parts.append(table)
+    if meta is None or not parts:
+        raise TrainingDataError("the training table is empty: no labelled pixel with data")
+    n_steps, channels = int(meta["n_steps"]), tuple(meta["channels"])
+
+    def column(name: str) -> np.ndarray:
+        chunks = [p.column(name).combine_chunks() for p in parts]
+        return np.concatenate([c.flatten().to_numpy() if name in ("series", "doy")
+                               else c.to_numpy(zero_copy_only=False) for c in chunks])  # fmt: skip
+
+    return Table(
+        series=column("series").reshape(-1, n_steps, len(channels)),
+        doy=column("doy").reshape(-1, n_steps),
+        codes=column("class"),
+        split=np.asarray(column("split"), dtype=str),
+        channels=channels,
+        scales={k: float(v) for k, v in meta["scales"].items()},
+        fill=int(meta["fill"]),
+    )
 
 
 def stratified_sample(codes: np.ndarray, max_total: int, seed: int) -> np.ndarray:
-    """Indices of at most `max_total` samples shared equally between classes; a class smaller
-    than its share is taken whole and its unused share goes to the others (water filling)."""
-    if len(codes) <= max_total:
-        return np.arange(len(codes))
-    rng = np.random.default_rng(seed)
+    """Sorted indices of at most `max_total` samples shared between classes as the sample
+    stage shares its quotas (`tasks.sampling.class_targets`)."""
+    from pivotmap.tasks.sampling import class_targets
+
     classes, counts = np.unique(codes, return_counts=True)
-    picks, remaining = [], max_total
-    for rank, k in enumerate(np.argsort(counts, kind="stable")):
-        take = min(counts[k], remaining // (len(classes) - rank))
-        picks.append(rng.permutation(np.flatnonzero(codes == classes[k]))[:take])
-        remaining -= take
-    return np.sort(np.concatenate(picks))
+    targets = class_targets(
+        {int(c): int(n) for c, n in zip(classes, counts, strict=True)}, max_total
+    )
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.flatnonzero(codes == c))[: targets[int(c)]] for c in classes]
+    return np.sort(np.concatenate(picks)) if picks else np.arange(0)
 
 
 def label_subset(
@@ -137,68 +156,45 @@ def label_subset(
     return np.sort(np.concatenate(picks))
 
 
-# ---------------------------------------------------------------------------- pixels
-def read_pixels(
-    ws: Workspace,
-    labels: np.ndarray,
-    excluded: np.ndarray,
-    channels: tuple[str, ...],
-    tc: TrainConfig,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Raw series and codes of the labelled pixels, their flat indices in the extent, a seeded
-    sample of unlabelled pixels with data outside `excluded`, and the days of year."""
-    tiles = ws.tiles()
-    extent = ws.extent(tiles)
-    reader = PivotReader(ws.pivot_url)
-    rng = np.random.default_rng(tc.seed)
-    wanted = tc.pretrain_epochs or tc.distill_epochs
-    quota = -(-tc.max_unlabelled_pixels // len(tiles)) if wanted else 0
-    flat_index = np.arange(labels.size).reshape(labels.shape)
-    xs, ys, where, unl, doy = [], [], [], [], None
-    for tile in tiles:
-        rows, cols = tile.slices_in(extent)
-        tile_labels, tile_excluded = labels[rows, cols].ravel(), excluded[rows, cols].ravel()
-        keep = tile_labels != UNKNOWN
-        if not keep.any() and not quota:
-            continue
-        ds = reader.window(rows, cols, step_days=tc.step_days)
-        doy, series = day_of_year(ds), raw_series(ds, channels)
-        xs.append(series[keep])
-        ys.append(tile_labels[keep])
-        where.append(flat_index[rows, cols].ravel()[keep])
-        free = np.flatnonzero(~keep & ~tile_excluded & has_data(series))
-        unl.append(series[rng.permutation(free)[:quota]])
-    if not xs or not sum(len(c) for c in ys):
-        raise TrainingDataError(
-            "no labelled pixel inside the region: check `labels.url` and `region`"
-        )
-    assert doy is not None  # set with the first tile that filled `xs`
-    x, y, flat, x_unlabelled = (np.concatenate(a) for a in (xs, ys, where, unl))
-    return x, y, flat, x_unlabelled, doy
-
-
-def prepare_data(ws: Workspace, labels: np.ndarray, test_mask: np.ndarray) -> TrainingData:
-    """Read the pixels, fit the normalisation on the training pixels, build network inputs."""
-    tc = ws.config.train
-    classes = tuple(int(c) for c in np.unique(labels[labels != UNKNOWN]))
+# ---------------------------------------------------------------------------- network inputs
+def prepare_data(config: RunConfig, table: Table) -> TrainingData:
+    """Fit the normalisation on the training rows and build the network inputs."""
+    tc = config.train
+    labelled = np.flatnonzero(table.split != "unlabelled")
+    codes = table.codes[labelled]
+    classes = tuple(int(c) for c in np.unique(codes))
+    if len(classes) < 2:
+        raise TrainingDataError(f"the training table holds {len(classes)} class(es): two needed")
     base = ModelSpec(
         classes=classes, step_days=tc.step_days, hidden=tc.hidden, modalities=tc.modalities
     )
-    excluded = held_out_area(test_mask, tc.block_size)
-    series, codes, flat, unlabelled, doy = read_pixels(ws, labels, excluded, base.channels[:-2], tc)
-    is_test = test_mask.ravel()[flat]
+    names = base.channels[:-2]
+    series = table.decoded(names, labelled)
+    is_test = table.split[labelled] == "test"
+    if not is_test.any() or is_test.all():
+        raise TrainingDataError(
+            "the training table has no held-out or no training pixels: more groups are needed "
+            "(smaller `train.block_size` or more reference polygons)"
+        )
     spec = fit_normalisation(series[~is_test], base).replace(n_steps=int(series.shape[1]))
     train_idx = np.flatnonzero(~is_test)
-    train_idx = train_idx[stratified_sample(codes[train_idx], tc.max_train_pixels, tc.seed)]
     train_idx = train_idx[label_subset(codes[train_idx], tc.label_fraction, tc.seed)]
-    pool = np.concatenate([unlabelled, series[~is_test]])  # labels unused for pretraining
+    doy = _doy(table.doy)
+    unlabelled = np.flatnonzero(table.split == "unlabelled")
+    pool = np.concatenate([unlabelled, labelled[~is_test]])  # labels unused for pretraining
     pool = pool[np.random.default_rng(tc.seed).permutation(len(pool))[: tc.max_unlabelled_pixels]]
+    pool_doy = doy if doy.ndim == 1 else doy[pool]
     return TrainingData(
         spec=spec,
         series=series,
-        x=network_input(series, doy, spec),
+        x=network_input(series, doy if doy.ndim == 1 else doy[labelled], spec),
         codes=codes,
         is_test=is_test,
         train_idx=train_idx,
-        x_unlabelled=network_input(pool, doy, spec),
+        x_unlabelled=network_input(table.decoded(names, pool), pool_doy, spec),
     )
+
+
+def _doy(doy: np.ndarray) -> np.ndarray:
+    """[T] when every row shares its days of year (one run), else [N, T]."""
+    return doy[0] if len(doy) and (doy == doy[0]).all() else doy

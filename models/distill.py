@@ -58,5 +58,6 @@ def distill(
         learning_rate=learning_rate,
         seed=seed,
         device=device,
+        label="distil",
     )
     return FitResult(model=student, losses=losses)

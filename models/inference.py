@@ -1,6 +1,7 @@
 """Tile inference on Dask workers: a frozen job per tile, windows streamed from the pivot cube.
 
-Workers never talk to MLflow: the driver resolves the champion and writes its weights
+Workers never talk to MLflow: the driver resolves the model (`predict.model_uri`, else the run's
+champion), checks it against the cube's settings and writes its weights
 (safetensors) and spec (JSON) under the run folder; each worker process loads them once from
 that URL, so a worker on another machine needs nothing but the run folder's URL.
 Finished tiles (same model version, same cube) are skipped on a re-run.
@@ -26,8 +27,12 @@ from pivotmap.tasks.cube import PivotReader, iter_windows
 from pivotmap.tasks.nomenclature import NODATA_CODE
 
 if TYPE_CHECKING:
+    from pivotmap.config import RunConfig
+    from pivotmap.models.registry import LoadedModel
     from pivotmap.tasks.grid import Tile
     from pivotmap.tasks.workspace import Workspace
+
+NOMENCLATURE_FILE = "nomenclature.yaml"  # tasks/publish.py reads it by this name
 
 
 @dataclass(frozen=True)
@@ -50,23 +55,27 @@ class TileJob:
 
 
 def predict(ws: Workspace, device: str | None = None, force: bool = False) -> PredictResult:
-    """Resolve `models:/<name>@<alias>` and classify every tile not already done."""
-    from pivotmap.models.registry import load_champion, tracking_uri_for
+    """Resolve the model (`predict.model_uri`, else the run's `models:/<name>@<alias>`), check
+    that it learnt from a cube built like this one, and classify every tile not already done."""
     from pivotmap.tasks.cluster import worker_device
 
     started = time.monotonic()
     config = ws.config
     dev = device or worker_device()
-    model, spec, info = load_champion(
-        tracking_uri=tracking_uri_for(ws.root, config.mlflow.tracking_uri),
-        model_name=config.model_name, alias=config.predict.model_alias, device="cpu",
-    )  # fmt: skip
-    model_url = save_for_workers(model, spec, ws.model_url(info["name"], info["version"]))
-    key = f"{info['name']}/{info['version']}@{ws.read_result(PivotResult).cube_version}"
+    cube_version = ws.read_result(PivotResult).cube_version
+    found = resolve_model(ws)
+    info = found.info
+    check_cube_settings(ws, found)  # before a pixel is read or a map written
+    model_url = save_for_workers(
+        found.model, found.spec, ws.model_url(info["name"], info["version"])
+    )
+    save_nomenclature(ws, info, model_url)
+    key = f"{info['name']}/{info['version']}@{cube_version}"
     tiles = ws.tiles()
     todo = [t for t in tiles if force or not ws.is_done("predict", t.id, key)]
     results = run_jobs(
-        tile_jobs(ws, model_url, dev, todo), config.predict.dask, config.predict.workers,
+        tile_jobs(ws, model_url, dev, todo), config.dask.address or config.predict.dask,
+        config.predict.workers,
         on_done=lambda result: ws.mark_done("predict", result["tile"], key, result),
     )  # fmt: skip
     elapsed = time.monotonic() - started
@@ -83,6 +92,67 @@ def predict(ws: Workspace, device: str | None = None, force: bool = False) -> Pr
     )  # fmt: skip
     ws.write_result(result)
     return result
+
+
+def model_uri(config: RunConfig) -> str:
+    """The registry URI predict maps with: `predict.model_uri`, else the run's own model."""
+    return config.predict.model_uri or f"models:/{config.model_name}@{config.predict.model_alias}"
+
+
+def resolve_model(ws: Workspace) -> LoadedModel:
+    """The network of `model_uri(config)` on the tracking server of `mlflow.tracking_uri` (the
+    run folder's own store when unset), with its version tags.
+
+    Raises:
+        LookupError: the URI does not resolve; the message names it, the tracking URI (without
+            credentials) and what to do.
+    """
+    from pivotmap.models.registry import load_model, tracking_uri_for
+
+    config = ws.config
+    uri = model_uri(config)
+    try:
+        tracking = tracking_uri_for(ws.root, config.mlflow.tracking_uri)
+    except ValueError as err:  # a run folder on object storage and no tracking server set
+        raise LookupError(f"{uri}: {err}") from None
+    try:
+        return load_model(tracking_uri=tracking, model_uri=uri, device="cpu")
+    except LookupError as err:
+        if config.predict.model_uri:
+            raise LookupError(f"predict.model_uri: {err}") from None
+        raise
+
+
+def check_cube_settings(ws: Workspace, found: LoadedModel) -> None:
+    """Stop unless the model learnt from a cube gap-filled like this run's (CubeMismatchError
+    names each setting and both values); a model registered before the settings were kept
+    is used with a warning."""
+    from pivotmap.models import cube_settings as cs
+    from pivotmap.tasks.cube import open_cube
+
+    name = f"{found.info['name']} v{found.info['version']}"
+    trained = cs.from_tags(found.tags)
+    if not trained:
+        run_logger("predict").warning(
+            "model %s records no cube settings (registered before they were kept): not checked "
+            "against this cube (%s)", name, ws.pivot_url,
+        )  # fmt: skip
+        return
+    cube = open_cube(ws.pivot_url)
+    cs.check_cube(name, trained, cs.pivot_settings(cube.attrs), {str(v) for v in cube.data_vars})
+
+
+def save_nomenclature(ws: Workspace, info: dict[str, str], model_url: str) -> None:
+    """Leave the legend the model was trained with beside its weights (`NOMENCLATURE_FILE`):
+    publish reads it when the run config has no labels (a model trained elsewhere)."""
+    from pivotmap.models.registry import load_model_files, tracking_uri_for
+
+    files = load_model_files(
+        tracking_uri=tracking_uri_for(ws.root, ws.config.mlflow.tracking_uri),
+        model_name=info["name"], version=info["version"], names=("nomenclature",),
+    )  # fmt: skip
+    if "nomenclature" in files:
+        storage.write_bytes(storage.join(model_url, NOMENCLATURE_FILE), files["nomenclature"])
 
 
 def tile_jobs(ws: Workspace, model_url: str, device: str, tiles: list[Tile]) -> list[TileJob]:

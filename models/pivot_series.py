@@ -36,7 +36,7 @@ def network_input(
 
     Args:
         series: [N, T, len(names)] float32 with NaN for missing values, channels `names`.
-        doy: [T] day of year of each step.
+        doy: [T] day of year of each step (or [N, T]: each pixel's own, e.g. several years).
     """
     x = np.empty((series.shape[0], series.shape[1], len(names) + 2), dtype=np.float32)
     for c, name in enumerate(names):
@@ -46,9 +46,9 @@ def network_input(
         else:
             scaled = (values - norm_mean.get(name, 0.0)) / norm_std.get(name, 1.0)
             x[:, :, c] = np.where(np.isfinite(scaled), scaled, 0.0)
-    angle = 2 * np.pi * doy.astype(np.float32) / 365.25
-    x[:, :, -2] = np.sin(angle)[None, :]
-    x[:, :, -1] = np.cos(angle)[None, :]
+    angle = 2 * np.pi * np.asarray(doy).astype(np.float32) / 365.25  # [T], or [N, T] per pixel
+    x[:, :, -2] = np.sin(angle)
+    x[:, :, -1] = np.cos(angle)
     return x
 
 

@@ -122,5 +122,6 @@ def pretrain(
         learning_rate=learning_rate,
         seed=seed,
         device=device,
+        label="pretrain",
     )
     return model.encoder_state(), losses

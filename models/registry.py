@@ -31,6 +31,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
+from pivotmap.models.cube_settings import as_tags as cube_tags
+
 if TYPE_CHECKING:  # torch and mlflow cost seconds to import: only inside the functions
     import numpy as np
     import torch
@@ -50,6 +52,9 @@ PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
 PREPROCESSING_CODE = Path(__file__).with_name("pivot_series.py")  # imports nothing of pivotmap
 # What the logged model installs: index packages only, pinned as pivotmap runs them.
 MODEL_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas")
+
+# What `predict.model_uri` accepts (MLflow's registry URIs, by alias or version number).
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[^/@\s]+)|/(?P<version>[0-9]+))$")
 
 # INFO chatter on every call (database creation, input-example validation).
 _CHATTY_LOGGERS = ("mlflow.store.db.utils", "mlflow.pyfunc")
@@ -108,6 +113,7 @@ def log_and_register(
     tags: dict | None = None,
     input_example: np.ndarray | Mapping[str, np.ndarray] | None = None,
     model_files: dict[str, Path] | None = None,
+    cube_settings: Mapping[str, str] | None = None,
 ) -> RegisteredModel:
     """Log a run with the model as a pyfunc, register a new version, and maybe promote it.
 
@@ -125,6 +131,9 @@ def log_and_register(
             form (`models/mlflow_pyfunc.py`); by default an example is built from `spec`.
         model_files: files stored inside the model version beside its weights, by name (e.g. the
             text-alignment head); read back with `load_model_files`.
+        cube_settings: the settings of the cube the model learnt from (`models/cube_settings`),
+            kept as `pivotmap.cube.*` tags of the run and the version: predict refuses a cube
+            built otherwise.
     """
     if not validation_key:
         raise ValueError("validation_key must name the held-out data the metrics come from")
@@ -138,7 +147,8 @@ def log_and_register(
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     root = artifact_root if artifact_root is not None else _default_artifact_root(tracking_uri)
     experiment_id = _experiment_id(client, experiment, root)
-    run_tags = {**_flatten_params(tags or {}), VALIDATION_KEY_TAG: validation_key}
+    settings = cube_tags(cube_settings or {})
+    run_tags = {**_flatten_params(tags or {}), **settings, VALIDATION_KEY_TAG: validation_key}
     run_tags.setdefault("mlflow.source.name", _script_name())
     with tempfile.TemporaryDirectory() as tmp, _using_tracking_uri(tracking_uri):
         files = _save_weights(state, spec, Path(tmp))
@@ -153,7 +163,7 @@ def log_and_register(
             _log_extra_artifacts(extra)
             info = _log_pyfunc(files, spec, input_example)
             _clean_mlmodel(info.model_id, Path(tmp))
-        version_tags = {VALIDATION_KEY_TAG: validation_key}
+        version_tags = {VALIDATION_KEY_TAG: validation_key, **settings}
         version_tags |= {f"metric.{k}": f"{v:.6g}" for k, v in flat_metrics.items()}
         version = _register(info.model_uri, model_name, version_tags)
     promoted, reason, champion = _update_champion(
@@ -176,13 +186,47 @@ def load_champion(
 ) -> tuple[torch.nn.Module, ModelSpec, dict]:
     """The network behind `models:/<model_name>@<alias>`, in eval mode on `device`.
 
-    Reads spec.json and the safetensors weights only: no pickle, no code from the artifact.
-
     Returns:
         (model, spec, {"name", "version", "run_id", "uri"} of the resolved version).
 
     Raises:
         LookupError: no such registered model or alias in the registry at `tracking_uri`.
+    """
+    found = load_model(
+        tracking_uri=tracking_uri, model_uri=f"models:/{model_name}@{alias}", device=device
+    )
+    return found.model, found.spec, found.info
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A registered version's network, its spec, its reference and its version tags."""
+
+    model: torch.nn.Module
+    spec: ModelSpec
+    info: dict[str, str]  # name, version, run_id, uri (models:/<name>/<version>)
+    tags: dict[str, str]
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """(name, alias, version) of `models:/<name>@<alias>` or `models:/<name>/<version>`."""
+    match = MODEL_URI.match(uri.strip())
+    if match is None:
+        raise ValueError(
+            f"model URI {uri!r} is not models:/<name>@<alias> or models:/<name>/<version> "
+            "(e.g. models:/pivotmap-demo@champion, models:/pivotmap-demo/3)"
+        )
+    return match["name"], match["alias"], match["version"]
+
+
+def load_model(*, tracking_uri: str, model_uri: str, device: str = "cpu") -> LoadedModel:
+    """The network of a registered version (`models:/<name>@<alias>` or `…/<version>`) on the
+    MLflow registry at `tracking_uri`, in eval mode on `device`.
+
+    Reads spec.json and the safetensors weights only: no pickle, no code from the artifact.
+
+    Raises:
+        LookupError: the URI does not resolve there (its message names both URIs and what to do).
     """
     _quiet_loggers()
     import mlflow
@@ -190,13 +234,14 @@ def load_champion(
 
     from pivotmap.models.network import ModelSpec, build_model
 
-    _require_sqlite_db(tracking_uri, model_name, alias)
+    name, alias, version = parse_model_uri(model_uri)
+    _require_sqlite_db(tracking_uri, model_uri)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    mv = _version_by_alias(client, tracking_uri, model_name, alias)
-    uri = f"models:/{model_name}/{mv.version}"
+    mv = _resolve_version(client, tracking_uri, model_uri, name, alias, version)
+    uri = f"models:/{name}/{mv.version}"
     # The version's own artifact URI: MLflow 3.17 resolves a models:/ URI against the global
     # registry URI, whatever registry_uri download_artifacts is given.
-    source = client.get_model_version_download_uri(model_name, mv.version)
+    source = client.get_model_version_download_uri(name, mv.version)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(
             mlflow.artifacts.download_artifacts(
@@ -209,8 +254,8 @@ def load_champion(
     net = build_model(spec)
     net.load_state_dict(state)
     net = net.to(device).eval()
-    info = {"name": model_name, "version": str(mv.version), "run_id": mv.run_id, "uri": uri}
-    return net, spec, info
+    info = {"name": name, "version": str(mv.version), "run_id": mv.run_id or "", "uri": uri}
+    return LoadedModel(model=net, spec=spec, info=info, tags=dict(mv.tags or {}))
 
 
 def load_model_files(
@@ -582,35 +627,52 @@ def _current_champion(client: MlflowClient, model_name: str) -> ChampionInfo | N
     )
 
 
-def _version_by_alias(client: MlflowClient, tracking_uri: str, model_name: str, alias: str):
+def _resolve_version(
+    client: MlflowClient,
+    tracking_uri: str,
+    model_uri: str,
+    name: str,
+    alias: str | None,
+    version: str | None,
+):
+    """The model version `model_uri` names, or a LookupError saying why it does not resolve."""
     from mlflow.exceptions import MlflowException
 
-    where = f"in the MLflow registry at {_redacted(tracking_uri)}"
+    def missing(why: str) -> LookupError:
+        return LookupError(
+            f"{model_uri} does not resolve in the MLflow registry at {_redacted(tracking_uri)}: "
+            f"{why}; {NOT_FOUND_HINT}"
+        )
+
     try:
-        registered = client.get_registered_model(model_name)
+        registered = client.get_registered_model(name)
+        if version is None:
+            version = registered.aliases.get(alias)
+            if version is None:
+                known = ", ".join(f"@{a}" for a in sorted(registered.aliases)) or "none"
+                raise missing(f"registered model {name!r} has no alias @{alias} (aliases: {known})")
+        return client.get_model_version(name, version)
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        raise LookupError(
-            f"no registered model {model_name!r} (alias @{alias}) {where}; "
-            "run `pivotmap train` first"
-        ) from None
-    version = registered.aliases.get(alias)
-    if version is None:
-        raise LookupError(
-            f"registered model {model_name!r} has no alias @{alias} {where}; "
-            "run `pivotmap train` first (it registers a version and sets @champion)"
-        )
-    return client.get_model_version(model_name, version)
+        what = f"version {version}" if version else f"registered model {name!r}"
+        raise missing(f"no {what}") from None
 
 
-def _require_sqlite_db(tracking_uri: str, model_name: str, alias: str) -> None:
+NOT_FOUND_HINT = (
+    "run `pivotmap train` first (it registers a version and sets @champion), or set "
+    "`predict.model_uri` to a registered model and `mlflow.tracking_uri` to the tracking server "
+    "it was registered on"
+)
+
+
+def _require_sqlite_db(tracking_uri: str, model_uri: str) -> None:
     """Loading must not create an empty database as a side effect."""
     db = _sqlite_path(tracking_uri)
     if db is not None and not db.exists():
         raise LookupError(
-            f"no MLflow database at {db}, so no model {model_name!r} with alias @{alias} "
-            f"(tracking URI {tracking_uri}); run `pivotmap train` first"
+            f"{model_uri} does not resolve: no MLflow database at {db} (tracking URI "
+            f"{tracking_uri}); {NOT_FOUND_HINT}"
         )
 
 
@@ -627,9 +689,14 @@ def _artifact_paths(local: Path, uri: str) -> tuple[Path, Path]:
 
 
 def _redacted(uri: str) -> str:
-    """The URI without a password, for messages and logs."""
+    """The URI without its user and password, for messages and logs."""
     parts = urlsplit(uri)
-    if parts.password is None:
+    if parts.username is None and parts.password is None:
         return uri
     host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=host))
+
+
+def redacted(uri: str) -> str:
+    """`uri` as messages may show it: no user or password."""
+    return _redacted(uri)

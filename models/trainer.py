@@ -28,21 +28,28 @@ import numpy as np
 from pivotmap import __version__
 from pivotmap.models.datamodule import (
     TrainingData,
-    labels,
-    labels_config,
+    TrainingDataError,
     prepare_data,
-    spatial_block_split,
+    read_tables,
+    samples_of,
     stratified_sample,
 )
 from pivotmap.models.evaluation import code_version, confusion_png, headline, metrics
 from pivotmap.models.network import count_parameters, flops_per_pixel
-from pivotmap.models.training import FitResult, cpu_threads, pick_device, predict_proba
-from pivotmap.results import PivotResult, TrainResult
+from pivotmap.models.training import (
+    FitResult,
+    cpu_threads,
+    fastest_threads,
+    pick_device,
+    predict_proba,
+)
+from pivotmap.results import PivotResult, SampleResult, TrainResult
 from pivotmap.runtime import run_logger
 from pivotmap.tasks.nomenclature import load_nomenclature
 
 if TYPE_CHECKING:
     from pivotmap.config import RunConfig, TrainConfig
+    from pivotmap.models.network import ModelSpec
     from pivotmap.models.registry import RegisteredModel
     from pivotmap.tasks.nomenclature import Nomenclature
     from pivotmap.tasks.workspace import Workspace
@@ -55,6 +62,15 @@ def _as_is(fn: Callable) -> Callable:
 
 
 # ---------------------------------------------------------------------------- the steps
+def load_training_data(config: RunConfig, samples: list[SampleResult]) -> TrainingData:
+    """The training tables (this run's and `train.include`'s) as network inputs."""
+    return prepare_data(config, read_tables(samples))
+
+
+def samples_tables(ws: Workspace) -> list[str]:
+    return [s.table for s in samples_of(ws)]
+
+
 def pretrain_encoder(data: TrainingData, tc: TrainConfig, device: str) -> dict:
     """Masked-reconstruction pretraining on the unlabelled pixels: encoder weights and losses."""
     from pivotmap.models.pretrain import pretrain
@@ -187,7 +203,11 @@ def fit_models(
 ) -> Trained:
     """Pretrain, train, align and distil under the configured CPU threads; then the forest."""
     tc = config.train
-    with cpu_threads(device, tc.cpu_threads):
+    threads = tc.cpu_threads
+    if device == "cpu" and threads is None:
+        threads = fastest_threads(data.spec, data.x[data.train_idx], tc.batch_size)
+        run_logger("train").info("training on %d CPU thread(s): the fastest here", threads)
+    with cpu_threads(device, threads):
         pretrained = step(pretrain_encoder)(data, tc, device) if tc.pretrain_epochs else None
         init = pretrained["state"] if pretrained else None
         fitted = step(train_classifier)(data, tc, device, init)
@@ -207,14 +227,9 @@ def fit_models(
 
 
 # ---------------------------------------------------------------------------- what is recorded
-def validation_key(labels_url: str, test_mask: np.ndarray, cube_version: str) -> str:
-    """Names the held-out data: same labels file, same split, same cube."""
-    digest = hashlib.sha256(
-        Path(labels_url).read_bytes() if Path(labels_url).is_file() else labels_url.encode()
-    )
-    digest.update(np.packbits(test_mask).tobytes())
-    digest.update(cube_version.encode())
-    return digest.hexdigest()[:16]
+def validation_key(samples: list[SampleResult]) -> str:
+    """Names the held-out data: the training tables (their keys name labels, split and cube)."""
+    return hashlib.sha256("/".join(s.key for s in samples).encode()).hexdigest()[:16]
 
 
 def confusion_figures(
@@ -248,7 +263,8 @@ def run_params(ws: Workspace, data: TrainingData, device: str, cube_version: str
         "n_steps": data.spec.n_steps,
         "cube_url": ws.pivot_url,
         "cube_version": cube_version,
-        "labels_url": labels_config(config).url,
+        "labels": ", ".join(s.url for s in config.labels.all_sources) if config.labels else "",
+        "training_tables": ", ".join(samples_tables(ws)),
         "config_hash": config.config_hash(),
         "software_version": __version__,
         "code_version": code_version(__version__),
@@ -305,10 +321,14 @@ def register(
     alignment=None,
 ) -> RegisteredModel:
     """Log the run (params, metrics, confusion PNGs, input signature) and register the model
-    (with its text-alignment head when there is one)."""
+    with the legend and cube settings it was trained on (and its text-alignment head when
+    there is one): predict elsewhere needs no labels and refuses a cube built otherwise."""
     from pivotmap.models.registry import log_and_register
 
     with tempfile.TemporaryDirectory() as tmp:
+        files = alignment.save(Path(tmp)) if alignment else {}
+        if ws.config.labels is not None:
+            files["nomenclature"] = Path(ws.config.labels.nomenclature)
         return log_and_register(
             **mlflow_target(ws),
             model_name=ws.config.model_name,
@@ -320,8 +340,20 @@ def register(
             artifacts=figures,
             tags={"pivotmap.role": "model", "pivotmap.code_version": params["code_version"]},
             input_example=data.x[:4],
-            model_files=alignment.save(Path(tmp)) if alignment else None,
+            model_files=files or None,
+            cube_settings=trained_cube_settings(ws, data.spec),
         )
+
+
+def trained_cube_settings(ws: Workspace, spec: ModelSpec) -> dict[str, str]:
+    """The settings of the cube the model learnt from (its root attributes; the config's
+    `pivot` section for a cube that records none) and what the model reads of it."""
+    from pivotmap.models import cube_settings
+    from pivotmap.tasks.pivot import cube_attrs
+
+    pivot = cube_settings.pivot_settings(cube_attrs(ws.pivot_url))
+    pivot = pivot or cube_settings.config_settings(ws.config.pivot)
+    return cube_settings.training_settings(pivot, spec)
 
 
 def register_student(
@@ -394,15 +426,24 @@ def train(ws: Workspace, device: str | None = None, step: Step = _as_is) -> Trai
 
     `step` wraps each training step (the flow makes them Prefect tasks)."""
     started = time.monotonic()
-    config, tc, dev = ws.config, ws.config.train, pick_device(device)
-    nomenclature = load_nomenclature(labels_config(config).nomenclature)
-    codes = labels(ws, nomenclature)
+    config, dev = ws.config, pick_device(device)
+    if config.labels is None:
+        raise TrainingDataError(
+            f"config {config.name!r} has no `labels` section: training needs reference data"
+        )
+    nomenclature = load_nomenclature(config.labels.nomenclature)
     cube_version = ws.read_result(PivotResult).cube_version
-    test_mask = spatial_block_split(codes, tc.block_size, tc.test_fraction, tc.seed)
+    samples = samples_of(ws)
+    if samples[0].cube_version != cube_version:
+        raise TrainingDataError(
+            f"the training table {samples[0].table} was drawn from cube version "
+            f"{samples[0].cube_version}; the pivot cube is now {cube_version}: run "
+            f"`pivotmap sample --config FILE --out {ws.root}` again"
+        )
     text_job = start_text_embedding(nomenclature, config)  # overlaps training (issue 9)
-    data = step(prepare_data)(ws, codes, test_mask)
+    data = step(load_training_data)(config, samples)
     trained = fit_models(data, config, dev, nomenclature, text_job, step)
-    key = validation_key(labels_config(config).url, test_mask, cube_version)
+    key = validation_key(samples)
     names = {c.code: c.name for c in nomenclature.classes}
     outcome = record(ws, data, trained, names, key, dev, cube_version)
     r, scores = outcome.registered, trained.scores
@@ -457,7 +498,7 @@ def train_result(ws: Workspace, outcome: TrainOutcome, duration_s: float) -> Tra
         pretraining=_pretraining_summary(t.pretrained, tc),
         n_train_pixels=len(data.train_idx),
         label_fraction=tc.label_fraction,
-        split=f"spatial blocks of {tc.block_size} px, {tc.test_fraction:.0%} held out",
+        split=f"whole polygons or blocks of {tc.block_size} px, {tc.test_fraction:.0%} held out",
         model_name=registered.name,
         model_version=registered.version,
         run_id=registered.run_id,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pivotmap.tasks.grid import GridSpec
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_MODEL_URI = re.compile(r"^models:/[^/@\s]+(@[^/@\s]+|/[0-9]+)$")  # as models/registry.py reads
 DEFAULT_SCL_MASK = (
     0,
     1,
@@ -232,17 +233,100 @@ class PivotConfig(_Frozen):
         return value
 
 
-class LabelsConfig(_Frozen):
-    """Reference data for training and evaluation."""
+class LabelSource(_Frozen):
+    """One reference data set: a raster of class codes or a vector file of polygons or points."""
 
     url: str = Field(
-        description="Label raster (GeoTIFF/COG of class codes) on any grid; reprojected nearest."
+        description="Raster (.tif/.tiff/.vrt: band 1 holds class codes, on any grid, reprojected "
+        "nearest) or vector file (.gpkg, .parquet/.geoparquet, .fgb, .geojson/.json, .shp)."
+    )
+    class_column: str | None = Field(
+        default=None, description="Vector: column of integer class codes (required)."
+    )
+    layer: str | None = Field(
+        default=None,
+        description="Vector: layer of a multi-layer file (GeoPackage); default the first.",
+    )
+    year_column: str | None = Field(
+        default=None,
+        description="Vector: reference year per feature; only features within the years asked "
+        "for are used (a null year is always used).",
+    )
+    weight_column: str | None = Field(
+        default=None, description="Vector: sample weight per feature (> 0); default 1."
+    )
+    group_column: str | None = Field(
+        default=None,
+        description="Vector: id shared by features that must stay on one side of the split "
+        "(e.g. a farm); default each polygon is its own group.",
+    )
+    buffer_m: float = Field(
+        default=0.0,
+        ge=0,
+        description="Vector: erode polygons by this many metres (grid CRS) before rasterising: "
+        "parcel edges are where reference errors sit. A polygon eroded to nothing is dropped.",
+    )
+
+    _resolve_url = field_validator("url")(_resolve)
+
+    @model_validator(mode="after")
+    def _columns_fit_kind(self) -> LabelSource:
+        from pivotmap.tasks.labels import source_kind
+
+        vector_only = ("class_column", "layer", "year_column", "weight_column", "group_column")
+        if source_kind(self.url) == "vector":
+            if not self.class_column:
+                raise ValueError(
+                    f"labels source {self.url} is a vector file: set its class_column (the "
+                    "column holding the class codes)"
+                )
+        elif [k for k in vector_only if getattr(self, k)] or self.buffer_m:
+            given = [k for k in (*vector_only, "buffer_m") if getattr(self, k)]
+            raise ValueError(
+                f"labels source {self.url} is a raster (band 1 holds the codes): {given} apply "
+                "to vector files only"
+            )
+        return self
+
+
+class LabelsConfig(_Frozen):
+    """Reference data for training and evaluation: one or several sources on any grid or CRS."""
+
+    url: str | None = Field(
+        default=None,
+        description="One label raster (GeoTIFF/COG of class codes) on any grid; reprojected "
+        "nearest. Vector files and several sources go under `sources`.",
+    )
+    sources: tuple[LabelSource, ...] = Field(
+        default=(),
+        description="Label sources (rasters or vector files); where several label a pixel, the "
+        "first one listed (after `url`) wins.",
     )
     nomenclature: str = Field(
         description="Nomenclature YAML: code, name, colour, description per class."
     )
 
     _resolve_paths = field_validator("url", "nomenclature")(_resolve)
+
+    @model_validator(mode="after")
+    def _some_source(self) -> LabelsConfig:
+        if self.url is None and not self.sources:
+            raise ValueError("labels: set `url` or at least one entry of `sources`")
+        if self.url is not None:
+            from pivotmap.tasks.labels import source_kind
+
+            if source_kind(self.url) == "vector":
+                raise ValueError(
+                    f"labels.url {self.url} is a vector file: list it under labels.sources "
+                    "with its class_column"
+                )
+        return self
+
+    @property
+    def all_sources(self) -> tuple[LabelSource, ...]:
+        """`url` first (as a source), then `sources`, in priority order."""
+        first = (LabelSource(url=self.url),) if self.url is not None else ()
+        return first + self.sources
 
 
 class TrainConfig(_Frozen):
@@ -296,14 +380,31 @@ class TrainConfig(_Frozen):
     cpu_threads: int | None = Field(
         default=None,
         ge=1,
-        description="Torch threads when training on CPU; null = torch's default (all cores). "
-        "1 is faster on a small or shared machine.",
+        description="Torch threads when training on CPU; null = the fastest of 1 and all cores, "
+        "timed on a few training steps before training (1 often wins on small or shared machines).",
     )
     max_train_pixels: int = Field(
         default=20000,
         ge=100,
         description="Train on at most this many labelled pixels (stratified by class).",
     )
+    max_test_pixels: int = Field(
+        default=50000,
+        ge=100,
+        description="Evaluate on at most this many held-out pixels (one rate for every class, "
+        "so overall accuracy stays unbiased).",
+    )
+    include: tuple[str, ...] = Field(
+        default=(),
+        description="Run folders (paths or s3:// URLs) whose training tables (`pivotmap sample`) "
+        "join this run's: one model trained on several regions and years.",
+    )
+
+    @field_validator("include")
+    @classmethod
+    def _resolve_include(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        return tuple(str(_resolve(v, info)) for v in value)
+
     step_days: int = Field(
         default=5, ge=1, description="Sample the daily cube every this many days."
     )
@@ -321,6 +422,13 @@ class PredictConfig(_Frozen):
     model_alias: str = Field(
         default="champion", description="Registry alias resolved for prediction."
     )
+    model_uri: str | None = Field(
+        default=None,
+        description="A registered model to map with, trained in any run: "
+        "`models:/<name>@<alias>` or `models:/<name>/<version>`, resolved on the tracking server "
+        "of `mlflow.tracking_uri`; no train stage and no labels needed. Null: the run's own model "
+        "(`train.model_name`) @ `model_alias`.",
+    )
     dask: str = Field(
         default="local",
         description="'local' (a LocalCluster; one worker per GPU with dask-cuda where GPUs exist), "
@@ -334,6 +442,16 @@ class PredictConfig(_Frozen):
         ge=16,
         description="Tiles are read and classified in windows of this edge (pixels).",
     )
+
+    @field_validator("model_uri")
+    @classmethod
+    def _registry_uri(cls, value: str | None) -> str | None:
+        if value is not None and not _MODEL_URI.match(value.strip()):
+            raise ValueError(
+                f"predict.model_uri {value!r} is not models:/<name>@<alias> or "
+                "models:/<name>/<version> (e.g. models:/pivotmap-demo@champion)"
+            )
+        return None if value is None else value.strip()
 
 
 class PublishConfig(_Frozen):
@@ -437,6 +555,25 @@ class ExplainConfig(_Frozen):
     )
 
 
+class DaskConfig(_Frozen):
+    """The Dask cluster of the tile stages (ingest, pivot, sample, predict)."""
+
+    address: str | None = Field(
+        default=None,
+        description="Address of a running Dask scheduler (tcp://host:8786) that every tile stage "
+        "runs on (workers share nothing with the driver but the run folder URL, e.g. s3://); "
+        "null: each stage's own default (`ingest.scheduler_address`, local threads for pivot and "
+        "sample, `predict.dask` for predict).",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_url(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(f"dask.address {value!r} is not a scheduler URL (tcp://host:8786)")
+        return value
+
+
 class MlflowConfig(_Frozen):
     """Where runs and models are tracked."""
 
@@ -466,6 +603,7 @@ class RunConfig(_Frozen):
     predict: PredictConfig = Field(default_factory=PredictConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    dask: DaskConfig = Field(default_factory=DaskConfig)
     concept: ConceptConfig = Field(default_factory=ConceptConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
 

@@ -101,6 +101,24 @@ class PivotResult(StageResult):
 # ---------------------------------------------------------------------------- train
 
 
+class SampleResult(StageResult):
+    """The training table drawn from the labels and the pivot cube (one Parquet file per tile)."""
+
+    STAGE: ClassVar[str] = "sample"
+    stage: Literal["sample"] = "sample"
+    table: str
+    files: list[str]
+    key: str
+    cube_version: str
+    n_groups: int
+    n_test_groups: int
+    rows: dict[str, int]
+    classes: list[int]
+    tiles_written: list[Row]
+    tiles_already_done: list[str]
+    duration_s: float
+
+
 class TrainResult(StageResult):
     STAGE: ClassVar[str] = "train"
     stage: Literal["train"] = "train"
@@ -249,6 +267,7 @@ STAGE_RESULTS: dict[str, type[StageResult]] = {
     for cls in (
         IngestResult,
         PivotResult,
+        SampleResult,
         TrainResult,
         PredictResult,
         ConceptResult,

@@ -1,10 +1,26 @@
-"""The Dask cluster a stage runs on: an existing one by address, one worker per GPU, or local CPUs."""
+"""The Dask cluster a stage runs on: an existing one by address, one worker per GPU, or local CPUs.
+
+Workers of a running cluster share nothing with the driver but URLs: every job carries the run
+folder's URLs and its settings, and the workers find the storage endpoint and credentials
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, …) in their own environment, never in a task's arguments.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from pivotmap.progress import track
+
+J = TypeVar("J")
+R = TypeVar("R")
+RETRIES = 2  # reruns of a job that raised; a job lost with a killed worker is rerun anyway
+
+
+class ClusterError(RuntimeError):
+    """The Dask scheduler of a stage cannot be reached."""
 
 
 def gpu_count() -> int:
@@ -17,13 +33,28 @@ def gpu_count() -> int:
         return 0
 
 
+def connect(
+    address: str, setting: str = "dask.address", set_as_default: bool = False, timeout: str = "30s"
+):
+    """A Client of the running scheduler at `address`, or a ClusterError naming `setting`."""
+    from distributed import Client
+
+    try:
+        return Client(address, set_as_default=set_as_default, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(
+            f"cannot connect to the Dask scheduler {address}: {exc} — start it "
+            f"(`dask scheduler`) or fix `{setting}`; null runs the stage on this machine"
+        ) from exc
+
+
 @contextmanager
 def dask_client(address: str, workers: int | None = None) -> Iterator:
     """A distributed Client: `address` is 'local', 'none' is handled by callers, else tcp://…."""
     from distributed import Client, LocalCluster
 
-    if address != "local":
-        with Client(address) as client:
+    if address != "local":  # the default client, as callers' `as_completed` expects
+        with connect(address, set_as_default=True) as client:
             yield client
         return
     if gpu_count():
@@ -42,3 +73,68 @@ def dask_client(address: str, workers: int | None = None) -> Iterator:
 def worker_device() -> str:
     """What each worker computes on: its GPU under dask-cuda, else the CPU."""
     return "cuda" if gpu_count() else "cpu"
+
+
+def map_tiles(
+    address: str | None,
+    fn: Callable[[J], R],
+    jobs: Sequence[J],
+    workers: int | None = None,
+    on_done: Callable[[J, R], Any] | None = None,
+    progress: str | None = None,
+) -> list[R]:
+    """`fn(job)` for every job, results in job order: on the Dask scheduler at `address`
+    (tcp://…), or in this process on `workers` threads when `address` is None.
+
+    On a cluster a job lost with a killed worker is rerun elsewhere, and one that raised is
+    retried RETRIES times, so `fn` must be idempotent and take everything it needs in `job`
+    (URLs and settings; no open handles, no credentials). `on_done(job, result)` runs here, in
+    the calling thread, as each job finishes (markers: a crash loses no finished job);
+    `progress` names a progress bar/artifact counting finished jobs.
+    """
+    if not jobs:
+        return []
+    finished = _on_cluster(address, fn, jobs) if address else _on_threads(fn, jobs, workers)
+    stream = track(finished, progress, total=len(jobs)) if progress else finished
+    results: dict[int, R] = {}
+    try:
+        for i, result in stream:
+            results[i] = result
+            if on_done is not None:
+                on_done(jobs[i], result)
+    finally:
+        finished.close()  # after an error (here or in a job) nothing new starts
+    return [results[i] for i in range(len(jobs))]
+
+
+def _on_threads(
+    fn: Callable[[J], R], jobs: Sequence[J], workers: int | None
+) -> Generator[tuple[int, R], None, None]:
+    """(index, result) as jobs finish on a local thread pool; the first error stops the rest."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    n = workers or max(1, min(4, os.cpu_count() or 2))
+    with ThreadPoolExecutor(n, thread_name_prefix="pivotmap-tile") as pool:
+        index = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+        try:
+            for future in as_completed(index):
+                yield index[future], future.result()
+        finally:
+            for future in index:
+                future.cancel()  # after an error (or an early stop) nothing new starts
+
+
+def _on_cluster(
+    address: str, fn: Callable[[J], R], jobs: Sequence[J]
+) -> Generator[tuple[int, R], None, None]:
+    """(index, result) as jobs finish on the scheduler at `address`; closing releases the rest."""
+    from distributed import as_completed
+
+    with connect(address) as client:
+        futures = client.map(fn, list(jobs), pure=False, retries=RETRIES)
+        index = {future.key: i for i, future in enumerate(futures)}
+        try:
+            for future in as_completed(futures, loop=client.loop):
+                yield index[future.key], future.result()
+        finally:
+            client.cancel(futures)

@@ -293,17 +293,28 @@ class PivotReader:
 
 
 def _decode(var: xr.DataArray) -> np.ndarray:
-    """float32 values (NaN for fill values) of an undecoded int16 variable, rounded once from the
-    exact CF value, as xarray's float64 decoding then a float32 cast gives (float32 arithmetic
-    would round `scale_factor` first and differ by an ulp). One lookup table of the 65536 codes:
-    no float64 window is ever built."""
-    codes = np.arange(1 << 16, dtype=np.uint16).view(np.int16)  # indexed by the bit pattern
+    """float32 values (NaN for fill values) of an undecoded int16 variable."""
     attrs = var.attrs
-    table = codes * float(attrs.get("scale_factor", 1.0)) + float(attrs.get("add_offset", 0.0))
-    table = table.astype(np.float32)
-    if "_FillValue" in attrs:
-        table[codes == attrs["_FillValue"]] = np.nan
-    return table[np.asarray(var.values, dtype=np.int16).view(np.uint16)]
+    return decode_codes(
+        np.asarray(var.values, dtype=np.int16),
+        float(attrs.get("scale_factor", 1.0)),
+        attrs.get("_FillValue"),
+        float(attrs.get("add_offset", 0.0)),
+    )
+
+
+def decode_codes(
+    codes: np.ndarray, scale: float, fill: int | None = FILL, offset: float = 0.0
+) -> np.ndarray:
+    """float32 values (NaN for `fill`) of int16 codes, rounded once from the exact CF value, as
+    xarray's float64 decoding then a float32 cast gives (float32 arithmetic would round the
+    scale first and differ by an ulp). One lookup table of the 65536 codes: no float64 array of
+    the codes' size is ever built."""
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.int16)  # indexed by the bit pattern
+    table = (every * scale + offset).astype(np.float32)
+    if fill is not None:
+        table[every == fill] = np.nan
+    return table[np.asarray(codes, dtype=np.int16).view(np.uint16)]
 
 
 def _decoded_attrs(var: xr.DataArray) -> dict:

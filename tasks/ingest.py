@@ -293,18 +293,14 @@ def reader(config: RunConfig) -> Iterator[Compute]:
     """Run lists of delayed reads on the configured Dask scheduler, or on local threads."""
     import dask
 
-    address, workers = config.ingest.scheduler_address, config.ingest.workers
+    # `dask.address` (every tile stage's cluster) wins over the older `ingest.scheduler_address`.
+    address = config.dask.address or config.ingest.scheduler_address
+    workers = config.ingest.workers
     if address:
-        from distributed import Client
+        from pivotmap.tasks.cluster import connect
 
-        try:
-            client = Client(address, set_as_default=False, timeout="30s")
-        except OSError as exc:
-            raise RuntimeError(
-                f"cannot connect to the Dask scheduler {address}: {exc} — check "
-                "`ingest.scheduler_address`, or set it to null to read on local threads"
-            ) from exc
-        with client:
+        setting = "dask.address" if config.dask.address else "ingest.scheduler_address"
+        with connect(address, setting) as client:
             yield lambda lazy: client.compute(lazy, sync=True)
         return
     yield lambda lazy: list(dask.compute(*lazy, scheduler="threads", num_workers=workers))

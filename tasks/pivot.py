@@ -2,7 +2,8 @@
 
 A block is one shard-sized window of a tile: it reads its obs (all dates, so interpolation has
 its anchors), fills days [first_day, n_days) with the configured method and writes int16 codes
-straight into the cube. Blocks never share a shard, so they run in parallel on Dask.
+straight into the cube. Blocks never share a shard, so they run in parallel: on the Dask cluster
+of `dask.address` (each block a self-contained job of URLs and settings), else on local threads.
 
 The cube is built once, then kept current (`build_pivot`): when ingest brings new acquisitions
 or the period grows, only the days the new observations can change are recomputed and the new
@@ -15,16 +16,17 @@ import datetime as dt
 import hashlib
 import json
 import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pivotmap import __version__
-from pivotmap.progress import track
 from pivotmap.results import IngestResult, PivotResult
 from pivotmap.runtime import keep_freed_memory, kv, run_logger
 from pivotmap.tasks import cube
+from pivotmap.tasks.cluster import map_tiles
 from pivotmap.tasks.gapfill import INT16_FILL, get_method
 from pivotmap.tasks.sensors import S1_VARIABLES, S2_VARIABLES
 
@@ -253,9 +255,8 @@ def build_pivot(ws: Workspace, force: bool = False) -> PivotResult:
     done: list[dict] = []
     reused = [t.id for t in tiles]
     if plan.mode != "current":
-        pivot = cube.open_group(ws.pivot_url)
-        done, reused = fill_tiles(ws, tiles, obs, pivot, target.version, plan, len(times))
-        cube.publish_days(pivot, times, pivot_attrs(config, target))
+        done, reused = fill_tiles(ws, tiles, list(obs), target.version, plan, len(times))
+        cube.publish_days(cube.open_group(ws.pivot_url), times, pivot_attrs(config, target))
     quality = validate_cube(
         cube.open_cube(ws.pivot_url), min_valid_fraction=config.pivot.min_valid_fraction
     )
@@ -273,9 +274,18 @@ def build_pivot(ws: Workspace, force: bool = False) -> PivotResult:
 
 
 def fill_tiles(
-    ws: Workspace, tiles: list[Tile], obs: dict, pivot, key: str, plan: UpdatePlan, n_days: int
+    ws: Workspace,
+    tiles: list[Tile],
+    modalities: list[str],
+    key: str,
+    plan: UpdatePlan,
+    n_days: int,
 ) -> tuple[list[dict], list[str]]:
-    """Fill every tile not yet marked done with `key`; (infos written, ids skipped)."""
+    """Fill every tile not yet marked done with `key`; (infos written, ids skipped).
+
+    The blocks of all those tiles are jobs on `dask.address` (or local threads); a tile is
+    marked done as soon as its last block is written, so a stopped run resumes tile by tile.
+    """
     logger = run_logger("pivot")
     cfg = ws.config
     settings = FillSettings(
@@ -283,20 +293,58 @@ def fill_tiles(
     )
     extent = ws.extent(tiles)
     _, shard = cube.shard_size(cfg.grid.tile_size)
-    done: list[dict] = []
+    obs_urls = tuple((m, ws.obs_url(m)) for m in modalities)
+    jobs: list[BlockJob] = []
     reused: list[str] = []
-    for tile in track(tiles, "pivot", total=len(tiles)):
+    for tile in tiles:
         if ws.is_done("pivot", tile.id, key):
             reused.append(tile.id)
             logger.info(kv("pivot.tile", tile=tile.id, status="skipped", key=key))
             continue
         rows, cols = tile.slices_in(extent)
-        results = fill_region(obs, pivot, rows, cols, shard, settings, n_days, plan.tail)
-        info = tile_info(tile.id, results)
-        ws.mark_done("pivot", tile.id, key, info)
-        done.append(info)
-        logger.info(kv("pivot.tile", tile=tile.id, status="written", key=key))
-    return done, reused
+        jobs += [
+            BlockJob(tile.id, b, obs_urls, ws.pivot_url, settings, n_days, plan.tail)
+            for b in blocks_of(rows, cols, shard)
+        ]
+    left = Counter(job.tile for job in jobs)
+    blocks: dict[str, list[tuple[int, int, dict]]] = defaultdict(list)
+    done: list[dict] = []
+
+    def finished(job: BlockJob, result: dict) -> None:
+        blocks[job.tile].append((job.block.rows.start, job.block.cols.start, result))
+        left[job.tile] -= 1
+        if left[job.tile] == 0:  # its blocks in place order, whatever order they finished in
+            info = tile_info(job.tile, [r for *_, r in sorted(blocks.pop(job.tile))])
+            ws.mark_done("pivot", job.tile, key, info)
+            done.append(info)
+            logger.info(kv("pivot.tile", tile=job.tile, status="written", key=key))
+
+    map_tiles(cfg.dask.address, pivot_block, jobs, on_done=finished, progress="pivot")
+    order = {t.id: i for i, t in enumerate(tiles)}
+    return sorted(done, key=lambda info: order[info["tile"]]), reused
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """One block of one tile as a worker gets it: URLs and settings, never open handles (a
+    worker on another machine opens the cubes itself, its credentials from its environment)."""
+
+    tile: str
+    block: Block
+    obs_urls: tuple[tuple[str, str], ...]  # (modality, obs cube URL)
+    pivot_url: str
+    settings: FillSettings
+    n_days: int
+    tail: Tail | None = None
+
+
+def pivot_block(job: BlockJob) -> dict:
+    """Open the cubes by URL and fill one block. Idempotent: a block rerun after its worker was
+    lost writes the same bytes to the same shard, which no other block touches."""
+    keep_freed_memory()
+    obs = {m: cube.open_group(url, mode="r") for m, url in job.obs_urls}
+    pivot = cube.open_group(job.pivot_url)
+    return build_block(obs, pivot, job.block, job.settings, job.n_days, job.tail)
 
 
 def tile_info(tile_id: str, results: list[dict]) -> dict:

@@ -585,12 +585,8 @@ def publish(ws: Workspace) -> PublishResult:
     run folder on s3:// is published in a local staging folder, then mirrored to
     `ws.products_url` (objects first, catalog.json last); earlier versions stay there untouched.
     """
-    from pivotmap.tasks.nomenclature import load_nomenclature
-
     started = time.monotonic()
-    if ws.config.labels is None:
-        raise PublishError("the run config has no labels: publishing needs labels.nomenclature")
-    nomenclature = load_nomenclature(ws.config.labels.nomenclature)
+    nomenclature = map_nomenclature(ws)
     maps = load_maps(ws)
     quality = gate_maps(ws, maps, nomenclature).to_dict()
     if not quality["success"]:
@@ -616,6 +612,26 @@ def publish(ws: Workspace) -> PublishResult:
             out["catalog"] = out["mirror"]["target"].rstrip("/") + "/catalog.json"
     out |= {"duration_s": round(time.monotonic() - started, 2)}
     return PublishResult(published=True, quality=quality, **out)
+
+
+def map_nomenclature(ws: Workspace) -> Nomenclature:
+    """The maps' legend: `labels.nomenclature`, else the one predict left beside the weights of
+    the model it used (`predict.model_uri`: a model trained in another run, no labels here)."""
+    import yaml
+
+    from pivotmap.tasks.nomenclature import load_nomenclature
+
+    if ws.config.labels is not None:
+        return load_nomenclature(ws.config.labels.nomenclature)
+    model = ws.read_result(PredictResult).model
+    url = storage.join(ws.model_url(model.name, model.version), "nomenclature.yaml")
+    try:
+        return Nomenclature.model_validate(yaml.safe_load(storage.read_bytes(url)))
+    except FileNotFoundError:
+        raise PublishError(
+            f"the run config has no labels and model {model.name} v{model.version} carries no "
+            f"nomenclature ({url}): set labels.nomenclature to the legend it was trained with"
+        ) from None
 
 
 def load_maps(ws: Workspace) -> list[TileMap]:

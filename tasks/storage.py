@@ -294,7 +294,12 @@ GDAL_DEFAULTS = {
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
     "VSI_CACHE": "TRUE",
 }
-GDAL_PASSED_THROUGH = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_NO_SIGN_REQUEST", "AWS_REQUEST_PAYER")
+GDAL_PASSED_THROUGH = (
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_NO_SIGN_REQUEST",
+    "AWS_REQUEST_PAYER",
+)
 
 
 def gdal_env(overrides: dict[str, str] | None = None) -> dict[str, str]:

@@ -178,6 +178,7 @@ def test_status_lists_the_run_and_the_published_map(demo_run, deployed, capsys):
 
 def test_stac_and_s3_requests_take_slots_of_the_global_limits(deployed):
     from prefect import flow
+    from prefect.concurrency.services import ConcurrencySlotAcquisitionService
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -197,8 +198,12 @@ def test_stac_and_s3_requests_take_slots_of_the_global_limits(deployed):
         with request_slot("no-such-limit"):  # not created: the request is not held up
             seen["unlimited"] = True
 
+    # Prefect keeps one slot-acquisition service per set of limit names, bound to the API it
+    # first talked to: an earlier test's flows (a run folder on S3) used the session's server.
+    ConcurrencySlotAcquisitionService.drain_all(timeout=5)
     with temporary_settings({PREFECT_API_URL: url}):
         probe()
         APILogWorker.drain_all(timeout=5)
+        ConcurrencySlotAcquisitionService.drain_all(timeout=5)  # nor leave one bound to it
     assert seen == {"inside": 1, "unlimited": True}
     assert active("s3-requests") == 0

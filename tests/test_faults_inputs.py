@@ -185,7 +185,8 @@ def test_label_code_outside_the_nomenclature_is_an_error(data, tmp_path, capsys,
         codes = dst.read(1)
         codes[5, 5] = 42
         dst.write(codes, 1)
-    _fails_naming(capsys, "train", _config(data), tmp_path / "o", "42", str(labels))
+    # found by the sample stage's label check, before any cube is needed
+    _fails_naming(capsys, "sample", _config(data), tmp_path / "o", "42", str(labels))
 
 
 def test_nomenclature_without_colours_is_an_error(data, tmp_path, capsys, prefect_server):

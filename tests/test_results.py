@@ -39,7 +39,7 @@ def _workspace(tmp_path: Path) -> Workspace:
 
 def test_every_stage_has_a_result_type():
     assert set(STAGE_RESULTS) == {
-        "ingest", "pivot", "train", "predict", "concept", "explain", "publish"
+        "ingest", "pivot", "sample", "train", "predict", "concept", "explain", "publish"
     }  # fmt: skip
 
 

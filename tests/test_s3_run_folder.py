@@ -20,7 +20,7 @@ from pivotmap.flows.cli import main
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("ingest", "pivot", "train", "predict", "publish")
+STAGES = ("ingest", "pivot", "sample", "train", "predict", "publish")
 TILES, TILE_SIZE = 2, 32  # 2 × 2 tiles of 32 px: 640 m × 640 m
 PERIOD = ("2023-03-01", "2023-06-30")
 # A few epochs, no pretraining or baseline, no explanation layer: the chain, not the accuracy.

@@ -1,41 +1,15 @@
-"""Spatial split, stratified sampling, features and a short real training run on separable data."""
+"""Features and a short real training run on separable data (the split: tests/test_sampling.py)."""
 
 import numpy as np
 import pytest
 import torch
 
-from pivotmap.models.datamodule import spatial_block_split, stratified_sample
 from pivotmap.models.evaluation import metrics
 from pivotmap.models.features import fit_normalisation, has_data, network_input
 from pivotmap.models.network import ModelSpec, build_model, count_parameters
 from pivotmap.models.training import fit, predict_proba
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def test_spatial_split_holds_out_whole_blocks_and_every_class():
-    labels = np.zeros((64, 64), dtype=np.uint8)
-    labels[:, :32] = 1
-    labels[:, 32:] = 2
-    labels[:8, :8] = 0  # unknown stays out of both sides
-    test = spatial_block_split(labels, block=16, test_fraction=0.25, seed=3)
-    blocks = test.reshape(4, 16, 4, 16).transpose(0, 2, 1, 3).reshape(16, -1)
-    labelled = (labels != 0).reshape(4, 16, 4, 16).transpose(0, 2, 1, 3).reshape(16, -1)
-    for b in range(16):  # a block is either all test or all train (among labelled pixels)
-        assert blocks[b][labelled[b]].all() or not blocks[b].any()
-    assert not test[labels == 0].any()
-    assert set(np.unique(labels[test])) == {1, 2} and set(
-        np.unique(labels[~test & (labels > 0)])
-    ) == {1, 2}
-    assert 0.15 < test.sum() / (labels > 0).sum() < 0.35
-
-
-def test_stratified_sample_caps_and_keeps_rare_classes():
-    codes = np.array([1] * 1000 + [2] * 50 + [3] * 500)
-    idx = stratified_sample(codes, 600, seed=0)
-    picked = np.bincount(codes[idx])
-    assert len(idx) <= 600 and picked[2] == 50 and picked[1] == picked[3] == 275
-    assert len(set(idx.tolist())) == len(idx)
 
 
 def test_missing_values_and_ages_are_encoded_for_the_network():
@@ -82,3 +56,13 @@ def test_training_is_reproducible():
     b = fit(x, y, spec, epochs=2, batch_size=16, learning_rate=1e-3, seed=7).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert count_parameters(build_model(spec)) < 1_000_000
+
+
+def test_fastest_threads_times_real_steps_and_restores_torch():
+    from pivotmap.models.training import fastest_threads
+
+    spec = ModelSpec(classes=(1, 2), hidden=8)
+    x = np.zeros((64, spec.n_steps, len(spec.channels)), dtype=np.float32)
+    before = torch.get_num_threads()
+    picked = fastest_threads(spec, x, batch_size=32, repeats=1)
+    assert picked in (1, before) and torch.get_num_threads() == before

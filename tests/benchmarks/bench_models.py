@@ -36,20 +36,15 @@ def build_cube(config, out: Path) -> None:
 
 
 def load(config, out: Path, **overrides):
-    """The train flow's data preparation (same split, pixels and normalisation)."""
-    from pivotmap.models.datamodule import prepare_data, spatial_block_split
-    from pivotmap.tasks.labels import read_labels
-    from pivotmap.tasks.nomenclature import load_nomenclature
+    """The train flow's data preparation: the sample stage's table (same split, pixels and
+    normalisation as `pivotmap train`)."""
+    from pivotmap.models.datamodule import prepare_data, read_tables
+    from pivotmap.tasks.sampling import sample
     from pivotmap.tasks.workspace import Workspace
 
     config = config.model_copy(update={"train": config.train.model_copy(update=overrides)})
     ws = Workspace.open(config, out)
-    labels = read_labels(
-        config.labels.url, ws.extent(ws.tiles()), load_nomenclature(config.labels.nomenclature)
-    )
-    tc = config.train
-    test_mask = spatial_block_split(labels, tc.block_size, tc.test_fraction, tc.seed)
-    return prepare_data(ws, labels, test_mask), tc
+    return prepare_data(config, read_tables([sample(ws)])), config.train
 
 
 def train_and_score(data, tc, init_state=None, modalities=None) -> tuple[dict, object]:

@@ -1,0 +1,312 @@
+"""Map anywhere with a registered model: `predict.model_uri` on another run's tracking server.
+
+Region A (generated, labelled) is ingested, pivoted, sampled and trained through the CLI into
+its own run folder, registering `pivotmap-demo` on an explicit SQLite tracking store. Region B
+is another generated region (another seed) whose config has no `labels` section: it names A's
+champion by URI and A's tracking store, and goes through ingest, pivot, predict and publish in
+a fresh folder. A cube gap-filled otherwise (another `pivot.max_hold_days`) is refused before a
+map is written, and a URI that does not resolve is named in the error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pivotmap.flows.cli import main
+
+slow = pytest.mark.slow
+
+TILES, TILE_SIZE = 2, 32  # 2 × 2 tiles of 32 px
+PERIOD = ("2023-03-01", "2023-06-30")
+MODEL = "pivotmap-demo"
+FAST = {
+    "train": {"epochs": 3, "pretrain_epochs": 0, "baseline_trees": 0},
+    "concept": {"enabled": False},
+    "predict": {"workers": 1, "dask": "none"},
+    "explain": {"enabled": False},
+}
+
+
+def _cli(argv: list[str]) -> tuple[int, dict]:
+    """`pivotmap ARGV --json`: (exit code, its JSON summary)."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main([*argv, "--json"])
+    lines = buffer.getvalue().strip().splitlines()
+    return code, json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+
+
+def _run(config: Path, out: Path, stages: tuple[str, ...]) -> dict[str, dict]:
+    """Each stage in turn; stop at the first that fails (its summary names the error)."""
+    done = {}
+    for stage in stages:
+        code, summary = _cli([stage, "--config", str(config), "--out", str(out)])
+        done[stage] = summary
+        assert code == 0, f"{stage} failed: {summary.get('error')}"
+    return done
+
+
+def _has_sample_stage() -> bool:
+    from pivotmap.flows.cli import STAGES
+
+    return "sample" in STAGES
+
+
+def _config(data_dir: str, tracking_db: Path, **extra) -> dict:
+    """The small demo config of a generated region, paths relative to the config file."""
+    from pivotmap.config import deep_merge
+    from pivotmap.flows.demo import demo_config_dict
+
+    raw = demo_config_dict(data_dir)
+    x0, y0 = raw["grid"]["origin_x"], raw["grid"]["origin_y"]
+    edge = TILES * TILE_SIZE * raw["grid"]["resolution"]
+    size = {
+        "grid": {"tile_size": TILE_SIZE},
+        "region": {"bbox": [x0, y0, x0 + edge, y0 + edge]},
+        "period": {"start": PERIOD[0], "end": PERIOD[1]},
+        "mlflow": {"tracking_uri": f"sqlite:///{tracking_db}"},
+    }
+    return deep_merge(deep_merge(raw, {**size, **FAST}), extra)
+
+
+def _generate(folder: Path, seed: int) -> None:
+    from pivotmap.tasks.synthetic import generate_demo_region
+
+    generate_demo_region(
+        folder, seed=seed, tiles_x=TILES, tiles_y=TILES, tile_size=TILE_SIZE,
+        start=PERIOD[0], end=PERIOD[1],
+    )  # fmt: skip
+
+
+def _write(path: Path, raw: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def region_a(prefect_server, tmp_path_factory) -> dict:
+    """Region A trained through the CLI: its tracking store and the registered version."""
+    root = tmp_path_factory.mktemp("region-a")
+    _generate(root / "data", seed=42)
+    db = tmp_path_factory.mktemp("tracking") / "mlflow.db"
+    config = _write(root / "a.yaml", _config("data", db))
+    stages = ("ingest", "pivot", *(("sample",) if _has_sample_stage() else ()), "train")
+    done = _run(config, root / "run", stages)
+    return {"db": db, "train": done["train"]}
+
+
+@pytest.fixture(scope="module")
+def region_b(region_a, tmp_path_factory) -> dict:
+    """Region B (another seed), a config without labels that names A's champion, ingested and
+    pivoted; its config lives in its own folder and the commands run from another one."""
+    root = tmp_path_factory.mktemp("region-b")
+    _generate(root / "inputs", seed=7)
+    raw = _config("inputs", region_a["db"], predict={"model_uri": f"models:/{MODEL}@champion"})
+    raw.pop("labels")
+    raw["name"] = "region-b"
+    config = _write(root / "configs" / "b.yaml", _relative(raw, "../inputs", "inputs"))
+    out = tmp_path_factory.mktemp("run-b")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("cwd"))  # relative paths follow the file, not cwd
+        _run(config, out, ("ingest", "pivot"))
+    return {"root": root, "config": config, "out": out, "raw": raw}
+
+
+def _relative(raw: dict, new: str, old: str) -> dict:
+    """RAW with its `old/…` paths as `new/…` (the config sits one folder below)."""
+    text = json.dumps(raw).replace(f'"{old}/', f'"{new}/')
+    return json.loads(text)
+
+
+@slow
+def test_new_region_without_labels_maps_with_the_champion_of_another_run(region_a, region_b):
+    out = region_b["out"]
+    done = _run(region_b["config"], out, ("predict", "publish"))
+    version = region_a["train"]["model_version"]
+    assert done["predict"]["model"]["name"] == MODEL
+    assert done["predict"]["model"]["version"] == version
+    assert done["predict"]["model"]["uri"] == f"models:/{MODEL}/{version}"
+    assert not (out / "mlflow").exists()  # the model came from A's store: B keeps none
+    assert done["publish"]["published"] is True
+
+    nomenclature = yaml.safe_load(
+        (region_b["root"] / "inputs/labels/nomenclature.yaml").read_text()
+    )
+    codes = {c["code"] for c in nomenclature["classes"]} | {255}
+    maps = sorted((out / "maps").glob("*.npz"))
+    assert len(maps) == TILES * TILES
+    for path in maps:
+        with np.load(path) as tile:
+            found = set(np.unique(tile["classes"]).tolist())
+            assert found <= codes, f"{path.name}: codes {found - codes} outside the legend"
+            assert found - {255}, f"{path.name} has no class at all"
+
+    catalog = Path(done["publish"]["catalog"])
+    items = [json.loads(p.read_text()) for p in catalog.parent.rglob("*.json")]
+    items = [i for i in items if i.get("type") == "Feature"]
+    assert items
+    for item in items:
+        props = item["properties"]
+        assert props["pivotmap:model_name"] == MODEL
+        assert props["pivotmap:model_version"] == version
+
+
+@slow
+def test_a_cube_gap_filled_otherwise_is_refused_before_any_map(region_b, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(region_b["out"], out)
+    shutil.rmtree(out / "maps", ignore_errors=True)
+    shutil.rmtree(out / "models", ignore_errors=True)
+    raw = json.loads(json.dumps(region_b["raw"]))
+    raw["pivot"] = {**raw.get("pivot", {}), "max_hold_days": 60}
+    config = _write(
+        region_b["config"].parent / "b-hold60.yaml", _relative(raw, "../inputs", "inputs")
+    )
+    _run(config, out, ("pivot",))
+
+    code, summary = _cli(["predict", "--config", str(config), "--out", str(out)])
+
+    assert code == 1
+    error = summary["error"]
+    assert "CubeMismatchError" in error
+    assert "pivot.max_hold_days=30" in error and "this cube has 60" in error
+    assert f"{MODEL} v" in error
+    assert not list(out.glob("maps/*.npz"))  # stopped before any map was written
+
+
+@slow
+def test_a_model_uri_that_does_not_resolve_is_named(region_a, region_b, tmp_path):
+    raw = json.loads(json.dumps(region_b["raw"]))
+    raw["predict"]["model_uri"] = "models:/no-such-model@champion"
+    config = _write(
+        region_b["config"].parent / "b-missing.yaml", _relative(raw, "../inputs", "inputs")
+    )
+
+    code, summary = _cli(["predict", "--config", str(config), "--out", str(region_b["out"])])
+
+    assert code == 1
+    error = summary["error"]
+    assert "models:/no-such-model@champion" in error
+    assert str(region_a["db"]) in error  # the tracking URI it was looked up on
+    assert "mlflow.tracking_uri" in error  # what to do
+
+
+# ---------------------------------------------------------------------------- fast
+
+
+def test_model_uri_forms_are_checked_when_the_config_loads() -> None:
+    from pivotmap.config import PredictConfig
+    from pivotmap.models.registry import parse_model_uri
+
+    assert PredictConfig(model_uri="models:/pivotmap-demo@champion").model_uri
+    assert parse_model_uri("models:/pivotmap-demo/3") == ("pivotmap-demo", None, "3")
+    assert parse_model_uri("models:/pivotmap-demo@champion") == ("pivotmap-demo", "champion", None)
+    for bad in ("pivotmap-demo@champion", "models:/x", "runs:/abc/model", "models:/x/latest"):
+        with pytest.raises(ValueError, match="models:/<name>@<alias>"):
+            PredictConfig(model_uri=bad)
+
+
+def test_tracking_uris_in_messages_carry_no_credentials() -> None:
+    from pivotmap.models.registry import redacted
+
+    assert redacted("https://alice:s3cret@mlflow.example.org:5000/") == (
+        "https://mlflow.example.org:5000/"
+    )
+    assert redacted("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+
+
+def test_unresolved_uri_names_it_the_tracking_uri_and_what_to_do(tmp_path: Path) -> None:
+    from pivotmap.models.registry import load_model
+
+    uri = f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"
+    with pytest.raises(LookupError) as err:
+        load_model(tracking_uri=uri, model_uri="models:/pivotmap-x@champion")
+    text = str(err.value)
+    assert "models:/pivotmap-x@champion" in text and uri in text and "mlflow.tracking_uri" in text
+    assert not (tmp_path / "none").exists()  # looking up creates no empty store
+
+
+def test_cube_settings_check_names_the_setting_and_both_values() -> None:
+    from pivotmap.models import cube_settings as cs
+    from pivotmap.models.network import ModelSpec
+
+    spec = ModelSpec(classes=(1, 2), modalities=("s2", "s1"))
+    trained_on = {
+        "gap_filling": "linear v1: linear in time",
+        "gap_filling_method": "linear",
+        "max_hold_days": 30,
+        "age_cap_days": 366,
+    }
+    trained = cs.from_tags(cs.as_tags(cs.training_settings(cs.pivot_settings(trained_on), spec)))
+    assert trained["pivot.method_version"] == "1" and trained["train.modalities"] == "s2,s1"
+    variables = set(cs.model_variables(spec))
+    cs.check_cube("m v1", trained, cs.pivot_settings(trained_on), variables)  # same cube: fine
+
+    other = cs.pivot_settings({**trained_on, "max_hold_days": 60})
+    with pytest.raises(cs.CubeMismatchError) as err:
+        cs.check_cube("pivotmap-demo v2", trained, other, variables)
+    assert str(err.value).startswith(
+        "model pivotmap-demo v2 was trained on a cube with pivot.max_hold_days=30; this cube "
+        "has 60: rebuild the pivot with the model's settings or train a model on this cube"
+    )
+    s2_only = {v for v in variables if not v.endswith(("VV", "VH", "age_s1"))}
+    with pytest.raises(cs.CubeMismatchError, match="VV, VH, age_s1"):
+        cs.check_cube("m v1", trained, cs.pivot_settings(trained_on), s2_only)
+
+
+def test_a_copied_config_keeps_its_relative_paths(tmp_path: Path) -> None:
+    """source.url, region.geojson and labels.* follow the config file to its new folder."""
+    from pivotmap.config import load_run_config
+
+    first = tmp_path / "first"
+    raw = _config("data", tmp_path / "mlflow.db")
+    raw["region"] = {"geojson": "data/region.geojson"}
+    raw["labels"] = {
+        "nomenclature": "data/labels/nomenclature.yaml",
+        "url": "data/labels/lc.tif",
+        "sources": [{"url": "data/labels/parcels.gpkg", "class_column": "code"}],
+    }
+    _write(first / "run.yaml", raw)
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(first, copy)
+
+    config = load_run_config(copy / "run.yaml")
+
+    assert config.source.url == str(copy / "data" / "catalog.json")
+    assert config.region.geojson == str(copy / "data" / "region.geojson")
+    assert config.labels is not None
+    assert config.labels.url == str(copy / "data" / "labels" / "lc.tif")
+    assert config.labels.nomenclature == str(copy / "data" / "labels" / "nomenclature.yaml")
+    assert config.labels.sources[0].url == str(copy / "data" / "labels" / "parcels.gpkg")
+
+
+def test_a_model_registered_before_cube_settings_is_used_with_a_warning(tmp_path) -> None:
+    import logging
+
+    from pivotmap.config import RunConfig
+    from pivotmap.models.inference import check_cube_settings
+    from pivotmap.models.registry import LoadedModel
+    from pivotmap.tasks.workspace import Workspace
+
+    config = RunConfig.model_validate(_config("data", tmp_path / "mlflow.db"))
+    ws = Workspace.open(config, tmp_path / "run")
+    old = LoadedModel(model=None, spec=None, info={"name": MODEL, "version": "1"}, tags={})  # type: ignore[arg-type]
+
+    logger, seen = logging.getLogger("pivotmap.predict"), io.StringIO()
+    handler = logging.StreamHandler(seen)
+    logger.addHandler(handler)
+    try:
+        check_cube_settings(ws, old)  # no cube is even opened: nothing to compare
+    finally:
+        logger.removeHandler(handler)
+
+    assert f"model {MODEL} v1 records no cube settings" in seen.getvalue()

@@ -1,18 +1,15 @@
 """Measured rates that `pivotmap plan` turns into cost estimates, each with where it came from.
 
 A plan is only as good as its rates, so every rate names its run: which benchmark, which region,
-which machine and when. The figures below are the first ones measured (2026-12-01), on the 2
-shared cores of the development machine (x86-64, 24 GB, no GPU), on synthetic regions made by
-`tasks/synthetic.generate_demo_region` (2023, S2 every 5 days = 73 dates, S1 every 6 = 61):
-
-- stage times: issue 14's table, 2 × 2 tiles of 256 px (262 144 px), one CLI command per stage;
-  core-seconds = wall seconds × 2 cores (the stage's threads or Dask workers used both);
-- train: the same table's 16 k px row (132 s; the demo's `train.cpu_threads: 1`, so 1 core) per
-  training pixel-epoch (15 epochs × 3 000 px + 2 pretraining epochs × 2 000 px);
-- predict kernel: `tests/benchmarks/bench_predict.py` (steady state of one warm worker), kept for
-  reference; the plan uses the whole predict stage, which the issue measured 16× slower;
-- bytes: `du` of a `pivotmap demo` run folder (2 × 2 tiles of 64 px, 365 days) and of its
-  synthetic catalogue.
+which machine and when. The figures below were measured on 2026-12-01 by
+`tests/benchmarks/bench_scale.py --sizes 1x128,4x128,8x128` on the 2 shared cores of the
+development machine (x86-64, 24 GB, no GPU), on synthetic regions made by
+`tasks/synthetic.generate_demo_region` (2023, S2 every 5 days = 73 dates, S1 every 6 = 61), with
+the default settings (fast training aside): stage rates are the marginal cost from 262 k to 1 M
+pixels (core-seconds = wall seconds × 2 cores), so a stage's start-up (10-20 s: Prefect, Dask)
+is left out, as it is for a country; storage is what the 1 M px run wrote. The predict kernel
+(`tests/benchmarks/bench_predict.py`, one warm worker) is kept for reference. GPU rates are not
+measured until a GPU machine runs `tests/benchmarks/gpu_check.sh`.
 
 Regenerate them with `tests/benchmarks/bench_scale.py --rates-out FILE`, which writes this
 mapping as JSON (`{name: {value, unit, source}}`); `pivotmap plan --rates FILE` uses such a file
@@ -37,37 +34,39 @@ class Rate:
     source: str
 
 
-_ISSUE = "issue 14 table, 262k px (2x2 tiles of 256 px, 365 days), 2 shared cores, 2026-12-01"
-_TRAIN = "issue 14 table, 16k px demo (2x2 tiles of 64 px), train 132 s on 1 thread, 2026-12-01"
-_DEMO = "du of a `pivotmap demo` run folder (2x2 tiles of 64 px, 365 days, synthetic), 2026-12-01"
-_DATA = "du of the demo's synthetic catalogue (2x2 tiles of 64 px, 365 days), 2026-12-01"
-_NONE = "not measured yet: run tests/benchmarks/bench_scale.py (or gpu_check.sh on a GPU)"
+_BENCH = (
+    "tests/benchmarks/bench_scale.py --sizes 1x128,4x128,8x128 (synthetic, 365 days, default "
+    "settings but fast training), 2 shared cores, 2026-12-01"
+)
+_MARGINAL = _BENCH + ": marginal cost from 262k to 1M px (no start-up)"
+_TRAIN = _BENCH + ": 1M px, train.cpu_threads 1 (1 core)"
+_NONE = "not measured yet: run tests/benchmarks/gpu_check.sh on a GPU machine"
 
 RATES: Mapping[str, Rate] = MappingProxyType(
     {
         # Throughput, per core-second (per GPU-second for the *_gpu rates).
-        "ingest": Rate(161_134.0, "pixel-dates per core-second", _ISSUE + ": 109 s"),
-        "pivot": Rate(211_687.0, "pixel-days per core-second", _ISSUE + ": 226 s"),
-        "sample": Rate(None, "pixels per core-second", _NONE),
-        "train": Rate(0.002694, "core-seconds per training pixel-epoch", _TRAIN),
-        "predict": Rate(376_703.0, "pixel-days per core-second", _ISSUE + ": 127 s"),
+        "ingest": Rate(1_713_527.0, "pixel-dates per core-second", _MARGINAL),
+        "pivot": Rate(1_915_439.0, "pixel-days per core-second", _MARGINAL),
+        "sample": Rate(60_775.0, "pixels per core-second", _MARGINAL),
+        "train": Rate(0.002391, "core-seconds per training pixel-epoch", _TRAIN),
+        "predict": Rate(2_086_102.0, "pixel-days per core-second", _MARGINAL),
         "predict_kernel": Rate(
             6_233_470.0,
             "pixel-days per core-second",
             "tests/benchmarks/bench_predict.py: 17 078 px/s/core at 365 days, one warm worker, "
-            "2 shared cores, 2026 (reference only: excludes stage start-up and products)",
+            "2 shared cores, 2026 (reference only: the plan uses the whole stage's rate)",
         ),
-        "publish": Rate(3_745.0, "pixels per core-second", _ISSUE + ": 35 s"),
+        "publish": Rate(219_674.0, "pixels per core-second", _MARGINAL),
         "train_gpu": Rate(None, "GPU-seconds per training pixel-epoch", _NONE),
         "predict_gpu": Rate(None, "pixel-days per GPU-second", _NONE),
-        # Storage, compressed, as written.
-        "obs_bytes_s2": Rate(1.089, "bytes per S2 observed value", _DEMO + ": obs_s2.zarr"),
-        "obs_bytes_s1": Rate(1.263, "bytes per S1 observed value", _DEMO + ": obs_s1.zarr"),
-        "pivot_bytes": Rate(0.498, "bytes per pivot value (pixel x day x variable)", _DEMO),
-        "products_bytes": Rate(12.83, "bytes per pixel of published products", _DEMO),
+        # Storage, compressed, as written (the 1M px run).
+        "obs_bytes_s2": Rate(1.05, "bytes per S2 observed value", _BENCH),
+        "obs_bytes_s1": Rate(1.214, "bytes per S1 observed value", _BENCH),
+        "pivot_bytes": Rate(0.478, "bytes per pivot value (pixel x day x variable)", _BENCH),
+        "products_bytes": Rate(1.783, "bytes per pixel of published products", _BENCH),
         # Inputs, when the catalogue gives no `file:size`.
-        "input_bytes_s2": Rate(9.46, "bytes of S2 COGs read per pixel-date (11 assets)", _DATA),
-        "input_bytes_s1": Rate(2.36, "bytes of S1 COGs read per pixel-date (VV, VH)", _DATA),
+        "input_bytes_s2": Rate(10.33, "bytes of S2 COGs read per pixel-date (11 assets)", _BENCH),
+        "input_bytes_s1": Rate(2.18, "bytes of S1 COGs read per pixel-date (VV, VH)", _BENCH),
     }
 )
 

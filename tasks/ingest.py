@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from pivotmap.config import RunConfig
     from pivotmap.tasks.workspace import Workspace
 
-BATCH_BYTES = 1 << 30  # values held per read batch (float32, before the write)
+BATCH_BYTES = 1 << 30  # default of `ingest.batch_mb`: values held per read batch (float32)
 MODALITY_VARIABLES = {"s2": list(S2_VARIABLES), "s1": list(S1_VARIABLES)}
 Compute = Callable[[list], list]
 Days = dict[np.datetime64, list[pystac.Item]]
@@ -315,8 +315,10 @@ def blocks(tile: Tile) -> list[Tile]:
     return [fine.tile(tile.ix * n + i, tile.iy * n + j) for j in range(n) for i in range(n)]
 
 
-def batches(tiles: list[Tile], n_dates: int, n_vars: int) -> list[Batch]:
-    """(tile, block) pairs grouped so one batch's values fit BATCH_BYTES.
+def batches(
+    tiles: list[Tile], n_dates: int, n_vars: int, budget_bytes: int = BATCH_BYTES
+) -> list[Batch]:
+    """(tile, block) pairs grouped so one batch's values fit `budget_bytes` (`ingest.batch_mb`).
 
     A batch is read date by date with each COG opened once for all its blocks, so larger
     batches mean fewer opens; the bound keeps a worker's memory in check (values are float32,
@@ -324,7 +326,7 @@ def batches(tiles: list[Tile], n_dates: int, n_vars: int) -> list[Batch]:
     """
     pairs = [(t, b) for t in tiles for b in blocks(t)]
     per_px = max(n_dates, 1) * n_vars * 4 * 2
-    budget = max(1, BATCH_BYTES // per_px)
+    budget = max(1, budget_bytes // per_px)
     out: list[Batch] = [[]]
     used = 0
     for pair in pairs:
@@ -453,7 +455,8 @@ def write_tiles(
     """Read the tiles batch by batch and queue each batch's write; returns the tiles' infos
     (completed in place when their writes finish)."""
     url, stage, outer = ws.obs_url(modality), f"ingest-{modality}", ws.extent(ws.tiles())
-    plan = batches(tiles, len(times), len(MODALITY_VARIABLES[modality]))
+    budget = ws.config.ingest.batch_mb << 20
+    plan = batches(tiles, len(times), len(MODALITY_VARIABLES[modality]), budget)
     infos = {t.id: _tile_info(t, days) for t in tiles}
     last_block = {t.id: b for batch in plan for t, b in batch}
     for batch in track(plan, f"ingest {modality}", total=len(plan)):

@@ -11,19 +11,21 @@ equal those of the same config run into a local folder without a cluster.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from pivotmap.flows.cli import STAGES, main
+from pivotmap.flows.cli import STAGES
 from tests.procs import ProcessCluster
+from tests.small_runs import (
+    TILES,
+    cli,
+    generate_small_region,
+    write_small_config,
+)
 
 
 def cluster_test(fn):
@@ -31,14 +33,6 @@ def cluster_test(fn):
     return pytest.mark.slow(pytest.mark.faults(fn))
 
 
-TILES, TILE_SIZE = 2, 32  # 2 × 2 tiles of 32 px: four pivot blocks, four predict tiles
-PERIOD = ("2023-03-01", "2023-06-30")
-FAST = {
-    "train": {"epochs": 3, "pretrain_epochs": 0, "baseline_trees": 0},
-    "concept": {"steps": 10, "max_pixels": 100},
-    "predict": {"workers": 1},
-    "explain": {"enabled": False},
-}
 BUCKET = "cluster-run"
 # The stages a worker is killed in, and the prefix of their tasks' keys (the job function).
 KILL = {
@@ -47,36 +41,6 @@ KILL = {
     "sample": "sample_tile",
     "predict": "run_tile_job",
 }
-
-
-def _cli(argv: list[str]) -> tuple[int, dict, str]:
-    """Run `pivotmap ARGV --json`; (exit code, its JSON summary, its whole stdout)."""
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        code = main([*argv, "--json"])
-    lines = buffer.getvalue().strip().splitlines()
-    summary = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
-    return code, summary, buffer.getvalue()
-
-
-def _write_config(folder: Path, name: str, mlflow_db: Path, address: str | None) -> Path:
-    """The demo config of the generated region under FOLDER/data, with its own MLflow store."""
-    from pivotmap.config import deep_merge
-    from pivotmap.flows.demo import demo_config_dict
-
-    raw = demo_config_dict("data")
-    x0, y0 = raw["grid"]["origin_x"], raw["grid"]["origin_y"]
-    edge = TILES * TILE_SIZE * raw["grid"]["resolution"]
-    size = {
-        "grid": {"tile_size": TILE_SIZE},
-        "region": {"bbox": [x0, y0, x0 + edge, y0 + edge]},
-        "period": {"start": PERIOD[0], "end": PERIOD[1]},
-        "mlflow": {"tracking_uri": f"sqlite:///{mlflow_db}"},
-        "dask": {"address": address},
-    }
-    path = folder / name
-    path.write_text(yaml.safe_dump(deep_merge(raw, {**size, **FAST}), sort_keys=False))
-    return path
 
 
 class Killer(threading.Thread):
@@ -120,13 +84,8 @@ class Killer(threading.Thread):
 @pytest.fixture(scope="module")
 def region(tmp_path_factory) -> Path:
     """The generated demo region (FOLDER/data) that both runs read."""
-    from pivotmap.tasks.synthetic import generate_demo_region
-
     folder = tmp_path_factory.mktemp("region")
-    generate_demo_region(
-        folder / "data", tiles_x=TILES, tiles_y=TILES, tile_size=TILE_SIZE,
-        start=PERIOD[0], end=PERIOD[1],
-    )  # fmt: skip
+    generate_small_region(folder / "data")
     return folder
 
 
@@ -148,7 +107,9 @@ def cluster_run(region, cluster, prefect_server, tmp_path_factory):
 
     s3_client().create_bucket(Bucket=BUCKET)
     mlflow = tmp_path_factory.mktemp("mlflow-cluster")
-    config = _write_config(region, "cluster.yaml", mlflow / "mlflow.db", cluster.address)
+    config = write_small_config(
+        region, "cluster.yaml", mlflow / "mlflow.db", {"dask": {"address": cluster.address}}
+    )
     cwd = tmp_path_factory.mktemp("cwd")
     stages: dict[str, tuple[int, dict, str]] = {}
     victims: dict[str, dict | None] = {}
@@ -161,9 +122,7 @@ def cluster_run(region, cluster, prefect_server, tmp_path_factory):
                 killer.start()
             started, ended = time.monotonic(), float("inf")
             try:
-                stages[stage] = _cli(
-                    [stage, "--config", str(config), "--out", f"s3://{BUCKET}/run"]
-                )
+                stages[stage] = cli([stage, "--config", str(config), "--out", f"s3://{BUCKET}/run"])
                 ended = time.monotonic()
             finally:
                 if killer:
@@ -181,10 +140,10 @@ def cluster_run(region, cluster, prefect_server, tmp_path_factory):
 def local_run(region, tmp_path_factory) -> Path:
     """The same config, MLflow store apart, into a local folder without a cluster."""
     mlflow = tmp_path_factory.mktemp("mlflow-local")
-    config = _write_config(region, "local.yaml", mlflow / "mlflow.db", None)
+    config = write_small_config(region, "local.yaml", mlflow / "mlflow.db")
     out = tmp_path_factory.mktemp("local-run")
     for stage in STAGES:
-        code, _, stdout = _cli([stage, "--config", str(config), "--out", str(out)])
+        code, _, stdout = cli([stage, "--config", str(config), "--out", str(out)])
         assert code == 0, f"the local reference run failed in {stage}: {stdout[-3000:]}"
     return out
 

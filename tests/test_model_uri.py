@@ -10,7 +10,6 @@ map is written, and a URI that does not resolve is named in the error.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import shutil
@@ -20,28 +19,19 @@ import numpy as np
 import pytest
 import yaml
 
-from pivotmap.flows.cli import main
+from tests.small_runs import TILES, cli, generate_small_region, small_config
 
 slow = pytest.mark.slow
 
-TILES, TILE_SIZE = 2, 32  # 2 × 2 tiles of 32 px
-PERIOD = ("2023-03-01", "2023-06-30")
 MODEL = "pivotmap-demo"
-FAST = {
-    "train": {"epochs": 3, "pretrain_epochs": 0, "baseline_trees": 0},
-    "concept": {"enabled": False},
-    "predict": {"workers": 1, "dask": "none"},
-    "explain": {"enabled": False},
-}
+# no text alignment, prediction in this process: the registry and the cube check are tested
+QUIET = {"concept": {"enabled": False}, "predict": {"dask": "none"}}
 
 
 def _cli(argv: list[str]) -> tuple[int, dict]:
     """`pivotmap ARGV --json`: (exit code, its JSON summary)."""
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        code = main([*argv, "--json"])
-    lines = buffer.getvalue().strip().splitlines()
-    return code, json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    code, summary, _ = cli(argv)
+    return code, summary
 
 
 def _run(config: Path, out: Path, stages: tuple[str, ...]) -> dict[str, dict]:
@@ -62,28 +52,11 @@ def _has_sample_stage() -> bool:
 
 def _config(data_dir: str, tracking_db: Path, **extra) -> dict:
     """The small demo config of a generated region, paths relative to the config file."""
-    from pivotmap.config import deep_merge
-    from pivotmap.flows.demo import demo_config_dict
-
-    raw = demo_config_dict(data_dir)
-    x0, y0 = raw["grid"]["origin_x"], raw["grid"]["origin_y"]
-    edge = TILES * TILE_SIZE * raw["grid"]["resolution"]
-    size = {
-        "grid": {"tile_size": TILE_SIZE},
-        "region": {"bbox": [x0, y0, x0 + edge, y0 + edge]},
-        "period": {"start": PERIOD[0], "end": PERIOD[1]},
-        "mlflow": {"tracking_uri": f"sqlite:///{tracking_db}"},
-    }
-    return deep_merge(deep_merge(raw, {**size, **FAST}), extra)
+    return small_config(data_dir, tracking_db, QUIET, extra)
 
 
 def _generate(folder: Path, seed: int) -> None:
-    from pivotmap.tasks.synthetic import generate_demo_region
-
-    generate_demo_region(
-        folder, seed=seed, tiles_x=TILES, tiles_y=TILES, tile_size=TILE_SIZE,
-        start=PERIOD[0], end=PERIOD[1],
-    )  # fmt: skip
+    generate_small_region(folder, seed)
 
 
 def _write(path: Path, raw: dict) -> Path:

@@ -8,39 +8,28 @@ place for it).
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from pivotmap.flows.cli import main
+from tests.small_runs import (
+    TILE_SIZE,
+    TILES,
+    cli,
+    generate_small_region,
+    write_small_config,
+)
 
 pytestmark = pytest.mark.slow
 
 STAGES = ("ingest", "pivot", "sample", "train", "predict", "publish")
-TILES, TILE_SIZE = 2, 32  # 2 × 2 tiles of 32 px: 640 m × 640 m
-PERIOD = ("2023-03-01", "2023-06-30")
-# A few epochs, no pretraining or baseline, no explanation layer: the chain, not the accuracy.
-FAST = {
-    "train": {"epochs": 3, "pretrain_epochs": 0, "baseline_trees": 0},
-    "concept": {"steps": 10, "max_pixels": 100},
-    "predict": {"workers": 1},
-    "explain": {"enabled": False},
-}
 BUCKET = "s3-run-folder"
 
 
 def _cli(argv: list[str]) -> tuple[int, dict, str]:
-    """Run `pivotmap ARGV --json`; (exit code, its JSON summary, the tail of its stdout)."""
-    buffer = io.StringIO()  # capsys is function-scoped; module fixtures read stdout by hand
-    with contextlib.redirect_stdout(buffer):
-        code = main([*argv, "--json"])
-    lines = buffer.getvalue().strip().splitlines()
-    summary = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
-    return code, summary, buffer.getvalue()[-3000:]
+    """`pivotmap ARGV --json`: (exit code, its JSON summary, the tail of its stdout)."""
+    code, summary, stdout = cli(argv)
+    return code, summary, stdout[-3000:]
 
 
 def _stages(config: Path, out: str) -> dict[str, tuple[int, dict, str]]:
@@ -53,35 +42,11 @@ def _stages(config: Path, out: str) -> dict[str, tuple[int, dict, str]]:
     return done
 
 
-def _write_config(folder: Path, name: str, mlflow_db: Path) -> Path:
-    """The demo config of the generated region under FOLDER/data, with its own MLflow store."""
-    from pivotmap.config import deep_merge
-    from pivotmap.flows.demo import demo_config_dict
-
-    raw = demo_config_dict("data")
-    x0, y0 = raw["grid"]["origin_x"], raw["grid"]["origin_y"]
-    edge = TILES * TILE_SIZE * raw["grid"]["resolution"]
-    size = {
-        "grid": {"tile_size": TILE_SIZE},
-        "region": {"bbox": [x0, y0, x0 + edge, y0 + edge]},
-        "period": {"start": PERIOD[0], "end": PERIOD[1]},
-        "mlflow": {"tracking_uri": f"sqlite:///{mlflow_db}"},
-    }
-    path = folder / name
-    path.write_text(yaml.safe_dump(deep_merge(raw, {**size, **FAST}), sort_keys=False))
-    return path
-
-
 @pytest.fixture(scope="module")
 def region(tmp_path_factory) -> Path:
     """The generated demo region (FOLDER/data) that both runs read."""
-    from pivotmap.tasks.synthetic import generate_demo_region
-
     folder = tmp_path_factory.mktemp("region")
-    generate_demo_region(
-        folder / "data", tiles_x=TILES, tiles_y=TILES, tile_size=TILE_SIZE,
-        start=PERIOD[0], end=PERIOD[1],
-    )  # fmt: skip
+    generate_small_region(folder / "data")
     return folder
 
 
@@ -92,7 +57,7 @@ def s3_run(region, s3_server, prefect_server, tmp_path_factory):
 
     s3_client().create_bucket(Bucket=BUCKET)
     mlflow = tmp_path_factory.mktemp("mlflow-s3")
-    config = _write_config(region, "s3.yaml", mlflow / "mlflow.db")
+    config = write_small_config(region, "s3.yaml", mlflow / "mlflow.db")
     cwd = tmp_path_factory.mktemp("cwd")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(cwd)
@@ -104,7 +69,7 @@ def s3_run(region, s3_server, prefect_server, tmp_path_factory):
 def local_run(region, tmp_path_factory) -> Path:
     """The same config, MLflow store apart, run into a local folder."""
     mlflow = tmp_path_factory.mktemp("mlflow-local")
-    config = _write_config(region, "local.yaml", mlflow / "mlflow.db")
+    config = write_small_config(region, "local.yaml", mlflow / "mlflow.db")
     out = tmp_path_factory.mktemp("local-run")
     stages = _stages(config, str(out))
     failed = {s: r[2] for s, r in stages.items() if r[0] != 0}

@@ -81,7 +81,25 @@ def samples_of(ws: Workspace) -> list[SampleResult]:
                 f"`pivotmap sample --config ITS_CONFIG --out {root}` first"
             )
         others.append(other)
+    check_same_cubes([own, *others], [ws.root, *ws.config.train.include])
     return [own, *others]
+
+
+def check_same_cubes(samples: list[SampleResult], roots: list[str]) -> None:
+    """Tables drawn from cubes gap-filled otherwise cannot train one model: a clear error naming
+    the run and both settings (tables written before the settings were kept are not checked)."""
+    own = samples[0].pivot_settings
+    for sample, root in zip(samples[1:], roots[1:], strict=True):
+        theirs = sample.pivot_settings
+        differ = {k: (theirs[k], own[k]) for k in own.keys() & theirs.keys() if own[k] != theirs[k]}
+        if differ:
+            said = ", ".join(
+                f"pivot.{k}={a} there, {b} here" for k, (a, b) in sorted(differ.items())
+            )
+            raise TrainingDataError(
+                f"train.include: the table of {root} was drawn from a cube filled otherwise "
+                f"({said}): rebuild its pivot with this run's settings and sample it again"
+            )
 
 
 def read_tables(samples: list[SampleResult]) -> Table:

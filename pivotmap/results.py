@@ -117,6 +117,8 @@ class SampleResult(StageResult):
     tiles_written: list[Row]
     tiles_already_done: list[str]
     duration_s: float
+    # how the cube was gap-filled (tables gathered by `train.include` must agree)
+    pivot_settings: dict[str, str | int] = {}
 
 
 class TrainResult(StageResult):

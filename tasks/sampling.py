@@ -393,6 +393,12 @@ def table_key(config: RunConfig, cube_version: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def pivot_settings(config: RunConfig) -> dict[str, str | int]:
+    """How the sampled cube was gap-filled: series drawn from cubes filled otherwise differ, so
+    `train.include` refuses to mix them."""
+    return config.pivot.model_dump(include={"method", "max_hold_days", "age_cap_days"})
+
+
 def table_url(ws: Workspace, key: str, tile_id: str) -> str:
     return ws.url("training", key, f"{tile_id}.parquet")
 
@@ -462,6 +468,7 @@ def sample(ws: Workspace, force: bool = False) -> SampleResult:
         tiles_written=[{k: v for k, v in r.items() if k != "key"} for r in written],
         tiles_already_done=done,
         duration_s=round(time.monotonic() - started, 2),
+        pivot_settings=pivot_settings(config),
     )
     log.info(
         "training table %s: %d train, %d test, %d unlabelled pixels from %d tiles",

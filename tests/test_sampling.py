@@ -198,3 +198,23 @@ def test_vector_polygons_are_split_whole_and_feed_training(small_run, tmp_path):
     data = prepare_data(config, read_tables([result]))
     assert data.x.shape[1:] == (data.spec.n_steps, len(data.spec.channels))
     assert set(np.unique(data.codes)) == set(result.classes)
+
+
+def test_tables_of_cubes_filled_otherwise_are_not_gathered():
+    from pivotmap.models.datamodule import TrainingDataError, check_same_cubes
+    from pivotmap.results import SampleResult
+
+    def sample(**pivot) -> SampleResult:
+        settings = {"method": "linear", "max_hold_days": 30, "age_cap_days": 366, **pivot}
+        return SampleResult(
+            table="t", files=[], key="k", cube_version="c", n_groups=2, n_test_groups=1,
+            rows={}, classes=[1, 2], tiles_written=[], tiles_already_done=[], duration_s=0.0,
+            pivot_settings=settings,
+        )  # fmt: skip
+
+    check_same_cubes([sample(), sample()], ["here", "there"])  # alike: gathered
+    with pytest.raises(TrainingDataError, match="max_hold_days=60 there, 30 here") as err:
+        check_same_cubes([sample(), sample(max_hold_days=60)], ["here", "s3://b/there"])
+    assert "s3://b/there" in str(err.value)
+    old = sample().model_copy(update={"pivot_settings": {}})  # written before they were kept
+    check_same_cubes([sample(), old], ["here", "old"])

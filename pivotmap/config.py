@@ -74,14 +74,72 @@ class SourceConfig(_Frozen):
         default=0.5, ge=0, description="Retry backoff factor in seconds (doubles per retry)."
     )
     page_size: int | None = Field(
-        default=100, ge=1, description="STAC API: items per page (`limit`); null: server default."
+        default=100,
+        description="STAC API: items per page (`limit`, 1..10000); null: server default.",
     )
     href_modifier: str | None = Field(
         default=None,
         description="'module:function' applied to each item, e.g. to sign asset URLs; null: none.",
     )
+    headers_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Request headers whose values are read from environment variables, "
+        "{header: VARIABLE}, e.g. {X-API-Key: PIVOTMAP_STAC_KEY}; sent to the STAC API's (or "
+        "http(s) catalogue's) host, and with COG reads if `asset_headers`. Never in the config "
+        "or the logs.",
+    )
+    bearer_token_env: str | None = Field(
+        default=None,
+        description="Environment variable holding a bearer token: sent as "
+        "`Authorization: Bearer <token>` like a `headers_env` header; null: none.",
+    )
+    asset_headers: bool = Field(
+        default=True,
+        description="Send the request headers with COG reads too (GDAL_HTTP_HEADERS): for "
+        "assets behind the same credentials; false if assets are on another host.",
+    )
+    server_filter: bool = Field(
+        default=True,
+        description="STAC API: send `ingest.max_cloud_cover` to the server (CQL2 `filter` or the "
+        "query extension, whichever its conformance classes offer) and trim items with `fields`; "
+        "false, or an API offering neither: filter here.",
+    )
 
     _resolve_url = field_validator("url")(_resolve)
+
+    @field_validator("page_size")
+    @classmethod
+    def _page_size(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 10_000:
+            raise ValueError(
+                f"{value} is outside 1..10000: the STAC API item search `limit` allows at most "
+                "10000 items per page (pystac-client refuses more, servers often cap lower) — "
+                "use e.g. 100, or null for the server's default"
+            )
+        return value
+
+    @field_validator("headers_env")
+    @classmethod
+    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for header, var in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", header):
+                raise ValueError(f"{header!r} is not an HTTP header name")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
+                raise ValueError(
+                    f"header {header!r}: the value is not an environment variable name — give the "
+                    "variable's name (e.g. PIVOTMAP_STAC_TOKEN), never the secret itself"
+                )
+        return value
+
+    @field_validator("bearer_token_env")
+    @classmethod
+    def _token_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(
+                "not an environment variable name — give the variable's name "
+                "(e.g. PIVOTMAP_STAC_TOKEN), never the token itself"
+            )
+        return value
 
     @model_validator(mode="after")
     def _one_modality(self) -> SourceConfig:

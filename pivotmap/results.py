@@ -72,6 +72,7 @@ class ModalityIngest(BaseModel):
     cube: str
     orbit_states: dict[str, int] | None = None
     tiles_without_data: list[Row] = []
+    search: Row | None = None  # how the items were searched (stac_source.Found.info)
 
 
 class IngestResult(StageResult):

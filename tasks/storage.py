@@ -292,7 +292,10 @@ GDAL_DEFAULTS = {
     "GDAL_HTTP_MULTIRANGE": "YES",
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
-    "VSI_CACHE": "TRUE",
+    # Ingest keeps up to 1024 COGs open across batches (`load.OpenCogs`): a per-file read
+    # cache (VSI_CACHE, up to 25 MB a file) would grow with them, so it is off (remote reads
+    # still share /vsicurl's own cache).
+    "VSI_CACHE": "FALSE",
 }
 GDAL_PASSED_THROUGH = (
     "AWS_REGION",
@@ -302,13 +305,19 @@ GDAL_PASSED_THROUGH = (
 )
 
 
-def gdal_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """GDAL/AWS settings for readers, from this process's environment; never secrets.
+def gdal_env(
+    overrides: dict[str, str] | None = None, headers: dict[str, str] | None = None
+) -> dict[str, str]:
+    """GDAL/AWS settings for readers, from this process's environment; no secrets but `headers`.
 
     A `GDAL_DEFAULTS` key set in the environment (e.g. `GDAL_HTTP_MAX_RETRY`) overrides it.
 
     `AWS_ENDPOINT_URL(_S3)` (an S3-compatible store) becomes GDAL's endpoint, scheme and
     path-style addressing. Access keys are left to each worker's environment.
+
+    `headers` (the STAC source's request headers, `stac_source.asset_headers`: values read from
+    the environment variables the config names) become `GDAL_HTTP_HEADERS`, sent with every
+    http(s) COG read; the dict then holds them, so it must never be logged.
     """
     import os
 
@@ -320,5 +329,8 @@ def gdal_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
         env["AWS_HTTPS"] = "NO" if parts.scheme == "http" else "YES"
         env["AWS_VIRTUAL_HOSTING"] = "FALSE"
     env.update({k: os.environ[k] for k in GDAL_PASSED_THROUGH if os.environ.get(k)})
+    if headers:  # GDAL >= 3.6: "Name: value" pairs, comma-separated, quoted and escaped
+        pairs = (f"{k}: {v}".replace("\\", "\\\\").replace('"', '\\"') for k, v in headers.items())
+        env["GDAL_HTTP_HEADERS"] = ",".join(f'"{pair}"' for pair in pairs)
     env.update(overrides or {})
     return env

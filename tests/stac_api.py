@@ -375,7 +375,8 @@ class _Server(ThreadingHTTPServer):
 class _Api:
     """The STAC API documents, built on the static catalogue; `base` is the root URL."""
 
-    def __init__(self, catalog_path: Path, assets: str = "file") -> None:
+    def __init__(self, catalog_path: Path, assets: str = "file", claims: tuple = ()) -> None:
+        self.conforms = CONFORMS_TO + list(claims)
         if assets not in ("file", "http"):
             raise ValueError(f"assets must be 'file' or 'http', not {assets!r}")
         catalog_path = Path(catalog_path)
@@ -460,7 +461,7 @@ class _Api:
             "title": self.root.get("title", ""),
             "description": self.root.get("description", "STAC API over a static catalogue"),
             "stac_version": STAC_VERSION,
-            "conformsTo": CONFORMS_TO,
+            "conformsTo": self.conforms,
             "links": [
                 {"rel": "self", "href": self.url(), "type": JSON},
                 {"rel": "root", "href": self.url(), "type": JSON},
@@ -487,7 +488,7 @@ class _Api:
         if not segments:
             return ok, self.landing()
         if segments == ["conformance"]:
-            return ok, {"conformsTo": CONFORMS_TO}
+            return ok, {"conformsTo": self.conforms}
         if segments[0] == "collections":
             if len(segments) == 1:
                 return ok, {
@@ -575,13 +576,17 @@ class _Api:
 
 
 @contextmanager
-def serve_catalog(catalog_path: Path, assets: str = "file") -> Iterator[ServerURL]:
+def serve_catalog(
+    catalog_path: Path, assets: str = "file", claims: tuple[str, ...] = ()
+) -> Iterator[ServerURL]:
     """Serve the static catalogue at `catalog_path` (catalog.json or its folder) as a STAC API.
 
     `assets`: "file" gives items `file://` asset hrefs, "http" serves the COGs from this server.
+    `claims`: conformance classes announced but not implemented (their parameters still get a
+    400), as a misdescribed API would.
     Yields the root URL (`http://127.0.0.1:<port>/`), a str whose `hits` counts requests.
     """
-    api = _Api(Path(catalog_path), assets)
+    api = _Api(Path(catalog_path), assets, claims)
     server = _Server(api)
     host, port = server.server_address[:2]
     url = ServerURL(f"http://{host}:{port}/")

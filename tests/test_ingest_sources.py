@@ -302,3 +302,150 @@ def test_region_errors_name_the_input(tmp_path):
     eea = GridSpec("EPSG:3035", 10, 1000, 0, 0, extent=(900000, 900000, 7400000, 5500000))
     with pytest.raises(RegionError, match="outside the grid's valid extent"):
         eea.tiles_for_geometry(region_geometry(bbox=(-80, 10, -79, 11), crs="EPSG:4326"))
+
+
+# ---------------------------------------------------------------------------- issue 20
+
+
+@contextmanager
+def _paged_api(pages: list[list[dict]]):
+    """A minimal STAC API answering POST /search with the given pages of real items (a `next`
+    token in the body), and recording the headers of every request."""
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, doc: dict) -> None:
+            data = json.dumps(doc).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            seen.append(dict(self.headers))
+            root = f"http://127.0.0.1:{self.server.server_address[1]}/"
+            if self.path == "/":
+                self._send({"type": "Catalog", "id": "paged", "stac_version": "1.0.0",
+                            "description": "d", "conformsTo": [
+                                "https://api.stacspec.org/v1.0.0/core",
+                                "https://api.stacspec.org/v1.0.0/collections",
+                                "https://api.stacspec.org/v1.0.0/item-search"],
+                            "links": [{"rel": "search", "href": root + "search", "method": "POST"},
+                                      {"rel": "data", "href": root + "collections"}]})  # fmt: skip
+            else:
+                self._send({"type": "Collection", "id": "sentinel-2-l2a", "stac_version": "1.0.0",
+                            "description": "d", "license": "proprietary", "links": [],
+                            "extent": {"spatial": {"bbox": [[-180, -90, 180, 90]]},
+                                       "temporal": {"interval": [[None, None]]}}})  # fmt: skip
+
+        def do_POST(self):
+            seen.append(dict(self.headers))
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            n = int(body.get("token", 0))
+            root = f"http://127.0.0.1:{self.server.server_address[1]}/"
+            links = [{"rel": "next", "href": root + "search", "method": "POST",
+                      "body": {**body, "token": str(n + 1)}}] if n + 1 < len(pages) else []  # fmt: skip
+            self._send({"type": "FeatureCollection", "features": pages[n], "links": links})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_ids_repeated_across_pages_are_kept_once_and_headers_stay_on_the_api_host():
+    """Real Planetary Computer items, pages overlapping by 5 (a live catalogue shifting under the
+    search): every id once. The header goes to the API's host, not to another."""
+    path = FIXTURES / "pystac-client" / "pc_sentinel-2-l2a_search_2019-01-01_33items.json"
+    if not path.is_file():
+        pytest.skip(f"STAC fixtures not found at {FIXTURES}")
+    from pivotmap.tasks.stac_source import find_items
+
+    features = json.loads(path.read_text())["features"]
+    bounds = shapely.union_all([shapely.geometry.shape(f["geometry"]) for f in features]).bounds
+    region = box(*bounds, "EPSG:4326")
+    day = dt.date(2019, 1, 1)
+    api = ApiSettings(timeout_s=5, headers={"X-Api-Key": "k-123"})
+    with _paged_api([features[:20], features[15:]]) as (url, seen):
+        found = find_items("api", url, "sentinel-2-l2a", region, day, day, api=api)
+        with _paged_api([[]]) as (other, other_seen):
+            from pivotmap.tasks.stac_source import api_io
+
+            io = api_io(api, url=url)
+            io.request(url), io.request(other)
+    assert found.info["items_received"] == 38 and found.info["duplicates"] == 5
+    assert sorted(i.id for i in found.items) == sorted(f["id"] for f in features)
+    assert found.info["cloud_filter"] == "none" and found.info["fields"] is False
+    assert all(h.get("X-Api-Key") == "k-123" for h in seen) and len(seen) >= 4
+    assert other_seen and not any("X-Api-Key" in h for h in other_seen)
+    assert "k-123" not in repr(api)
+
+
+def test_page_size_is_validated_with_the_reason():
+    from pivotmap.config import SourceConfig
+
+    with pytest.raises(ValueError, match=r"page_size\n.*20000 is outside 1..10000: the STAC API"):
+        SourceConfig(kind="api", url="http://x/", page_size=20000)
+    with pytest.raises(ValueError, match="0 is outside 1..10000"):
+        SourceConfig(kind="api", url="http://x/", page_size=0)
+    assert SourceConfig(kind="api", url="http://x/", page_size=None).page_size is None
+    with pytest.raises(SourceError, match=r"page size 10001 is outside 1..10000.*source.page_size"):
+        ApiSettings(page_size=10001)
+
+
+def test_urls_that_are_not_an_api_root_say_what_to_give():
+    with pytest.raises(
+        SourceError, match=r"item-search endpoint.*landing page \(e.g. http://h/v1/\)"
+    ):
+        search_items("api", "http://h/v1/search", "s", _region(), START, END)
+    with pytest.raises(
+        SourceError, match=r"collection 's2' of a STAC API.*\(http://h/v1/\).*s2_collection"
+    ):
+        search_items("api", "http://h/v1/collections/s2/items", "s", _region(), START, END)
+
+
+def test_transient_faults_are_retried_and_counted():
+    from pivotmap.tasks.stac_source import RequestStats, open_api
+
+    with _flaky([503, 500, 502]) as (url, hits):
+        stats = RequestStats()
+        open_api(url, ApiSettings(timeout_s=5, max_retries=3, backoff_s=0.01), stats)
+    assert stats.retries == 3 and stats.requests == 1 and hits["GET"] == 4
+
+
+def test_headers_come_from_the_environment_and_reach_gdal(monkeypatch):
+    from pivotmap.config import SourceConfig
+    from pivotmap.tasks.stac_source import asset_headers, request_headers
+    from pivotmap.tasks.storage import gdal_env
+
+    source = SourceConfig(kind="api", url="http://x/", bearer_token_env="T_TOKEN",
+                          headers_env={"X-Key": "T_KEY"})  # fmt: skip
+    with pytest.raises(SourceError, match="environment variable T_KEY"):
+        request_headers(source)
+    monkeypatch.setenv("T_TOKEN", "abc")
+    monkeypatch.setenv("T_KEY", 'k,"1"')
+    assert request_headers(source) == {"X-Key": 'k,"1"', "Authorization": "Bearer abc"}
+    env = gdal_env(headers=asset_headers(source))
+    assert env["GDAL_HTTP_HEADERS"] == '"X-Key: k,\\"1\\"","Authorization: Bearer abc"'
+    off = source.model_copy(update={"asset_headers": False})
+    assert "GDAL_HTTP_HEADERS" not in gdal_env(headers=asset_headers(off))
+    with pytest.raises(ValueError, match="not an environment variable name"):
+        SourceConfig(kind="api", url="http://x/", bearer_token_env="Bearer abc")
+
+
+def test_intersects_ring_is_counter_clockwise():
+    from pivotmap.tasks.stac_source import ccw_geojson
+
+    clockwise = shapely.geometry.Polygon([(0, 0), (0, 1), (1, 1), (1, 0)])
+    assert not clockwise.exterior.is_ccw
+    from odc.geo.geom import Geometry
+
+    ring = ccw_geojson(Geometry(clockwise, "EPSG:4326"))["coordinates"][0]
+    assert shapely.geometry.LinearRing(ring).is_ccw

@@ -1,7 +1,9 @@
-"""`search_items("api", ...)` against a real STAC API serving the Flanders catalogue.
+"""`search_items("api", ...)` against the home-made STAC API server over the Flanders catalogue.
 
-The server (tests/stac_api.py) pages at 10 items, so a full-period search takes several requests;
-results must match the static catalogue read directly, item for item and pixel for pixel.
+The main API tests run against a real one (stac-fastapi-pgstac on PostgreSQL: test_pgstac_api.py);
+this small server (tests/stac_api.py) stays for what only it can do: pages of exactly 10, `file://`
+asset hrefs, hosts that refuse or never answer, and extensions announced but refused. Results must
+match the static catalogue read directly, item for item and pixel for pixel.
 """
 
 import datetime as dt
@@ -132,3 +134,18 @@ def test_api_items_load_like_static_items(api, flanders, assets):
     for var in a.data_vars:
         np.testing.assert_array_equal(a[var].values, b[var].values)
     assert np.isfinite(a.B04.values).sum() > 1000
+
+
+def test_filter_announced_but_refused_falls_back_to_the_client(flanders):
+    """An API that announces the filter and fields extensions but answers 400 to them: the
+    search is made again without, and the report says the cloud filter ran here."""
+    from pivotmap.tasks.stac_source import ApiSettings, find_items
+
+    claims = ("https://api.stacspec.org/v1.0.0-rc.2/item-search#filter",
+              "https://api.stacspec.org/v1.0.0/item-search#fields")  # fmt: skip
+    with serve_catalog(flanders, claims=claims) as url:
+        found = find_items("api", url, "sentinel-2-l2a", _region(), START, END,
+                           api=ApiSettings(timeout_s=10), max_cloud_cover=30)  # fmt: skip
+        assert url.hits["POST /search"] == 1 + 12  # refused once, then 118 items, pages of 10
+    assert found.info["cloud_filter"] == "client" and found.info["fields"] is False
+    assert "HTTP 400" in found.info["server_refused"] and len(found.items) == 118

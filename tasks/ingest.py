@@ -27,10 +27,18 @@ from pivotmap.runtime import kv, request_slot, run_logger
 from pivotmap.tasks import cube
 from pivotmap.tasks.grid import GridSpec, Tile
 from pivotmap.tasks.item_checks import NO_SCL, ItemRules, check_items
-from pivotmap.tasks.load import DateRead, DateResult, by_day, item_reads, read_date, to_dataset
+from pivotmap.tasks.load import (
+    DateRead,
+    DateResult,
+    by_day,
+    close_cogs,
+    item_reads,
+    read_date,
+    to_dataset,
+)
 from pivotmap.tasks.region import tiles_lonlat
 from pivotmap.tasks.sensors import S1_VARIABLES, S2_VARIABLES, orbit_state
-from pivotmap.tasks.stac_source import SourceError, item_source, require_items
+from pivotmap.tasks.stac_source import SourceError, asset_headers, item_source, require_items
 from pivotmap.tasks.storage import gdal_env
 
 if TYPE_CHECKING:
@@ -67,7 +75,7 @@ def ingest(ws: Workspace, force: bool = False) -> IngestResult:
     writer = ObsWriter(ws)
     try:
         with reader(config) as compute:
-            io = IngestIO(compute, gdal_env(), writer)
+            io = IngestIO(compute, gdal_env(headers=asset_headers(config.source)), writer)
             for modality, collection in collections.items():
                 if collection:
                     drafts[modality] = ingest_modality(ws, modality, collection, tiles, force, io)
@@ -91,7 +99,7 @@ def ingest_modality(
 ) -> dict:
     """Search, check, group and queue the writes of one modality; its `ModalityIngest` fields
     (the tile infos are completed in place as their writes finish)."""
-    found = search(ws.config, collection, tiles)
+    found, searched = search(ws.config, collection, tiles)
     items, skipped = screen_items(modality, found, ws.config)
     days = by_day(items)
     if modality == "s1":
@@ -124,6 +132,7 @@ def ingest_modality(
         "tiles_already_done": reused,
         "cache_key": key,
         "cube": ws.obs_url(modality),
+        "search": searched,
     }
     if modality == "s1":
         draft["orbit_states"] = dict(Counter(orbit_state(it) or "unknown" for it in items))
@@ -170,14 +179,20 @@ def inputs_key(config: RunConfig, items: list[pystac.Item]) -> str:
 # ---------------------------------------------------------------------------- items
 
 
-def search(config: RunConfig, collection: str, tiles: list[Tile]) -> list[pystac.Item]:
-    """Items of `collection` over the tiles and period, hrefs passed through the modifier."""
+def search(config: RunConfig, collection: str, tiles: list[Tile]) -> tuple[list[pystac.Item], dict]:
+    """Items of `collection` over the tiles and period, hrefs passed through the modifier, and
+    how the search went (the report's `search`: where the cloud filter ran, requests, retries).
+    S2's `max_cloud_cover` goes to the server where it can; the item checks apply it anyway."""
     src, period = config.source, config.period
-    source = item_source(src)
+    ceiling = config.ingest.max_cloud_cover
+    cloud = ceiling if collection == src.s2_collection and ceiling < 100 else None
     with request_slot("stac-requests"):  # a slot of the global limit shared by every run
-        items = source.search(collection, tiles_lonlat(tiles), period.start, period.end)
-    require_items(items, collection, src.url, period.start, period.end)
-    return items
+        found = item_source(src).find(
+            collection, tiles_lonlat(tiles), period.start, period.end, cloud
+        )
+    run_logger("ingest").info(kv("search", collection=collection, **found.info))
+    require_items(found.items, collection, src.url, period.start, period.end)
+    return found.items, found.info
 
 
 def screen_items(modality: str, items: list[pystac.Item], config: RunConfig) -> tuple[list, list]:
@@ -301,9 +316,15 @@ def reader(config: RunConfig) -> Iterator[Compute]:
 
         setting = "dask.address" if config.dask.address else "ingest.scheduler_address"
         with connect(address, setting) as client:
-            yield lambda lazy: client.compute(lazy, sync=True)
+            try:
+                yield lambda lazy: client.compute(lazy, sync=True)
+            finally:
+                client.run(close_cogs, on_error="ignore")  # the COGs workers kept open
         return
-    yield lambda lazy: list(dask.compute(*lazy, scheduler="threads", num_workers=workers))
+    try:
+        yield lambda lazy: list(dask.compute(*lazy, scheduler="threads", num_workers=workers))
+    finally:
+        close_cogs()
 
 
 def blocks(tile: Tile) -> list[Tile]:

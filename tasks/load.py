@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import threading
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import overload
+from functools import cache
+from typing import TYPE_CHECKING, overload
 from urllib.parse import urlsplit
 
 import numpy as np
 import pystac
 import xarray as xr
+from odc.geo import CRS
 from odc.geo.geobox import GeoBox
-from odc.geo.geom import Geometry
 
 from pivotmap.tasks.sensors import (
     S1_VARIABLES,
@@ -39,6 +42,9 @@ from pivotmap.tasks.sensors import (
     s2_scale_offset,
 )
 from pivotmap.tasks.storage import gdal_env
+
+if TYPE_CHECKING:
+    from rasterio.io import DatasetReader
 
 SCL = "SCL"
 # GDAL retries 5xx answers and reset connections per request, not a short body: the whole
@@ -149,8 +155,26 @@ def read_date(task: DateRead, env: dict[str, str]) -> DateResult:
     """Read and mosaic one date (first valid item wins per pixel) inside the given GDAL env."""
     import rasterio
 
+    _bound_block_cache()
     with rasterio.Env(**env):
         return _read_s2(task) if task.modality == "s2" else _read_s1(task)
+
+
+BLOCK_CACHE_BYTES = 16 << 20
+
+
+@cache
+def _bound_block_cache() -> None:
+    """GDAL's decoded-block cache, shared by the process, at 16 MB instead of 5 % of RAM
+    (GDAL's default, which files kept open by `OPEN_COGS` would fill); an operator's
+    GDAL_CACHEMAX in the environment wins. Set once, outside any rasterio.Env (whose exit
+    would restore the setting it found while another thread reads)."""
+    import os
+
+    from rasterio.env import set_gdal_config
+
+    if "GDAL_CACHEMAX" not in os.environ:
+        set_gdal_config("GDAL_CACHEMAX", BLOCK_CACHE_BYTES)
 
 
 def _empty(task: DateRead, variables: tuple[str, ...]) -> tuple[list[dict], list[np.ndarray]]:
@@ -279,7 +303,7 @@ def _read_raw(
             time.sleep(REMOTE_READ_BACKOFF_S * 2 ** (attempt - 1))
         try:
             with rasterio.Env(CPL_VSIL_CURL_NON_CACHED=remote) if attempt else nullcontext():
-                return _read_once(*args)
+                return _read_once(*args, keep=not attempt)
         except CogReadError:
             raise  # the file itself is wrong (no CRS, misplaced): reading again cannot help
         except Exception as exc:
@@ -316,47 +340,126 @@ def _read_once(
     dtype: str,
     fill,
     wanted: list[bool] | None = None,
+    keep: bool = True,
 ) -> list[np.ndarray | None]:
-    """The asset's pixels on each geobox (opened once): a direct windowed read where the grids
-    align, else odc-loader's warped read."""
-    import rasterio
-
+    """The asset's pixels on each geobox (opened once, or kept open by `OPEN_COGS`): a direct
+    windowed read where the grids align, else odc-loader's warped read."""
     out: list[np.ndarray | None] = []
-    with rasterio.open(href, sharing=False) as src:
-        _check_georeferencing(href, src, geoboxes)
+    with OPEN_COGS.open(href, keep) as cog:
+        _check_georeferencing(href, cog, geoboxes)
         for k, geobox in enumerate(geoboxes):
             if wanted is not None and not wanted[k]:
                 out.append(None)
                 continue
             dst = np.full(geobox.shape.yx, fill, dtype=dtype)
-            plan = aligned_window(src.crs, src.transform, src.shape, geobox)
+            plan = aligned_window(cog.src.crs, cog.src.transform, cog.src.shape, geobox)
             if plan is not None:
-                _read_window(src, plan, resampling, dst, fill)
+                _read_window(cog.src, plan, resampling, dst, fill)
             else:
                 _warped_read(href, geobox, resampling, dst, fill)
             out.append(dst)
     return out
 
 
-def _check_georeferencing(href: str, src, geoboxes: tuple[GeoBox, ...]) -> None:
+@dataclass
+class OpenCog:
+    """An open COG with what its georeferencing check needs, worked out once per open."""
+
+    src: DatasetReader
+    crs: CRS | None
+    bounds: tuple[float, float, float, float]
+
+    @classmethod
+    def open(cls, href: str) -> OpenCog:
+        import rasterio
+
+        src = rasterio.open(href, sharing=False)
+        return cls(src, CRS(src.crs) if src.crs is not None else None, tuple(src.bounds))
+
+    def covers(self, geobox: GeoBox) -> bool:
+        """Whether the COG's footprint touches `geobox` (plain bounds in one CRS)."""
+        from odc.geo.geom import box
+
+        if self.crs is None:
+            return False
+        left, bottom, right, top = self.bounds
+        if geobox.crs == self.crs:
+            g = geobox.boundingbox
+            return left <= g.right and g.left <= right and bottom <= g.top and g.bottom <= top
+        assert geobox.crs is not None  # a window of the tile grid: always georeferenced
+        footprint = box(left, bottom, right, top, self.crs)
+        return footprint.to_crs(geobox.crs).intersects(geobox.extent)
+
+
+class OpenCogs:
+    """COGs kept open across reads until `close_all`. A read takes its file out while it reads
+    (a GDAL dataset is not safe for two threads at once) and puts it back after.
+
+    Ingest reads a batch of blocks date by date, opening each date's COGs once for all the
+    batch's blocks. Batches small enough to bound a worker's memory (`ingest.batch_mb`) mean
+    the next batch opens the same files again: on the 1 M px benchmark region, the opens (with
+    rasterio's environment set-up per open) and georeferencing checks took as long as the
+    reads. At most `limit` files stay open; beyond that a file is opened for one read and
+    closed: the reads of every batch cycle through the same files in the same order, where
+    evicting the least recently used one would miss every time.
+    """
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._files: dict[str, OpenCog] = {}
+
+    @contextmanager
+    def open(self, href: str, keep: bool = True) -> Iterator[OpenCog]:
+        with self._lock:
+            cog = self._files.pop(href, None)
+        if cog is None:
+            cog = OpenCog.open(href)
+        try:
+            yield cog
+        except BaseException:
+            cog.src.close()  # a failed read: the next one opens the file afresh
+            raise
+        with self._lock:
+            if keep and href not in self._files and len(self._files) < self.limit:
+                self._files[href] = cog
+                return
+        cog.src.close()
+
+    def close_all(self) -> int:
+        """Close every kept file (an ingest's end: hrefs may be rewritten before the next)."""
+        with self._lock:
+            files, self._files = self._files, {}
+        for cog in files.values():
+            cog.src.close()
+        return len(files)
+
+
+def _open_file_limit() -> int:
+    """A quarter of this process's open-file limit, at most 1024 files."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1024 if soft == resource.RLIM_INFINITY else max(0, min(1024, soft // 4))
+
+
+OPEN_COGS = OpenCogs(_open_file_limit())
+
+
+def close_cogs() -> int:
+    """`OPEN_COGS.close_all()` as a plain function (run on every Dask worker after an ingest)."""
+    return OPEN_COGS.close_all()
+
+
+def _check_georeferencing(href: str, cog: OpenCog, geoboxes: tuple[GeoBox, ...]) -> None:
     """A COG without a CRS, or lying wholly outside the windows its item covers (a wrong CRS or
     transform), is an error naming it, not a silently empty date."""
-    from odc.geo import CRS
-    from odc.geo.geom import box
-
-    if src.crs is None:
+    if cog.crs is None:
         raise CogReadError(f"{href} has no CRS")
-    left, bottom, right, top = src.bounds
-    footprint = box(left, bottom, right, top, CRS(src.crs))
-    if not any(_intersects(footprint, g) for g in geoboxes):
+    if not any(cog.covers(g) for g in geoboxes):
         raise CogReadError(
-            f"{href} ({src.crs}) lies outside the tiles its item covers: wrong CRS or transform"
+            f"{href} ({cog.src.crs}) lies outside the tiles its item covers: wrong CRS or transform"
         )
-
-
-def _intersects(footprint: Geometry, geobox: GeoBox) -> bool:
-    assert geobox.crs is not None  # a window of the tile grid: always georeferenced
-    return footprint.to_crs(geobox.crs).intersects(geobox.extent)
 
 
 def _warped_read(href: str, geobox: GeoBox, resampling: str, dst: np.ndarray, fill) -> None:

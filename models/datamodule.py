@@ -2,17 +2,20 @@
 read back as network inputs, raw series for the baseline, its split, and unlabelled inputs.
 
 Training never reads the cube: the table holds the sampled pixels' int16 series, so memory is
-set by the sampling quotas (`train.max_*_pixels`), not by the region or its labelled area.
+set by the sampling quotas (`train.max_*_pixels`), not by the region or its labelled area. The
+table stays int16 (2 bytes a value); network inputs (float32, two more channels) are built batch
+by batch (`Inputs`), and the normalisation and the baseline's features channel by channel or
+chunk by chunk, so no float copy of the whole table is ever made.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pivotmap.models.features import fit_normalisation, network_input
+from pivotmap.models.features import channel_statistics, network_input
 from pivotmap.models.network import ModelSpec
 from pivotmap.results import SampleResult
 from pivotmap.tasks import storage
@@ -29,20 +32,58 @@ class TrainingDataError(ValueError):
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Network inputs and raw series of the labelled pixels, their split, and unlabelled inputs."""
+    """The labelled pixels (network inputs built per batch), their split, and unlabelled inputs."""
 
     spec: ModelSpec  # with normalisation fitted on the training pixels
-    series: np.ndarray  # [N, T, C] raw labelled series (NaN = missing), for the baseline
-    x: np.ndarray  # [N, T, C'] network inputs of the labelled pixels
+    table: Table
+    labelled: np.ndarray  # [N] rows of `table` with a class
+    x: Inputs  # [N, T, C'] network inputs of the labelled pixels
     codes: np.ndarray  # [N] class codes
     is_test: np.ndarray  # [N] in a held-out group
     train_idx: np.ndarray  # indices of the labelled pixels used for training
-    x_unlabelled: np.ndarray  # [U, T, C'] pixels outside held-out blocks, labels unused
+    x_unlabelled: Inputs  # [U, T, C'] pixels outside held-out blocks, labels unused
 
     @property
     def y(self) -> np.ndarray:
         index = {c: i for i, c in enumerate(self.spec.classes)}
         return np.array([index[c] for c in self.codes], dtype=np.int64)
+
+    def series(self, index: np.ndarray) -> np.ndarray:
+        """[n, T, C] raw series (NaN = missing) of labelled pixels `index`, for the baseline."""
+        return self.table.decoded(self.spec.channels[:-2], self.labelled[index])
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Network inputs [N, T, C'] of some table rows, built from the int16 codes when indexed
+    (a batch, a slice, a subset): what training, pretraining and evaluation read."""
+
+    table: Table
+    rows: np.ndarray  # rows of `table`
+    spec: ModelSpec
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.rows), int(self.table.series.shape[1]), len(self.spec.channels))
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = self.rows[np.asarray(index) if not isinstance(index, slice) else index]
+        many = np.atleast_1d(rows)
+        series = self.table.decoded(self.spec.channels[:-2], many)
+        out = network_input(series, self.table.doy[many], self.spec)
+        return out if np.ndim(rows) else out[0]
+
+    def subset(self, index: np.ndarray) -> Inputs:
+        return replace(self, rows=self.rows[index])
+
+    def join(self, other: Inputs) -> Inputs:
+        """These rows, then `other`'s (of the same table)."""
+        if other.table is not self.table:
+            raise ValueError("inputs of different tables cannot be joined")
+        return replace(self, rows=np.concatenate([self.rows, other.rows]))
 
 
 # ---------------------------------------------------------------------------- the table
@@ -103,16 +144,18 @@ def check_same_cubes(samples: list[SampleResult], roots: list[str]) -> None:
 
 
 def read_tables(samples: list[SampleResult]) -> Table:
-    """Every row of the tables' Parquet files; their channels and time steps must agree."""
+    """Every row of the tables' Parquet files; their channels and time steps must agree. Each
+    file becomes numpy arrays before the next is read (one Arrow copy at a time)."""
     import io
     import json
 
     import pyarrow.parquet as pq
 
-    parts, meta = [], None
+    columns: dict[str, list[np.ndarray]] = {k: [] for k in ("series", "doy", "class", "split")}
+    meta = None
     for sample in samples:
         for url in sample.files:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(url)))
+            table = pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=list(columns))
             info = json.loads(table.schema.metadata[b"pivotmap"])
             if meta is None:
                 meta = info
@@ -123,25 +166,33 @@ def read_tables(samples: list[SampleResult]) -> Table:
                     "tables gathered by `train.include` need the same period length and step_days"
                 )
             if table.num_rows:
-                parts.append(table)
-    if meta is None or not parts:
+                for name, parts in columns.items():
+                    chunk = table.column(name).combine_chunks()
+                    parts.append(
+                        chunk.flatten().to_numpy()
+                        if name in ("series", "doy")
+                        else chunk.to_numpy(zero_copy_only=False)
+                    )
+            del table
+    if meta is None or not columns["class"]:
         raise TrainingDataError("the training table is empty: no labelled pixel with data")
     n_steps, channels = int(meta["n_steps"]), tuple(meta["channels"])
-
-    def column(name: str) -> np.ndarray:
-        chunks = [p.column(name).combine_chunks() for p in parts]
-        return np.concatenate([c.flatten().to_numpy() if name in ("series", "doy")
-                               else c.to_numpy(zero_copy_only=False) for c in chunks])  # fmt: skip
-
     return Table(
-        series=column("series").reshape(-1, n_steps, len(channels)),
-        doy=column("doy").reshape(-1, n_steps),
-        codes=column("class"),
-        split=np.asarray(column("split"), dtype=str),
+        series=_concatenate(columns["series"]).reshape(-1, n_steps, len(channels)),
+        doy=_concatenate(columns["doy"]).reshape(-1, n_steps),
+        codes=_concatenate(columns["class"]),
+        split=np.asarray(_concatenate(columns["split"]), dtype=str),
         channels=channels,
         scales={k: float(v) for k, v in meta["scales"].items()},
         fill=int(meta["fill"]),
     )
+
+
+def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
+    """One array of `parts`, emptied as it goes (no second copy of the whole table)."""
+    out = np.concatenate(parts)
+    parts.clear()
+    return out
 
 
 def stratified_sample(codes: np.ndarray, max_total: int, seed: int) -> np.ndarray:
@@ -176,7 +227,7 @@ def label_subset(
 
 # ---------------------------------------------------------------------------- network inputs
 def prepare_data(config: RunConfig, table: Table) -> TrainingData:
-    """Fit the normalisation on the training rows and build the network inputs."""
+    """Fit the normalisation on the training rows; inputs are then built per batch."""
     tc = config.train
     labelled = np.flatnonzero(table.split != "unlabelled")
     codes = table.codes[labelled]
@@ -186,33 +237,37 @@ def prepare_data(config: RunConfig, table: Table) -> TrainingData:
     base = ModelSpec(
         classes=classes, step_days=tc.step_days, hidden=tc.hidden, modalities=tc.modalities
     )
-    names = base.channels[:-2]
-    series = table.decoded(names, labelled)
     is_test = table.split[labelled] == "test"
     if not is_test.any() or is_test.all():
         raise TrainingDataError(
             "the training table has no held-out or no training pixels: more groups are needed "
             "(smaller `train.block_size` or more reference polygons)"
         )
-    spec = fit_normalisation(series[~is_test], base).replace(n_steps=int(series.shape[1]))
+    spec = fit_table_normalisation(table, labelled[~is_test], base).replace(
+        n_steps=int(table.series.shape[1])
+    )
     train_idx = np.flatnonzero(~is_test)
     train_idx = train_idx[label_subset(codes[train_idx], tc.label_fraction, tc.seed)]
-    doy = _doy(table.doy)
     unlabelled = np.flatnonzero(table.split == "unlabelled")
     pool = np.concatenate([unlabelled, labelled[~is_test]])  # labels unused for pretraining
     pool = pool[np.random.default_rng(tc.seed).permutation(len(pool))[: tc.max_unlabelled_pixels]]
-    pool_doy = doy if doy.ndim == 1 else doy[pool]
     return TrainingData(
         spec=spec,
-        series=series,
-        x=network_input(series, doy if doy.ndim == 1 else doy[labelled], spec),
+        table=table,
+        labelled=labelled,
+        x=Inputs(table, labelled, spec),
         codes=codes,
         is_test=is_test,
         train_idx=train_idx,
-        x_unlabelled=network_input(table.decoded(names, pool), pool_doy, spec),
+        x_unlabelled=Inputs(table, pool, spec),
     )
 
 
-def _doy(doy: np.ndarray) -> np.ndarray:
-    """[T] when every row shares its days of year (one run), else [N, T]."""
-    return doy[0] if len(doy) and (doy == doy[0]).all() else doy
+def fit_table_normalisation(table: Table, rows: np.ndarray, spec: ModelSpec) -> ModelSpec:
+    """`features.fit_normalisation` on table rows, one channel decoded at a time."""
+    mean, std = {}, {}
+    for name in (*spec.s2_channels, *spec.s1_channels):
+        if not name.startswith("age_"):
+            values = table.decoded((name,), rows)
+            mean[name], std[name] = channel_statistics(values)
+    return ModelSpec(**{**spec.to_dict(), "norm_mean": mean, "norm_std": std})

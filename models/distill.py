@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pivotmap.models.network import ModelSpec, build_model
-from pivotmap.models.training import FitResult, optimise, predict_proba
+from pivotmap.models.training import Batches, FitResult, optimise, predict_proba, take
 
 
 def student_spec(teacher: ModelSpec, hidden: int) -> ModelSpec:
@@ -18,7 +18,7 @@ def student_spec(teacher: ModelSpec, hidden: int) -> ModelSpec:
 
 def distill(
     teacher: torch.nn.Module,
-    x: np.ndarray,
+    x: Batches,
     y_idx: np.ndarray,
     spec: ModelSpec,
     *,
@@ -38,10 +38,10 @@ def distill(
     soft = torch.from_numpy((sharpened / sharpened.sum(1, keepdims=True)).astype(np.float32))
     torch.manual_seed(seed)
     student = build_model(spec).to(device)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y_idx.astype(np.int64))
+    yt = torch.from_numpy(y_idx.astype(np.int64))
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        logits = student(xt[idx].to(device)).float()
+        logits = student(take(x, idx).to(device)).float()
         log_p = F.log_softmax(logits / temperature, dim=-1)
         loss = F.kl_div(log_p, soft[idx].to(device), reduction="batchmean") * temperature**2
         known = yt[idx] >= 0
@@ -51,7 +51,7 @@ def distill(
 
     losses = optimise(
         student,
-        len(xt),
+        len(x),
         batch_loss,
         epochs=epochs,
         batch_size=batch_size,

@@ -25,13 +25,17 @@ def fit_normalisation(series: np.ndarray, spec: ModelSpec) -> ModelSpec:
     names = (*spec.s2_channels, *spec.s1_channels)
     mean, std = {}, {}
     for c, name in enumerate(names):
-        if name.startswith("age_"):
-            continue
-        values = series[:, :, c]
-        finite = values[np.isfinite(values)]
-        mean[name] = float(finite.mean()) if finite.size else 0.0
-        std[name] = float(finite.std()) if finite.size > 1 and finite.std() > 0 else 1.0
+        if not name.startswith("age_"):
+            mean[name], std[name] = channel_statistics(series[:, :, c])
     return ModelSpec(**{**spec.to_dict(), "norm_mean": mean, "norm_std": std})
+
+
+def channel_statistics(values: np.ndarray) -> tuple[float, float]:
+    """Mean and std of a channel's finite values (0 and 1 when there are too few)."""
+    finite = values[np.isfinite(values)]
+    mean = float(finite.mean()) if finite.size else 0.0
+    std = float(finite.std()) if finite.size > 1 and finite.std() > 0 else 1.0
+    return mean, std
 
 
 def network_input(series: np.ndarray, doy: np.ndarray, spec: ModelSpec) -> np.ndarray:

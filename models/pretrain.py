@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
 from pivotmap.models.encoders import Attention
 from pivotmap.models.network import FusionClassifier, ModelSpec
-from pivotmap.models.training import optimise
+from pivotmap.models.training import Batches, optimise, take
 
 
 class MaskedReconstruction(nn.Module):
@@ -84,7 +83,7 @@ def mask_spans(
 
 
 def pretrain(
-    x: np.ndarray,
+    x: Batches,
     spec: ModelSpec,
     *,
     epochs: int,
@@ -102,20 +101,20 @@ def pretrain(
         raise ValueError(f"pretraining needs at least 2 unlabelled pixels, got {len(x)}")
     torch.manual_seed(seed)
     model = MaskedReconstruction(spec).to(device)
-    xt = torch.from_numpy(x)
     generator = torch.Generator().manual_seed(seed + 1)
     targets = torch.tensor(model.targets)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        masked, score = mask_spans(xt[idx], spec, ratio, span, generator)
+        xb = take(x, idx)
+        masked, score = mask_spans(xb, spec, ratio, span, generator)
         pred = model(masked.to(device)).float()
         score = score[..., targets].to(device)
-        err = (pred - xt[idx][..., targets].to(device)) ** 2
+        err = (pred - xb[..., targets].to(device)) ** 2
         return (err * score).sum() / score.sum().clamp(min=1)
 
     losses = optimise(
         model,
-        len(xt),
+        len(x),
         batch_loss,
         epochs=epochs,
         batch_size=batch_size,

@@ -700,3 +700,36 @@ def _redacted(uri: str) -> str:
 def redacted(uri: str) -> str:
     """`uri` as messages may show it: no user or password."""
     return _redacted(uri)
+
+
+# --- resolving and promoting by hand (`pivotmap check`, `pivotmap promote`) -----------------
+
+
+def resolve_model_version(*, tracking_uri: str, model_uri: str) -> dict[str, str]:
+    """The version `model_uri` names on the registry at `tracking_uri`, without downloading
+    it: {"name", "version", "run_id", "uri"}; a LookupError says why it does not resolve."""
+    _quiet_loggers()
+    import mlflow
+
+    name, alias, version = parse_model_uri(model_uri)
+    _require_sqlite_db(tracking_uri, model_uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    mv = _resolve_version(client, tracking_uri, model_uri, name, alias, version)
+    return {"name": name, "version": str(mv.version), "run_id": mv.run_id or "",
+            "uri": f"models:/{name}/{mv.version}"}  # fmt: skip
+
+
+def promote(*, tracking_uri: str, model_name: str, version: str) -> dict[str, str | None]:
+    """Move @champion to `version` by hand (it must be registered), whatever its score:
+    {"model", "previous", "champion", "uri"}; previous is None when there was no champion."""
+    _quiet_loggers()
+    import mlflow
+
+    uri = f"models:/{model_name}/{version}"
+    found = resolve_model_version(tracking_uri=tracking_uri, model_uri=uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    previous = client.get_registered_model(model_name).aliases.get(CHAMPION)
+    client.set_registered_model_alias(model_name, CHAMPION, found["version"])
+    log.info("promoted %s v%s to @%s by hand (was v%s)", model_name, version, CHAMPION, previous)
+    return {"model": model_name, "previous": None if previous is None else str(previous),
+            "champion": found["version"], "uri": uri}  # fmt: skip

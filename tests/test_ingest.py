@@ -272,3 +272,64 @@ def test_obs_cubes_and_markers_live_in_an_s3_run_folder(s3_bucket, tmp_path):
     again = _ingest(config, run)  # the markers on S3 are found: nothing is read again
     assert all(m.tiles_already_done == [tile] for m in again.modalities.values())
     assert storage.read_text_or_none(f"{run}/reports/ingest.json") == again.to_json()
+
+
+def _write_cog(path: Path, value: int) -> str:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    profile = {"driver": "GTiff", "width": 32, "height": 32, "count": 1, "dtype": "uint16",
+               "crs": "EPSG:32631", "transform": from_origin(500000, 5630320, 10, 10),
+               "tiled": True, "blockxsize": 16, "blockysize": 16}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.full((1, 32, 32), value, dtype="uint16"))
+    return str(path)
+
+
+def test_open_cogs_keep_files_up_to_a_limit_and_drop_a_failed_one(tmp_path):
+    from pivotmap.tasks.load import OpenCogs
+
+    cogs = OpenCogs(limit=2)
+    hrefs = [_write_cog(tmp_path / f"b{i}.tif", i + 1) for i in range(3)]
+    opened = []
+    for href in hrefs:
+        with cogs.open(href) as cog:
+            opened.append(cog)
+            assert int(cog.src.read(1)[0, 0]) == hrefs.index(href) + 1
+    with cogs.open(hrefs[0]) as again:
+        assert again is opened[0]  # kept open: not opened a second time
+    assert opened[2].src.closed  # over the limit: closed after its read
+    with pytest.raises(RuntimeError), cogs.open(hrefs[1]) as cog:
+        raise RuntimeError("a read failed")
+    assert cog.src.closed  # a failed file is not kept
+    with cogs.open(hrefs[1]) as fresh:
+        assert fresh is not cog and int(fresh.src.read(1)[0, 0]) == 2
+    assert cogs.close_all() == 2 and opened[0].src.closed
+    with cogs.open(hrefs[0], keep=False) as once:
+        pass
+    assert once.src.closed and cogs.close_all() == 0
+
+
+def test_small_batches_read_the_same_cube_and_an_ingest_leaves_no_file_open(catalogue, tmp_path):
+    from pivotmap.tasks import load
+
+    base = _config(catalogue)
+    grid = base.grid.model_copy(update={"tile_size": 32})  # 4 tiles: 4 batches at 1 MB
+    small = base.model_copy(update={"grid": grid, "ingest": base.ingest.model_copy(
+        update={"batch_mb": 1})})  # fmt: skip
+    large = base.model_copy(update={"grid": grid})
+    assert len(batches(Workspace.open(small, str(tmp_path / "a")).tiles(), 60, 11, 1 << 20)) == 4
+    _ingest(small, str(tmp_path / "small"))
+    assert not load.OPEN_COGS._files  # closed at the end of the ingest
+    _ingest(large, str(tmp_path / "large"))
+    for modality in ("s2", "s1"):
+        a, b = _obs(tmp_path / "small", modality), _obs(tmp_path / "large", modality)
+        xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+    # a COG rewritten between two ingests is read afresh (nothing stale kept open)
+    item = "S2X_31UDS_20170814_0_L2A"
+    b04 = catalogue / "sentinel-2-l2a" / item / "B04.tif"
+    before = _obs(tmp_path / "large", "s2").B04.sel(time="2017-08-14").values
+    shutil.copy(catalogue / "sentinel-2-l2a" / "S2X_31UDS_20170903_0_L2A" / "B04.tif", b04)
+    _ingest(large, str(tmp_path / "large"), force=True)
+    after = _obs(tmp_path / "large", "s2").B04.sel(time="2017-08-14").values
+    assert not np.array_equal(before, after, equal_nan=True)

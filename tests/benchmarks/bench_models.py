@@ -156,7 +156,8 @@ def main(args: list[str] | None = None) -> dict:
     student_tc = tc.model_copy(update={"distill_epochs": tc.distill_epochs or tc.epochs})
     student = distil_student(data, model, student_tc, "cpu").model
     result["student"] = evaluate(student, data, "cpu")
-    x = np.concatenate([data.x] * max(1, 8192 // len(data.x)))[:8192]
+    x = data.x[np.arange(min(len(data.x), 8192))]
+    x = np.concatenate([x] * max(1, -(-8192 // len(x))))[:8192]
     result["fusion_pretrained"]["px_per_s_per_core"] = round(pixels_per_second_per_core(model, x))
     result["student"]["px_per_s_per_core"] = round(pixels_per_second_per_core(student, x))
     if not a.skip_few_label:

@@ -7,8 +7,11 @@ Heavy libraries (Prefect, torch, MLflow, GDAL) are imported only inside the hand
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +19,7 @@ if TYPE_CHECKING:
     from pivotmap.results import StageResult
 
 STAGES = ("ingest", "pivot", "sample", "train", "predict", "publish")
+FLOW_COMMANDS = ("demo", "produce", *STAGES)  # the commands that run Prefect flows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,13 +51,56 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument(
         "--json", action="store_true", help="print the summary as one JSON line on stdout"
     )
+    _check_parser(sub)
     _status_parser(sub)
     _rollback_parser(sub)
+    _promote_parser(sub)
     _concept_parser(sub)
     _plan_parser(sub)
+    from pivotmap.flows.serve import add_parser as _serve_parser  # issue 17: pivotmap serve
+
+    _serve_parser(sub)
     for stage in STAGES:
         _common(sub.add_parser(stage, help=f"run the {stage} stage only"))
+    for command in sub.choices.values():
+        command.add_argument(
+            "--debug", action="store_true", help="print the full traceback of an error"
+        )
     return parser
+
+
+def _check_parser(sub) -> None:
+    check = sub.add_parser(
+        "check", help="validate every input a run needs, in seconds, before any pixel is read"
+    )
+    check.add_argument("--config", required=True, help="run config YAML (see infra/configs/)")
+    check.add_argument("--out", help="the run folder: checked writable (and earlier results)")
+    check.add_argument(
+        "--stage", choices=STAGES, help="only what this stage needs (default: a whole run)"
+    )
+    check.add_argument(
+        "--json", action="store_true", help="print the checks as one JSON line on stdout"
+    )
+
+
+def _check(config, args: argparse.Namespace) -> dict:
+    from pivotmap.flows.check import check, checks_text, require
+
+    rows = check(config, args.out, args.stage)
+    print(checks_text(rows, f"pivotmap check {args.config}"), file=sys.stderr)
+    require(rows, f"config {args.config}")
+    return {"ok": True, "checks": [r.to_dict() for r in rows]}
+
+
+def _preflight(config, args: argparse.Namespace, stage: str | None) -> None:
+    """The checks `stage` (None: a whole run) needs, before Prefect starts: a table and an
+    error when one fails, nothing otherwise."""
+    from pivotmap.flows.check import check, checks_text, require
+
+    rows = check(config, args.out, stage, train=not getattr(args, "no_train", False))
+    if any(r.failed for r in rows):
+        print(checks_text(rows, f"pivotmap {args.command}: checks"), file=sys.stderr)
+    require(rows, f"pivotmap {args.command} cannot start")
 
 
 def _status_parser(sub) -> None:
@@ -77,6 +124,38 @@ def _rollback_parser(sub) -> None:
     rollback.add_argument(
         "--json", action="store_true", help="print the summary as one JSON line on stdout"
     )
+
+
+def _promote_parser(sub) -> None:
+    promote = sub.add_parser(
+        "promote", help="make a registered model version @champion by hand (what predict maps with)"
+    )
+    promote.add_argument("version", help="a registered version number of the config's model")
+    promote.add_argument("--config", required=True, help="run config YAML (model name, MLflow)")
+    promote.add_argument(
+        "--out", help="the run folder (its MLflow store), unless mlflow.tracking_uri is set"
+    )
+    promote.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON line on stdout"
+    )
+
+
+def _promote(config, args: argparse.Namespace) -> dict:
+    from pivotmap.models.registry import promote, redacted, tracking_uri_for
+
+    if not (config.mlflow.tracking_uri or args.out):
+        raise ValueError(
+            f"config {args.config} sets no mlflow.tracking_uri: give the run folder with --out"
+        )
+    tracking = tracking_uri_for(args.out or ".", config.mlflow.tracking_uri)
+    done = promote(tracking_uri=tracking, model_name=config.model_name, version=args.version)
+    before = f"v{done['previous']}" if done["previous"] else "no champion"
+    print(
+        f"{done['model']}@champion: {before} -> v{done['champion']} (on {redacted(tracking)}); "
+        "predict maps with it from now on",
+        file=sys.stderr,
+    )
+    return {"ok": True, **done}
 
 
 def _status(args: argparse.Namespace) -> dict:
@@ -136,7 +215,12 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from pivotmap.config import load_run_config
+    from pivotmap.runtime import console_tracebacks
 
+    if args.command == "serve":  # issue 17
+        from pivotmap.flows.serve import command
+
+        return command(args)
     if args.command == "download":
         return _download(args)
     if args.command == "status":
@@ -146,13 +230,19 @@ def run(args: argparse.Namespace) -> dict:
 
         return rollback(Path(args.out) / "products", args.version, args.target)
     if args.command == "demo":
+        console_tracebacks(args.debug)
         from pivotmap.flows.demo import prepare_demo
         from pivotmap.flows.produce import produce_flow
 
         config, path = prepare_demo(Path(args.out), seed=args.seed)
         result = produce_flow(config, str(Path(args.out)), force=args.force)
         return {"demo_config": str(path), **result.to_dict()}
+    _refuse_force(args)
     config = load_run_config(args.config)
+    if args.command == "check":
+        return _check(config, args)
+    if args.command == "promote":
+        return _promote(config, args)
     if args.command == "plan":
         return _plan(config, args)
     if args.command == "concept":
@@ -161,11 +251,28 @@ def run(args: argparse.Namespace) -> dict:
         return concept_map(
             config, find_workspace(args.config, args.workspace), args.prompt, args.out
         )
+    _preflight(config, args, None if args.command == "produce" else args.command)
+    console_tracebacks(args.debug)
     if args.command == "produce":
         from pivotmap.flows.produce import produce_flow
 
         return produce_flow(config, args.out, force=args.force, train=not args.no_train).to_dict()
     return _stage(args.command, config, args).to_dict()
+
+
+# Stages with nothing to redo by force: say so instead of ignoring the flag.
+NO_FORCE = {
+    "train": "train always trains and registers a new model version",
+    "publish": "publish always rebuilds the products of the current maps",
+}
+
+
+def _refuse_force(args: argparse.Namespace) -> None:
+    if getattr(args, "force", False) and args.command in NO_FORCE:
+        raise ValueError(
+            f"--force does nothing for `{args.command}`: {NO_FORCE[args.command]} (to redo "
+            "tiles, force the stage that made them, e.g. `pivotmap predict --force`); drop --force"
+        )
 
 
 def _stage(name: str, config, args) -> StageResult:
@@ -195,6 +302,42 @@ def _download(args: argparse.Namespace) -> dict:
     return {"ok": True, **result}
 
 
+def _done(command: str, summary: dict) -> str:
+    """The closing lines for people: what the command did, where the results are."""
+    if command == "download":
+        h, w = summary["shape"]
+        return (
+            f"pivotmap: downloaded {len(summary['items'])} map tiles ({summary['asset']}, "
+            f"{_size(summary['bytes_fetched'])} fetched, model version "
+            f"{', '.join(summary['model_versions'])}) into {summary['out']}: a COG of "
+            f"{w} x {h} px, {_size(summary['bytes'])}"
+        )
+    if command == "rollback":
+        was = summary.get("previous") or "nothing"
+        line = f"pivotmap: {summary['catalog']} now serves {summary['current']} (was {was})"
+        if mirror := summary.get("mirror"):
+            line += f"; mirror {mirror.get('target', mirror)} switched too"
+        return line
+    if command == "status":
+        products = summary["products"]
+        return (
+            f"pivotmap: {len(summary['flow_runs'])} flow runs listed; published map served: "
+            f"{products.get('current') or 'none'}"
+        )
+    if command in ("check", "promote"):
+        return "pivotmap: ok"
+    return _human(summary)
+
+
+def _size(n: float) -> str:
+    """A byte count for people (kB = 1000 bytes)."""
+    for unit in ("bytes", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
 def _human(summary: dict) -> str:
     keys = (
         "map",
@@ -207,29 +350,93 @@ def _human(summary: dict) -> str:
         "product_version",
     )
     lines = [f"  {k}: {summary[k]}" for k in keys if k in summary]
+    mlflow = summary.get("mlflow") or {}
+    trained, used = mlflow.get("trained_version"), mlflow.get("model_version")
+    if trained and trained != used:
+        lines.append(
+            f"  note: the map was made with v{used} (@champion): v{trained}, trained in this run, "
+            f"was not promoted ({summary.get('promotion_reason')}); to map with it: "
+            f"`pivotmap promote {trained} --config FILE --out DIR`, then predict and publish"
+        )
     return "pivotmap: done\n" + "\n".join(lines) if lines else "pivotmap: done"
 
 
+# Set in the child process that `_supervised` runs the command in.
+CHILD_ENV = "PIVOTMAP_SUPERVISED"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `pivotmap ARGV`; from the console script (`argv` None), commands that run flows
+    run in a child process (`_supervised`) so that Ctrl-C stops them cleanly."""
     from pivotmap.runtime import apply_offline_defaults
 
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in FLOW_COMMANDS and CHILD_ENV not in os.environ:
+        return _supervised(sys.argv[1:])
     apply_offline_defaults()
     try:
         summary = run(args)
     except KeyboardInterrupt:
-        print("pivotmap: interrupted", file=sys.stderr)
+        print(f"pivotmap: interrupted; {_resume_note(args)}", file=sys.stderr, flush=True)
         return 130
     except Exception as exc:  # every failure ends in one line naming the input
         message = _one_line(exc)
+        if getattr(args, "debug", False):
+            traceback.print_exc()
         print(f"pivotmap: error: {message}", file=sys.stderr)
         if args.json:
             print(json.dumps({"ok": False, "command": args.command, "error": message}), flush=True)
         return 1
-    print(_human(summary), file=sys.stderr)
+    print(_done(args.command, summary), file=sys.stderr)
     if args.json:
         print(json.dumps(summary, default=str, sort_keys=True), flush=True)
     return 0
+
+
+def _supervised(argv: list[str]) -> int:
+    """Run `pivotmap ARGV` in a child process in its own session, passing Ctrl-C to it alone.
+
+    The terminal sends SIGINT to its whole foreground process group: Prefect's temporary API
+    server and the Dask workers would die with the command, and the interrupted flow would
+    spend minutes retrying a dead API. Here only the command's own process gets SIGINT (a
+    KeyboardInterrupt: the flow reports its crash, the Dask cluster closes, the API stops
+    last). A second Ctrl-C terminates the child's whole group, a third kills it.
+    """
+    import signal
+    import subprocess
+
+    env = {**os.environ, CHILD_ENV: "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pivotmap.flows.cli", *argv], env=env, start_new_session=True
+    )
+    received: list[int] = []
+
+    def forward(signum: int, _frame) -> None:
+        received.append(signum)
+        ladder = {1: (os.kill, signal.SIGINT), 2: (os.killpg, signal.SIGTERM)}
+        send, sig = ladder.get(len(received), (os.killpg, signal.SIGKILL))
+        with contextlib.suppress(ProcessLookupError):
+            send(child.pid, sig)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    code = child.wait()
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as shells say
+
+
+def _resume_note(args: argparse.Namespace) -> str:
+    """What a re-run of the same command keeps, from the run folder's stage markers."""
+    out = getattr(args, "out", None)
+    if args.command not in FLOW_COMMANDS or out is None:
+        return "nothing was changed"
+    try:
+        from pivotmap.config import load_run_config
+        from pivotmap.flows.status import resume_note
+
+        path = Path(out) / "demo.yaml" if args.command == "demo" else Path(args.config)
+        return resume_note(load_run_config(path), out)
+    except Exception as exc:  # the note must never hide the interrupt
+        return f"re-run the same command to resume ({_one_line(exc)})"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -237,5 +444,10 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the child process of `_supervised`
+    code = main()
+    if code == 130:  # interrupted: the line saying what a re-run keeps is out; stop now
+        from pivotmap.runtime import exit_now
+
+        exit_now(code)
+    sys.exit(code)

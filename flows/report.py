@@ -33,7 +33,7 @@ def run_report_markdown(run: ProduceResult) -> str:
         "",
         f"- tiles: {run.tiles}; items used: {run.items_used}; skipped: {run.items_skipped}",
         f"- cube: `{run.cube}` (version `{run.cube_version}`)",
-        f"- model: `{run.mlflow['model']}` v{run.mlflow['model_version']}"
+        f"- map made with model `{run.mlflow['model']}` v{run.mlflow['model_version']}"
         f" (MLflow run `{run.mlflow['run_id']}`)",
         f"- products: version `{run.product_version}`, catalogue `{run.stac_catalog}`",
         f"- map: `{run.map}`; quicklook: `{run.quicklook}`",
@@ -43,6 +43,9 @@ def run_report_markdown(run: ProduceResult) -> str:
             "",
             "## Accuracy on spatially held-out labels",
             "",
+            f"Scores of {_trained_model(run)}.",
+            "",
+            *_not_mapped_with(run),
             "| overall accuracy | macro-F1 | kappa |",
             "|---|---|---|",
             f"| {run.overall_accuracy:.3f} | {run.macro_f1:.3f} | {run.kappa:.3f} |",
@@ -55,6 +58,25 @@ def run_report_markdown(run: ProduceResult) -> str:
         ]
     lines += _insight_lines(run)
     return "\n".join(lines) + "\n"
+
+
+def _trained_model(run: ProduceResult) -> str:
+    """The model trained in this run, as people name it (its scores are the report's)."""
+    version = run.mlflow.get("trained_version") or run.mlflow["model_version"]
+    return f"`{run.mlflow['model']}` v{version}, trained in this run"
+
+
+def _not_mapped_with(run: ProduceResult) -> list[str]:
+    """A warning when the map was made with another version than the one trained here."""
+    trained, used = run.mlflow.get("trained_version"), run.mlflow["model_version"]
+    if not trained or trained == used:
+        return []
+    return [
+        f"**The map was made with v{used} (@champion), not with v{trained}**: v{trained} was "
+        f"not promoted ({run.promotion_reason}). To map with it: `pivotmap promote {trained} "
+        "--config FILE --out DIR`, then `pivotmap predict` and `pivotmap publish`.",
+        "",
+    ]
 
 
 def _insight_lines(run: ProduceResult) -> list[str]:
@@ -134,6 +156,7 @@ def run_summary(ws: Workspace, stages: Sequence[StageResult], seconds: float) ->
             "model": predict.model.name,
             "model_version": predict.model.version,
             "run_id": predict.model.run_id,
+            **({"trained_version": trained.model_version} if trained else {}),
         },
         duration_s=round(seconds, 1),
         **_training_fields(trained),

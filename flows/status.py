@@ -161,3 +161,32 @@ def status_text(summary: dict) -> str:
     if products.get("current") and "versions" not in products:
         lines.append(f"  * {products['current']}")
     return "\n".join(lines)
+
+
+# Stages that mark each finished tile under OUT/state/<stage>/ (a re-run skips those tiles).
+TILE_STAGES = ("ingest-s2", "ingest-s1", "pivot", "sample", "predict")
+
+
+def kept_tiles(config, out_dir: str) -> dict[str, int]:
+    """Finished tiles per stage in the run folder `out_dir`, from its stage markers."""
+    from pivotmap.tasks.workspace import Workspace
+
+    ws = Workspace(root=storage.normalise(str(out_dir)), config=config)
+    counts = {s: len(storage.list_files(ws.url("state", s), "*.json")) for s in TILE_STAGES}
+    return {stage: n for stage, n in counts.items() if n}
+
+
+def resume_note(config, out_dir: str) -> str:
+    """One sentence for an interrupted run: what a re-run of the same command keeps."""
+    from pivotmap.tasks.workspace import Workspace
+
+    root = storage.normalise(str(out_dir))
+    kept = kept_tiles(config, root)
+    if not kept:
+        return f"no tile was finished in {root}: a re-run starts from the beginning"
+    total = len(Workspace(root=root, config=config).tiles())
+    done = ", ".join(f"{stage} {n}/{total} tiles" for stage, n in kept.items())
+    return (
+        f"a re-run of the same command resumes from {root}, reusing the finished tiles "
+        f"({done}); unfinished stages (and train, which always retrains) run again"
+    )

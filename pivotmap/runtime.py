@@ -1,8 +1,11 @@
 """Process-wide defaults that keep pivotmap offline and quiet unless the user says otherwise."""
 
+import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 OFFLINE_DEFAULTS = {
     # Prefect: the temporary local server needs more than the 20 s default on a cold database.
@@ -123,3 +126,55 @@ def request_slot(limit: str) -> Iterator[None]:
 
     with concurrency(limit, occupy=1, strict=False):
         yield
+
+
+def console_tracebacks(show: bool) -> None:
+    """Whether the terminal shows the tracebacks that logged errors carry (Prefect logs every
+    flow and task failure with one). Without, an error ends in its one-line log record and the
+    CLI's `pivotmap: error:` line; the Prefect API still receives the whole trace."""
+    import logging
+
+    import prefect  # noqa: F401  (configures logging: the console handler exists after this)
+
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter
+        if show and isinstance(formatter, _WithoutTraceback):
+            handler.setFormatter(formatter.inner)
+        elif not show and formatter is not None and not isinstance(formatter, _WithoutTraceback):
+            handler.setFormatter(_WithoutTraceback(formatter))
+
+
+class _WithoutTraceback(logging.Formatter):
+    """A formatter that formats a copy of each record without its exception and stack."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info or record.exc_text or record.stack_info):
+            return self.inner.format(record)
+        bare = logging.makeLogRecord(record.__dict__)
+        bare.exc_info, bare.exc_text, bare.stack_info = None, None, None
+        return self.inner.format(bare)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Exit at once after an interrupt: Prefect's queued logs and events are sent to its API and
+    the exit handlers run (the temporary API server stops last), but the interpreter's own
+    finalisation is skipped: seconds of library teardown (torch, GDAL, Dask) that a user who
+    pressed Ctrl-C should not wait for. Everything a re-run reuses is already on disk."""
+    import atexit
+    import sys
+
+    with contextlib.suppress(Exception):  # Prefect not imported or not started: nothing queued
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+        EventsWorker.drain_all(timeout=5)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -100,8 +100,13 @@ def download_map(
             )
             if on_file:
                 on_file(item.id)
+        fetched = sum(f.stat().st_size for f in files)
         shape = _mosaic(files, box(*bbox, "EPSG:4326").to_crs(crs.pop()).boundingbox, out)
-    return {"out": str(out), "items": [i.id for i in items], "asset": asset, "shape": list(shape)}
+    versions = sorted({str(i.properties.get("pivotmap:model_version", "?")) for i in items})
+    return {
+        "out": str(out), "items": [i.id for i in items], "asset": asset, "shape": list(shape),
+        "bytes": out.stat().st_size, "bytes_fetched": fetched, "model_versions": versions,
+    }  # fmt: skip
 
 
 def _mosaic(files: list[Path], bounds, out: Path) -> tuple[int, int]:

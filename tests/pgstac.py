@@ -18,19 +18,17 @@
 It yields a `PgstacStack` (the `api` URL through the gate, `direct` URL, `postgres`, `assets`,
 `gate`). `skip_reason()` says why such a stack cannot run here (no PostgreSQL/PostGIS, no
 pypgstac/stac-fastapi-pgstac), for a test to skip cleanly. `.ci/run` installs the Debian packages.
+The cluster and the loading are `pivotmap serve`'s own (pivotmap.tasks.pgstac_server).
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -42,18 +40,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
+from pivotmap.tasks import pgstac_server
+from pivotmap.tasks.pgstac_server import DB, free_port, load_pgstac, pg_bin_dir  # noqa: F401
 from tests.procs import stop_group
-
-DB = "pivotmap"
-
-
-def pg_bin_dir() -> Path | None:
-    """The newest Debian PostgreSQL server binaries with PostGIS installed beside them."""
-    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        version = Path(bindir).parent.name
-        if glob.glob(f"/usr/share/postgresql/{version}/extension/postgis.control"):
-            return Path(bindir)
-    return None
 
 
 def skip_reason() -> str | None:
@@ -65,12 +54,6 @@ def skip_reason() -> str | None:
         except ImportError:
             return f"{module} not installed (pip install -e '.[test]')"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
@@ -92,57 +75,9 @@ def _connects(port: int) -> bool:
 # ---------------------------------------------------------------------------- PostgreSQL
 
 
-class Postgres:
-    """A throw-away PostgreSQL cluster on 127.0.0.1 (`start`, `stop`, `restart`)."""
-
-    def __init__(self) -> None:
-        bindir = pg_bin_dir()
-        if bindir is None:
-            raise RuntimeError(skip_reason() or "no PostgreSQL")
-        # Its own folder: a test's tmp_path (0700, root's) is not open to the `postgres` user.
-        folder = Path(tempfile.mkdtemp(prefix="pivotmap-pg-"))
-        self.bin, self.folder, self.port = bindir, folder, free_port()
-        self.data, self.log = folder / "pgdata", folder / "postgres.log"
-        self.user = "postgres"
-        self._as_user: list[str] = []
-        if os.geteuid() == 0:  # the server refuses to run as root
-            self._as_user = ["runuser", "-u", "postgres", "--"]
-            shutil.chown(folder, "postgres")
-        else:
-            import getpass
-
-            self.user = getpass.getuser()
-        self._run(
-            [str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, "-A", "trust",
-             "-E", "UTF8", "--no-sync"]
-        )  # fmt: skip
-
-    def _run(self, args: list[str]) -> None:
-        done = subprocess.run(self._as_user + args, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(args)} failed: {done.stdout}{done.stderr}")
-
-    def env(self) -> dict[str, str]:
-        return {
-            "PGHOST": "127.0.0.1", "PGPORT": str(self.port), "PGUSER": self.user,
-            "PGPASSWORD": "unused", "PGDATABASE": DB,
-        }  # fmt: skip
-
-    def dsn(self, db: str = DB) -> str:
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{db}"
-
-    def start(self, timeout: float = 60) -> None:
-        opts = f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off -c full_page_writes=off"
-        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                   "-o", opts, "-w", "-t", str(int(timeout)), "start"])  # fmt: skip
-
-    def stop(self) -> None:
-        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
-
-    def remove(self) -> None:
-        with contextlib.suppress(RuntimeError):
-            self.stop()
-        shutil.rmtree(self.folder, ignore_errors=True)
+class Postgres(pgstac_server.Postgres):
+    """A throw-away PostgreSQL cluster in its own temporary folder (a test's tmp_path, 0700 and
+    root's, is closed to the `postgres` user), which can also be stopped and restarted later."""
 
     def restart_after(self, delay_s: float) -> threading.Thread:
         """Stop now; start again after `delay_s` seconds (in a thread, returned)."""
@@ -174,13 +109,6 @@ def _absolute(doc: dict, doc_path: Path, catalog_dir: Path, base_url: str) -> di
 
 def load_catalogue(pg: Postgres, catalog_path: Path, asset_url: str, folder: Path) -> Counter:
     """pgstac migrations, then the static catalogue's collections and items; counts per collection."""
-    from pypgstac.db import PgstacDB
-    from pypgstac.load import Loader, Methods
-    from pypgstac.migrate import Migrate
-
-    with contextlib.closing(_connect(pg.dsn("postgres"))) as conn:
-        conn.autocommit = True
-        conn.execute(f"CREATE DATABASE {DB}")
     catalog_dir = catalog_path.parent.resolve()
     root = json.loads(catalog_path.read_text())
     collections, items, counts = [], [], Counter()
@@ -197,21 +125,8 @@ def load_catalogue(pg: Postgres, catalog_path: Path, asset_url: str, folder: Pat
                 item["collection"] = coll["id"]
                 items.append(item)
                 counts[coll["id"]] += 1
-    cfile, ifile = folder / "collections.ndjson", folder / "items.ndjson"
-    cfile.write_text("".join(json.dumps(c) + "\n" for c in collections))
-    ifile.write_text("".join(json.dumps(i) + "\n" for i in items))
-    with PgstacDB(dsn=pg.dsn()) as db:
-        Migrate(db).run_migration()
-        loader = Loader(db)
-        loader.load_collections(str(cfile), Methods.insert)
-        loader.load_items(str(ifile), Methods.insert)
+    load_pgstac(pg, collections, items)
     return counts
-
-
-def _connect(dsn: str):
-    import psycopg
-
-    return psycopg.connect(dsn)
 
 
 # ---------------------------------------------------------------------------- HTTP servers

@@ -92,3 +92,72 @@ def test_invalid_config_is_refused_before_any_work(tmp_path, capsys):
     assert main(["produce", "--config", str(path), "--out", str(tmp_path / "o")]) == 1
     assert "train.epoch: Extra inputs are not permitted" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_logged_errors_show_no_traceback_unless_debug():
+    """Prefect logs every failed flow with its traceback; the terminal gets one line of it."""
+    import io
+    import logging
+
+    from pivotmap.runtime import console_tracebacks
+
+    stream = io.StringIO()
+    terminal = logging.StreamHandler(stream)
+    terminal.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root, log = logging.getLogger(), logging.getLogger("pivotmap.test-cli")
+    root.addHandler(terminal)
+
+    def failure() -> str:
+        stream.seek(0)
+        stream.truncate()
+        try:
+            raise ValueError("bad input named here")
+        except ValueError:
+            log.error("Encountered exception during execution", exc_info=True)
+        return stream.getvalue()
+
+    try:
+        console_tracebacks(False)
+        quiet = failure()
+        console_tracebacks(True)
+        loud = failure()
+    finally:
+        root.removeHandler(terminal)
+        console_tracebacks(True)
+    assert quiet == "ERROR Encountered exception during execution\n"
+    assert "Traceback" in loud and "ValueError: bad input named here" in loud
+
+
+def test_promote_moves_champion_by_hand_and_says_from_what(tmp_path, capsys):
+    """A version kept out by the promotion rule (validated on other data) is made champion."""
+    from pivotmap.models.network import ModelSpec, build_model
+    from pivotmap.models.registry import log_and_register, resolve_model_version
+
+    tracking, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "pivotmap-promote-test"
+    spec = ModelSpec(classes=(1, 2), hidden=8, n_steps=4)
+    for f1, key in ((0.6, "cube-a"), (0.9, "cube-b")):
+        log_and_register(
+            tracking_uri=tracking, artifact_root=None, experiment="test", model_name=name,
+            model=build_model(spec), spec=spec, params={}, metrics={"macro_f1": f1},
+            validation_key=key,
+        )  # fmt: skip
+    champion = f"models:/{name}@champion"
+    assert resolve_model_version(tracking_uri=tracking, model_uri=champion)["version"] == "1"
+    raw = demo_config_dict(str(tmp_path / "data"))
+    raw |= {"mlflow": {"tracking_uri": tracking}, "train": {"model_name": name}}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+
+    assert main(["promote", "2", "--config", str(config), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert _last_json(captured.out) | {"ok": True} == {
+        "ok": True, "model": name, "previous": "1", "champion": "2", "uri": f"models:/{name}/2",
+    }  # fmt: skip
+    assert f"{name}@champion: v1 -> v2" in captured.err
+    assert resolve_model_version(tracking_uri=tracking, model_uri=champion)["version"] == "2"
+
+    assert main(["promote", "7", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "pivotmap: error: LookupError:" in err and "no version 7" in err
+    assert resolve_model_version(tracking_uri=tracking, model_uri=champion)["version"] == "2"

@@ -158,3 +158,28 @@ def test_resume_redoes_only_missing_tiles_and_all_on_changed_inputs(small_region
 
     changed = _ingest(out, {"ingest": {"scl_dilation_px": 1}})  # an input of the key changed
     assert _written(changed) == tiles and changed["cache_key"] != first["cache_key"]
+
+
+def _produce(trained: str, used: str) -> ProduceResult:
+    return ProduceResult(
+        config="demo", config_hash="h", period="2023-01-01/2023-12-31", tiles=4,
+        items_used={"s2": 4}, items_skipped={"s2": 0}, cube="/x/pivot.zarr", cube_version="c1",
+        map="/x/map.vrt", quicklook="/x/q.png", stac_catalog="/x/catalog.json",
+        product_version="m1", duration_s=1.0, overall_accuracy=0.9, macro_f1=0.8, kappa=0.7,
+        per_class_f1={"1": 0.8}, promoted=trained == used,
+        promotion_reason="champion v1 validated on a different key; kept v1",
+        mlflow={"model": "pivotmap-demo", "model_version": used, "run_id": "r",
+                "trained_version": trained},
+    )  # fmt: skip
+
+
+def test_run_report_names_the_model_that_made_the_map_and_the_one_scored():
+    from pivotmap.flows.report import run_report_markdown
+
+    kept = run_report_markdown(_produce(trained="2", used="1"))
+    assert "map made with model `pivotmap-demo` v1" in kept
+    assert "Scores of `pivotmap-demo` v2, trained in this run" in kept
+    assert "The map was made with v1 (@champion), not with v2" in kept
+    assert "`pivotmap promote 2 --config FILE --out DIR`" in kept
+    promoted = run_report_markdown(_produce(trained="2", used="2"))
+    assert "Scores of `pivotmap-demo` v2" in promoted and "not with" not in promoted

@@ -124,3 +124,53 @@ def test_status_lists_flow_runs_of_a_real_server(prefect_api_server, two_version
     assert result["api"]["reachable"]
     probes = [r for r in result["flow_runs"] if r["flow"] == "status-probe"]
     assert probes and probes[0]["state"] == "COMPLETED" and probes[0]["deployment"] is None
+
+
+def test_resume_note_counts_the_finished_tiles_a_rerun_keeps(tmp_path):
+    from pivotmap.config import RunConfig
+    from pivotmap.flows.demo import demo_config_dict
+    from pivotmap.flows.status import resume_note
+    from pivotmap.tasks.workspace import Workspace
+
+    config = RunConfig.model_validate(demo_config_dict(str(tmp_path / "data")))
+    out = tmp_path / "out"
+    assert "no tile was finished" in resume_note(config, str(out))
+    ws = Workspace.open(config, out)
+    tiles = ws.tiles()
+    for tile in tiles:
+        ws.mark_done("pivot", tile.id, "k", {})
+    ws.mark_done("predict", tiles[0].id, "k", {})
+    note = resume_note(config, str(out))
+    assert f"pivot {len(tiles)}/{len(tiles)} tiles" in note
+    assert f"predict 1/{len(tiles)} tiles" in note and "ingest" not in note
+
+
+def test_download_rollback_and_status_say_what_they_did(two_versions, tmp_path, capsys):
+    url = f"http://127.0.0.1:{_dead_port()}/api"
+    catalog = two_versions / "products" / "catalog.json"
+    bbox = ",".join(map(str, ALL))
+    out = tmp_path / "map.tif"
+
+    assert main(["download", "--catalog", str(catalog), "--bbox", bbox, "--out", str(out)]) == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("pivotmap: downloaded 2 map tiles (class, ")
+    assert f"into {out}: a COG of " in line and "model version 7" in line
+    assert " kB" in line or " bytes" in line
+
+    assert main(["rollback", "v1", "--out", str(two_versions)]) == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == f"pivotmap: {catalog} now serves v1 (was v2)"
+
+    assert main(["status", "--api", url, "--out", str(two_versions)]) == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == "pivotmap: 0 flow runs listed; published map served: v1"
+
+
+@pytest.mark.parametrize("stage", ["train", "publish"])
+def test_force_is_refused_where_there_is_nothing_to_redo(stage, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("name: x\n")  # never read: the flag is refused first
+    code = main([stage, "--config", str(config), "--out", str(tmp_path / "o"), "--force"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"--force does nothing for `{stage}`" in err and "drop --force" in err
+    assert not (tmp_path / "o").exists()

@@ -215,7 +215,7 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from pivotmap.config import load_run_config
-    from pivotmap.runtime import console_tracebacks
+    from pivotmap.runtime import console_output
 
     if args.command == "serve":  # issue 17
         from pivotmap.flows.serve import command
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> dict:
 
         return rollback(Path(args.out) / "products", args.version, args.target)
     if args.command == "demo":
-        console_tracebacks(args.debug)
+        console_output(args.debug)
         from pivotmap.flows.demo import prepare_demo
         from pivotmap.flows.produce import produce_flow
 
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> dict:
             config, find_workspace(args.config, args.workspace), args.prompt, args.out
         )
     _preflight(config, args, None if args.command == "produce" else args.command)
-    console_tracebacks(args.debug)
+    console_output(args.debug)
     if args.command == "produce":
         from pivotmap.flows.produce import produce_flow
 

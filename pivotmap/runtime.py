@@ -21,6 +21,9 @@ OFFLINE_DEFAULTS = {
     "GIT_PYTHON_REFRESH": "quiet",
     # GDAL: no directory listings on remote opens.
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    # Dask: its scheduler and nannies log every worker start and stop at INFO (30 lines a
+    # predict): warnings and errors only (workers inherit it).
+    "DASK_LOGGING__DISTRIBUTED": "warning",
 }
 
 
@@ -115,11 +118,12 @@ def request_slot(limit: str) -> Iterator[None]:
     """Hold one slot of a global concurrency limit while a STAC or S3 request stream runs.
 
     Only inside a flow run (so plain function calls and unit tests never contact an API), and
-    not strict: where the limit was not created, Prefect lets the request through.
+    only where the limit exists (created by `flows/deploy.py`): a run on a temporary server has
+    none, and Prefect would warn at every request that it lets the request through.
     """
     from prefect.context import FlowRunContext
 
-    if FlowRunContext.get() is None:
+    if FlowRunContext.get() is None or not _limit_exists(limit):
         yield
         return
     from prefect.concurrency.sync import concurrency
@@ -128,10 +132,35 @@ def request_slot(limit: str) -> Iterator[None]:
         yield
 
 
-def console_tracebacks(show: bool) -> None:
-    """Whether the terminal shows the tracebacks that logged errors carry (Prefect logs every
-    flow and task failure with one). Without, an error ends in its one-line log record and the
-    CLI's `pivotmap: error:` line; the Prefect API still receives the whole trace."""
+def _limit_exists(limit: str) -> bool:
+    """Whether the Prefect API this process talks to has the global concurrency limit (asked
+    once per API and limit)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return _limit_on(str(client.api_url), limit, client)
+
+
+_LIMITS: dict[tuple[str, str], bool] = {}
+
+
+def _limit_on(api: str, limit: str, client) -> bool:
+    from prefect.exceptions import ObjectNotFound
+
+    if (api, limit) not in _LIMITS:
+        try:
+            client.read_global_concurrency_limit_by_name(limit)
+            _LIMITS[api, limit] = True
+        except ObjectNotFound:
+            _LIMITS[api, limit] = False
+    return _LIMITS[api, limit]
+
+
+def console_output(show: bool) -> None:
+    """The console of a CLI run: whether it shows the tracebacks that logged errors carry
+    (Prefect logs every flow and task failure with one; without, an error ends in its one-line
+    log record and the CLI's `pivotmap: error:` line, and the Prefect API still receives the
+    whole trace), and without libraries' chatter that says nothing to an operator."""
     import logging
 
     import prefect  # noqa: F401  (configures logging: the console handler exists after this)
@@ -142,6 +171,27 @@ def console_tracebacks(show: bool) -> None:
             handler.setFormatter(formatter.inner)
         elif not show and formatter is not None and not isinstance(formatter, _WithoutTraceback):
             handler.setFormatter(_WithoutTraceback(formatter))
+    for name in _KnownNoise.LOGGERS:  # a logger's filters see the records made on it
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _KnownNoise) for f in logger.filters):
+            logger.addFilter(_KnownNoise())
+
+
+class _KnownNoise(logging.Filter):
+    """Library lines that say nothing to an operator, kept off the console (a warnings filter
+    cannot drop MLflow's: it re-enables its own while it defines the logged model's class)."""
+
+    LOGGERS = ("py.warnings", "great_expectations.data_context.types.base")
+    NOISE = (
+        # the logged pyfunc has an explicit signature, which is what MLflow checks inputs against
+        "Add type hints to the `predict` method",
+        # Great Expectations, at every quality gate
+        "for ephemeral docs site",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(n in text for n in self.NOISE)
 
 
 class _WithoutTraceback(logging.Formatter):

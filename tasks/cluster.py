@@ -57,14 +57,17 @@ def dask_client(address: str, workers: int | None = None) -> Iterator:
         with connect(address, set_as_default=True) as client:
             yield client
         return
+    # The scheduler serves its HTTP routes (health, metrics) even without a dashboard, on 8787
+    # unless told otherwise: a free port, so a second cluster on the machine neither collides
+    # nor warns.
     if gpu_count():
         from dask_cuda import LocalCUDACluster  # the `gpu` extra; one worker per GPU
 
-        cluster = LocalCUDACluster(dashboard_address=None)
+        cluster = LocalCUDACluster(dashboard_address=":0")
     else:
         n = workers or max(1, min(4, (os.cpu_count() or 2)))
         cluster = LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"
         )
     with cluster, Client(cluster) as client:
         yield client

@@ -33,9 +33,10 @@ def prompt_slug(prompt: str) -> str:
 
 
 def _block(h: int, w: int) -> int:
-    """A COG block edge (multiple of 16) no larger than the image, so overviews exist."""
+    """A COG block edge no larger than half the image where it can be (so overviews exist), and
+    never below 128, the smallest GDAL's COG driver accepts (a smaller image is one block)."""
     edge = min(h, w)
-    return next(b for b in (512, 256, 128, 64, 32, 16) if b <= max(edge // 2, 16))
+    return next((b for b in (512, 256) if b <= edge // 2), 128)
 
 
 def write_layer_cog(

@@ -99,7 +99,7 @@ def test_logged_errors_show_no_traceback_unless_debug():
     import io
     import logging
 
-    from pivotmap.runtime import console_tracebacks
+    from pivotmap.runtime import console_output
 
     stream = io.StringIO()
     terminal = logging.StreamHandler(stream)
@@ -117,13 +117,13 @@ def test_logged_errors_show_no_traceback_unless_debug():
         return stream.getvalue()
 
     try:
-        console_tracebacks(False)
+        console_output(False)
         quiet = failure()
-        console_tracebacks(True)
+        console_output(True)
         loud = failure()
     finally:
         root.removeHandler(terminal)
-        console_tracebacks(True)
+        console_output(True)
     assert quiet == "ERROR Encountered exception during execution\n"
     assert "Traceback" in loud and "ValueError: bad input named here" in loud
 

@@ -99,3 +99,27 @@ def test_ctrl_c_during_training_stops_fast_and_the_rerun_resumes(tmp_path):
     assert (out / "products" / "catalog.json").is_file()
     for stage, before in kept.items():  # finished tiles reused, not redone
         assert _markers(out, stage) == before, stage
+
+
+CHATTER = ("WARNING", "Traceback", "distributed.", "great_expectations", "py.warnings")
+
+
+@pytest.mark.slow
+def test_a_whole_run_prints_progress_and_no_library_chatter(tmp_path):
+    """`pivotmap produce` from the console: stage progress and the summary, no warnings,
+    tracebacks or Dask/GX chatter (there were ≈ 120 warnings a demo)."""
+    generate_small_region(tmp_path / "data")
+    config = write_small_config(tmp_path, "run.yaml", tmp_path / "mlflow.db")
+    argv = ["produce", "--config", str(config), "--out", str(tmp_path / "out")]
+    proc, lines = _start(tmp_path, *argv)
+    try:
+        code = proc.wait(timeout=600)
+    finally:
+        stop_group(proc)
+    time.sleep(0.2)  # the reader thread drains the pipe
+    text = [line for _, line in lines]
+    assert code == 0, "\n".join(text[-40:])
+    noisy = [line for line in text if any(c in line for c in CHATTER)]
+    assert not noisy, "\n".join(noisy)
+    assert any("train epoch 3/3" in line for line in text)  # progress is still shown
+    assert "pivotmap: done" in text and len(text) < 80, len(text)

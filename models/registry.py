@@ -114,6 +114,8 @@ def log_and_register(
     input_example: np.ndarray | Mapping[str, np.ndarray] | None = None,
     model_files: dict[str, Path] | None = None,
     cube_settings: Mapping[str, str] | None = None,
+    run_name: str | None = None,
+    started_at: float | None = None,
 ) -> RegisteredModel:
     """Log a run with the model as a pyfunc, register a new version, and maybe promote it.
 
@@ -134,6 +136,9 @@ def log_and_register(
         cube_settings: the settings of the cube the model learnt from (`models/cube_settings`),
             kept as `pivotmap.cube.*` tags of the run and the version: predict refuses a cube
             built otherwise.
+        run_name: the run's name in the MLflow UI (default: MLflow's random one).
+        started_at: when the training began (epoch seconds): the run's start time, so its
+            duration is the training's, not the logging's.
     """
     if not validation_key:
         raise ValueError("validation_key must name the held-out data the metrics come from")
@@ -156,7 +161,17 @@ def log_and_register(
             name: str(_check_artifacts({name: p})[name]) for name, p in (model_files or {}).items()
         }
         nested = mlflow.active_run() is not None
-        with mlflow.start_run(experiment_id=experiment_id, nested=nested) as run:
+        run_id = None
+        if started_at is not None and not nested:
+            run_id = client.create_run(
+                experiment_id, start_time=int(started_at * 1000), run_name=run_name
+            ).info.run_id
+        with mlflow.start_run(
+            run_id=run_id,
+            experiment_id=None if run_id else experiment_id,
+            run_name=None if run_id else run_name,
+            nested=nested,
+        ) as run:
             mlflow.set_tags(run_tags)
             mlflow.log_params(_flatten_params(params))
             mlflow.log_metrics(flat_metrics)  # before log_model, so the LoggedModel gets them too
@@ -433,12 +448,18 @@ def _experiment_id(client: MlflowClient, name: str, artifact_root: Path | str | 
             raise ValueError(
                 f"MLflow experiment {name!r} is deleted; restore it or choose another name"
             )
+        if EXPERIMENT_KIND[0] not in found.tags:  # experiments made before the kind was set
+            client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         return found.experiment_id
     location: str | None = None
     if artifact_root is not None:
         is_url = isinstance(artifact_root, str) and "://" in artifact_root
         location = str(artifact_root) if is_url else Path(artifact_root).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+
+
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def _save_weights(state: dict, spec: ModelSpec, folder: Path) -> dict[str, str]:

@@ -285,16 +285,30 @@ def run_params(ws: Workspace, data: TrainingData, device: str, cube_version: str
     }
 
 
-def run_metrics(scores: dict, baseline: dict | None, student: dict | None) -> dict:
-    """Model, baseline (`rf_…`) and student (`student_…`) scores as flat MLflow metrics."""
+def run_metrics(
+    scores: dict, baseline: dict | None, student: dict | None, names: dict[int, str]
+) -> dict:
+    """Model, baseline (`rf_…`) and student (`student_…`) scores as flat MLflow metrics; per
+    class F1 named by code and class name (`f1_3_grassland`)."""
     out = {k: scores[k] for k in ("overall_accuracy", "macro_f1", "kappa")}
-    out["f1"] = scores["per_class_f1"]
+    out["f1"] = named_f1(scores["per_class_f1"], names)
     out |= {"parameters": scores["parameters"], "flops_per_pixel": scores["flops_per_pixel"]}
     for prefix, other in (("rf", baseline), ("student", student)):
         if other:
             out |= {f"{prefix}_{k}": other[k] for k in ("overall_accuracy", "macro_f1", "kappa")}
-            out[f"{prefix}_f1"] = other["per_class_f1"]
+            out[f"{prefix}_f1"] = named_f1(other["per_class_f1"], names)
     return out
+
+
+def named_f1(per_class: dict[str, float], names: dict[int, str]) -> dict[str, float]:
+    """Per-class F1 keyed `CODE_name` (a metric name MLflow accepts), e.g. `3_grassland`."""
+    import re
+
+    def key(code: str) -> str:
+        name = re.sub(r"[^a-z0-9]+", "_", names.get(int(code), "").lower()).strip("_")
+        return f"{code}_{name}" if name else code
+
+    return {key(code): f1 for code, f1 in per_class.items()}
 
 
 def alignment_metrics(alignment) -> dict:
@@ -332,6 +346,7 @@ def register(
     flat: dict,
     figures: dict[str, Path],
     alignment=None,
+    started_at: float | None = None,
 ) -> RegisteredModel:
     """Log the run (params, metrics, confusion PNGs, input signature) and register the model
     with the legend and cube settings it was trained on (and its text-alignment head when
@@ -355,6 +370,8 @@ def register(
             input_example=data.x[:4],
             model_files=files or None,
             cube_settings=trained_cube_settings(ws, data.spec),
+            run_name=f"{ws.config.name}: train",
+            started_at=started_at,
         )
 
 
@@ -370,13 +387,20 @@ def trained_cube_settings(ws: Workspace, spec: ModelSpec) -> dict[str, str]:
 
 
 def register_student(
-    ws: Workspace, student, data: TrainingData, key: str, teacher: dict, scores: dict
+    ws: Workspace,
+    student,
+    data: TrainingData,
+    key: str,
+    teacher: dict,
+    scores: dict,
+    names: dict[int, str],
+    started_at: float | None = None,
 ) -> RegisteredModel:
     """Register the distilled student as `<model name>-student`, with its gap to the teacher."""
     from pivotmap.models.registry import log_and_register
 
     flat = {k: scores[k] for k in ("overall_accuracy", "macro_f1", "kappa")}
-    flat |= {"f1": scores["per_class_f1"], "parameters": scores["parameters"]}
+    flat |= {"f1": named_f1(scores["per_class_f1"], names), "parameters": scores["parameters"]}
     flat["macro_f1_gap_to_teacher"] = teacher["macro_f1"] - scores["macro_f1"]
     return log_and_register(
         **mlflow_target(ws),
@@ -388,6 +412,8 @@ def register_student(
         validation_key=key,
         tags={"pivotmap.role": "student"},
         input_example=data.x[:4],
+        run_name=f"{ws.config.name}: distilled student",
+        started_at=started_at,
     )
 
 
@@ -412,20 +438,24 @@ def record(
     key: str,
     device: str,
     cube_version: str,
+    started_at: float | None = None,
 ) -> TrainOutcome:
-    """Confusion figures, the MLflow run and the registered model (and student) versions."""
+    """Confusion figures, the MLflow run (dated from `started_at`, when training began) and
+    the registered model (and student) versions."""
     scores, baseline, student = trained.scores, trained.baseline, trained.student
     evaluated = {"model": scores} | ({"random_forest": baseline} if baseline else {})
-    flat = run_metrics(scores, baseline, student) | alignment_metrics(trained.alignment)
+    flat = run_metrics(scores, baseline, student, names) | alignment_metrics(trained.alignment)
     with tempfile.TemporaryDirectory() as tmp:
         figures = confusion_figures(ws, names, data.spec.classes, evaluated, Path(tmp))
         params = run_params(ws, data, device, cube_version)
         registered = register(
-            ws, trained.model, data, key, params, flat, figures, trained.alignment
+            ws, trained.model, data, key, params, flat, figures, trained.alignment, started_at
         )
     student_registered = None
     if student:
-        student_registered = register_student(ws, trained.student_model, data, key, scores, student)
+        student_registered = register_student(
+            ws, trained.student_model, data, key, scores, student, names, started_at
+        )
     return TrainOutcome(
         data=data, trained=trained, registered=registered, student_registered=student_registered,
         validation_key=key, device=device, cube_version=cube_version,
@@ -438,7 +468,7 @@ def train(ws: Workspace, device: str | None = None, step: Step = _as_is) -> Trai
     evaluate on held-out blocks, register; the result is kept in the run folder.
 
     `step` wraps each training step (the flow makes them Prefect tasks)."""
-    started = time.monotonic()
+    started, began = time.monotonic(), time.time()
     config, dev = ws.config, pick_device(device)
     if config.labels is None:
         raise TrainingDataError(
@@ -458,7 +488,7 @@ def train(ws: Workspace, device: str | None = None, step: Step = _as_is) -> Trai
     trained = fit_models(data, config, dev, nomenclature, text_job, step)
     key = validation_key(samples)
     names = {c.code: c.name for c in nomenclature.classes}
-    outcome = record(ws, data, trained, names, key, dev, cube_version)
+    outcome = record(ws, data, trained, names, key, dev, cube_version, began)
     r, scores = outcome.registered, trained.scores
     run_logger("train").info(
         "model %s v%s: OA %.3f macro-F1 %.3f (%s)",

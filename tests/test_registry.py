@@ -39,6 +39,9 @@ def _inputs(n: int = 5) -> np.ndarray:
     return rng.normal(size=(n, SPEC.n_steps, len(SPEC.channels))).astype(np.float32)
 
 
+STARTED_AT = 1_790_000_000.0  # when version 2's training "began": its run starts then
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Register the four scenario versions; the results, models and URI for the tests."""
@@ -64,6 +67,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> dict:
             artifacts={"summary": summary},
             tags={"pivotmap.stage": "test"},
             input_example=_inputs(2) if i == 1 else None,
+            run_name=f"scenario {i}",
+            started_at=STARTED_AT if i == 2 else None,
         )
     assert os.environ.get("MLFLOW_TRACKING_URI") == env_before  # global state restored
     return {"uri": uri, "out": out, "results": results, "models": models}
@@ -93,6 +98,12 @@ def test_run_records_metrics_tags_and_artifacts(registry: dict) -> None:
     result = registry["results"]["2"]
     run = client.get_run(result.run_id)
     assert run.data.metrics["macro_f1"] == 0.5 and run.data.metrics["f1_3"] == 0.5
+    # a named run lasting the training, not the logging; an experiment opened as ML, not GenAI
+    assert run.info.run_name == "scenario 2" and run.info.start_time == STARTED_AT * 1000
+    assert run.info.end_time > run.info.start_time
+    assert client.get_run(registry["results"]["1"].run_id).info.run_name == "scenario 1"
+    kind = client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"
     assert run.data.params["opt.lr"] == "0.001"
     assert run.data.tags["pivotmap.validation_key"] == KEY
     assert "summary.json" in {a.path for a in client.list_artifacts(result.run_id)}

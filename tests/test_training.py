@@ -66,3 +66,10 @@ def test_fastest_threads_times_real_steps_and_restores_torch():
     before = torch.get_num_threads()
     picked = fastest_threads(spec, x, batch_size=32, repeats=1)
     assert picked in (1, before) and torch.get_num_threads() == before
+
+
+def test_per_class_f1_metrics_carry_the_class_name():
+    from pivotmap.models.trainer import named_f1
+
+    named = named_f1({"3": 0.8, "7": 0.5, "9": 0.1}, {3: "Grassland", 7: "Winter cereals / rye"})
+    assert named == {"3_grassland": 0.8, "7_winter_cereals_rye": 0.5, "9": 0.1}

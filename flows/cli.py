@@ -122,6 +122,11 @@ def _rollback_parser(sub) -> None:
     rollback.add_argument("--out", required=True, help="the run folder (its products/ is used)")
     rollback.add_argument("--target", help="also switch this mirror (folder or s3://bucket/prefix)")
     rollback.add_argument(
+        "--stac-api",
+        help="also switch the STAC API's pgstac database (postgresql://USER@HOST:PORT/DB, "
+        "as publish.stac_api; password from PGPASSWORD)",
+    )
+    rollback.add_argument(
         "--json", action="store_true", help="print the summary as one JSON line on stdout"
     )
 
@@ -228,7 +233,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "rollback":
         from pivotmap.flows.status import rollback
 
-        return rollback(Path(args.out) / "products", args.version, args.target)
+        return rollback(Path(args.out) / "products", args.version, args.target, args.stac_api)
     if args.command == "demo":
         console_output(args.debug)
         from pivotmap.flows.demo import prepare_demo

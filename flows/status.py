@@ -119,9 +119,12 @@ def local_versions(products_dir: Path, current: str | None = None) -> list[dict]
     return found
 
 
-def rollback(products_dir: str | Path, version: str, target: str | None = None) -> dict:
+def rollback(
+    products_dir: str | Path, version: str, target: str | None = None, stac_api: str | None = None
+) -> dict:
     """Point catalog.json back at a version still kept in `products_dir` (atomic switch); with
-    `target` (folder or s3://) mirror that switch too, catalogue last."""
+    `target` (folder or s3://) mirror that switch too, catalogue last; with `stac_api` (a pgstac
+    database, as `publish.stac_api`) make the API serve it under the collection id too."""
     from pivotmap.tasks.publish import PublishError, write_root_catalog
 
     products_dir = Path(products_dir).resolve()
@@ -138,6 +141,12 @@ def rollback(products_dir: str | Path, version: str, target: str | None = None) 
         from pivotmap.tasks.publish import mirror_published
 
         out["mirror"] = mirror_published(products_dir, version, target)
+    if stac_api:
+        from pivotmap.config import PublishConfig
+        from pivotmap.tasks.pgstac_server import publish_to_stac_api
+
+        PublishConfig(stac_api=stac_api)  # the same check as the config's: no password in it
+        out["stac_api"] = publish_to_stac_api(stac_api, products_dir)
     return out
 
 

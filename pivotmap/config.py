@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -564,6 +565,30 @@ class PublishConfig(_Frozen):
         description="Public http(s) URL where the products folder is served; gives catalog.json "
         "and each Collection an absolute `self` link (all other links stay relative).",
     )
+    stac_api: str | None = Field(
+        default=None,
+        description="postgresql://USER@HOST:PORT/DB of the pgstac database behind a STAC API "
+        "(stac-fastapi-pgstac): publish (and `rollback --stac-api`) loads every kept version, "
+        "the current one under the collection id, older ones as `<id>_<version>`; asset hrefs "
+        "under `base_url`. The password comes from PGPASSWORD, never from the config.",
+    )
+
+    @field_validator("stac_api")
+    @classmethod
+    def _dsn_without_password(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+            raise ValueError(
+                f"{value!r} is not a postgresql://USER@HOST:PORT/DB address of a pgstac database"
+            )
+        if parts.password:
+            raise ValueError(
+                "publish.stac_api holds a password: give postgresql://USER@HOST:PORT/DB and set "
+                "PGPASSWORD in the environment (a config is copied and logged; a secret is not)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _offline_needs_schemas(self) -> PublishConfig:

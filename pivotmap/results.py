@@ -225,6 +225,7 @@ class PublishResult(StageResult):
     already_published: bool = False
     validated: str | None = None
     mirror: Row | None = None
+    stac_api: dict[str, int] | None = None  # items per collection loaded into pgstac
     duration_s: float = 0.0
 
 

@@ -229,3 +229,37 @@ def sync_products(dsn: str, products: Path, base_url: str | None = None) -> dict
     versions = read_versions(products, base_url or products.as_uri() + "/")
     items = [i for v in versions for i in v.items]
     return sync_versions(dsn, [v.collection for v in versions], items)
+
+
+def publish_to_stac_api(dsn: str, products: Path, base_url: str | None = None) -> dict[str, int]:
+    """`sync_products` into an operator's pgstac database, migrated first (pgstac's migrations
+    are idempotent): what `publish.stac_api` and `rollback --stac-api` do. A database that
+    cannot be reached is a `DatabaseError` naming the address (never the password)."""
+    from pypgstac.db import PgstacDB
+    from pypgstac.migrate import Migrate
+
+    base_url = base_url or published_base_url(products)
+    try:
+        with PgstacDB(dsn=dsn) as db:
+            Migrate(db).run_migration()
+        return sync_products(dsn, products, base_url)
+    except Exception as exc:
+        raise DatabaseError(
+            f"STAC API database {dsn}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        ) from exc
+
+
+def published_base_url(products: Path) -> str | None:
+    """The public URL catalog.json names as its `self` (publish writes one when
+    `publish.base_url` is set), so a rollback loads the same hrefs as the publish did."""
+    import json
+
+    try:
+        links = json.loads((Path(products) / "catalog.json").read_text())["links"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for link in links:
+        href = link.get("href", "")
+        if link.get("rel") == "self" and href.startswith(("http://", "https://")):
+            return href.rsplit("/", 1)[0] + "/"
+    return None

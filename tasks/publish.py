@@ -586,6 +586,11 @@ def publish(ws: Workspace) -> PublishResult:
     `ws.products_url` (objects first, catalog.json last); earlier versions stay there untouched.
     """
     started = time.monotonic()
+    if ws.config.publish.stac_api and storage.is_remote(ws.root):
+        raise PublishError(
+            f"publish.stac_api loads the run's products folder, which is on {ws.root}: publish "
+            "from a local run folder, or load the products with `pivotmap serve --catalog`"
+        )
     nomenclature = map_nomenclature(ws)
     maps = load_maps(ws)
     quality = gate_maps(ws, maps, nomenclature).to_dict()
@@ -610,6 +615,10 @@ def publish(ws: Workspace) -> PublishResult:
             with request_slot("s3-requests"):  # uploads are sequential: one slot per mirror
                 out["mirror"] = mirror_published(folder, version, target)
             out["catalog"] = out["mirror"]["target"].rstrip("/") + "/catalog.json"
+        if dsn := ws.config.publish.stac_api:
+            from pivotmap.tasks.pgstac_server import publish_to_stac_api
+
+            out["stac_api"] = publish_to_stac_api(dsn, folder, ws.config.publish.base_url)
     out |= {"duration_s": round(time.monotonic() - started, 2)}
     return PublishResult(published=True, quality=quality, **out)
 

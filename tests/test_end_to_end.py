@@ -178,3 +178,50 @@ def test_flanders_real_patch_end_to_end(flanders, tmp_path, capsys):
             {k: summary[k] for k in ("overall_accuracy", "macro_f1", "kappa", "per_class_f1")}
         )
     )
+
+
+def test_publish_and_rollback_keep_a_stac_api_database_in_step(demo, tmp_path, capsys):
+    """`publish.stac_api`: the run's products land in an operator's pgstac (migrated by
+    publish), asset hrefs under `publish.base_url`; `rollback --stac-api` loads them again."""
+    from pivotmap.tasks import pgstac_server
+
+    if (missing := pgstac_server.missing_server()) is not None:
+        pytest.skip(missing)
+    import psycopg
+
+    out, summary = demo
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("data", "products"))
+    config = yaml.safe_load((out / "demo.yaml").read_text())
+    config["source"]["url"] = str(out / "data" / "catalog.json")
+    config["labels"] = {
+        "url": str(out / "data/labels/lc.tif"),
+        "nomenclature": str(out / "data/labels/nomenclature.yaml"),
+    }
+    pg = pgstac_server.Postgres()
+    try:
+        pg.start()
+        pgstac_server.create_database(pg)  # an empty database: publish migrates it
+        config["publish"] |= {"stac_api": pg.dsn(), "base_url": "https://maps.example/lc/"}
+        path = copy / "demo.yaml"
+        path.write_text(yaml.safe_dump(config))
+        code, result = _run(["publish", "--config", str(path), "--out", str(copy)], capsys)
+        assert code == 0, result
+        publish = json.loads((copy / "reports" / "publish.json").read_text())
+        collection = json.loads(Path(publish["collection"]).read_text())["id"]
+        assert publish["stac_api"] == {collection: 4}
+        with psycopg.connect(pg.dsn()) as conn:
+            rows = conn.execute(
+                "SELECT content->'properties'->>'version', content->'assets'->'class'->>'href' "
+                "FROM pgstac.items WHERE collection = %s",
+                (collection,),
+            ).fetchall()
+        assert {v for v, _ in rows} == {summary["product_version"]}
+        assert all(href.startswith("https://maps.example/lc/") for _, href in rows)
+        code, back = _run(
+            ["rollback", summary["product_version"], "--out", str(copy),
+             "--stac-api", pg.dsn()], capsys,
+        )  # fmt: skip
+        assert code == 0 and back["stac_api"] == {collection: 4}
+    finally:
+        pg.remove()

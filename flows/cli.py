@@ -373,9 +373,15 @@ CHILD_ENV = "PIVOTMAP_SUPERVISED"
 def main(argv: list[str] | None = None) -> int:
     """Run `pivotmap ARGV`; from the console script (`argv` None), commands that run flows
     run in a child process (`_supervised`) so that Ctrl-C stops them cleanly."""
+    import signal
+
     from pivotmap.runtime import apply_offline_defaults
 
     args = build_parser().parse_args(argv)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started in the background of a script (SIGINT ignored, and inherited so): an
+        # operator's or a supervisor's SIGINT must still stop the command cleanly
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if argv is None and args.command in FLOW_COMMANDS and CHILD_ENV not in os.environ:
         return _supervised(sys.argv[1:])
     apply_offline_defaults()
@@ -412,7 +418,10 @@ def _supervised(argv: list[str]) -> int:
 
     env = {**os.environ, CHILD_ENV: "1"}
     child = subprocess.Popen(
-        [sys.executable, "-m", "pivotmap.flows.cli", *argv], env=env, start_new_session=True
+        [sys.executable, "-m", "pivotmap.flows.cli", *argv],
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     received: list[int] = []
 
@@ -427,6 +436,18 @@ def _supervised(argv: list[str]) -> int:
         signal.signal(signum, forward)
     code = child.wait()
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as shells say
+
+
+def _die_with_parent() -> None:
+    """In `_supervised`'s child, before exec: SIGKILL when the supervising process dies, so
+    `kill -9` of the CLI (or of its process group, as a batch system does) still stops the run
+    at once, as when the run was the CLI's own process (Linux; elsewhere nothing)."""
+    import ctypes
+    import signal
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _resume_note(args: argparse.Namespace) -> str:

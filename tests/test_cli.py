@@ -84,7 +84,10 @@ def test_unknown_collection_and_empty_period(
     captured = capsys.readouterr()
     assert code == 1
     assert expected in _last_json(captured.out)["error"]
-    assert "pivotmap: error: SourceError: " in captured.err
+    # found by the checks before the stage starts: their table, then the one error line
+    assert "FAILED  catalogue" in captured.err or "FAILED" in captured.err
+    assert "pivotmap: error: ChecksFailed: " in captured.err
+    assert not (tmp_path / "o" / "cube").exists()  # nothing was read
 
 
 def test_invalid_config_is_refused_before_any_work(tmp_path, capsys):

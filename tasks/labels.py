@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -18,6 +19,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 import rasterio
+import rasterio.errors
 import rasterio.features
 import shapely
 from odc.geo import CRS
@@ -130,6 +132,15 @@ def _read_source(
     if source_kind(source.url) == "raster":
         return _read_raster(source, geobox, nomenclature)
     return _read_vector(source, index, geobox, nomenclature, years)
+
+
+# rasterio wraps a destination array in a dataset before giving it `dst_transform`, then warns
+# that this dataset has no geotransform: nothing is wrong with the labels (the source's CRS is
+# checked first). A filter for the process: `catch_warnings` around the call is not
+# thread-safe, and tiles are read on threads.
+warnings.filterwarnings(
+    "ignore", category=rasterio.errors.NotGeoreferencedWarning, module="rasterio.warp"
+)
 
 
 def _read_raster(source: LabelSource, geobox: GeoBox, nomenclature: Nomenclature) -> TileLabels:

@@ -43,7 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     download = sub.add_parser("download", help="download a published map for a bounding box")
     download.add_argument(
-        "--catalog", required=True, help="catalog.json of a published map (path or s3://)"
+        "--catalog",
+        required=True,
+        help="a published map: its catalog.json or products folder (path, s3:// or http(s)://), "
+        "or a STAC API (http(s)://…, e.g. what `pivotmap serve` starts at /api/)",
+    )
+    download.add_argument(
+        "--version", default=None, help="a kept product version (default: the current one)"
     )
     download.add_argument("--bbox", required=True, help="W,S,E,N in degrees (EPSG:4326)")
     download.add_argument("--out", required=True, help="output GeoTIFF (COG)")
@@ -295,7 +301,7 @@ def _download(args: argparse.Namespace) -> dict:
     from pivotmap.tasks.download import download_map, find_items, parse_bbox
 
     bbox = parse_bbox(args.bbox)
-    items = find_items(args.catalog, bbox)
+    items = find_items(args.catalog, bbox, args.version)
     bar = iter(track(range(len(items)), "download", total=len(items)))
 
     def advance(_item_id: str) -> None:
@@ -311,9 +317,12 @@ def _done(command: str, summary: dict) -> str:
     """The closing lines for people: what the command did, where the results are."""
     if command == "download":
         h, w = summary["shape"]
+        fetched = summary["bytes_fetched"]
+        how = "read by HTTP range requests" if fetched is None else f"{_size(fetched)} fetched"
+        version = ", ".join(summary.get("versions") or []) or "?"
         return (
             f"pivotmap: downloaded {len(summary['items'])} map tiles ({summary['asset']}, "
-            f"{_size(summary['bytes_fetched'])} fetched, model version "
+            f"{how}, version {version}, model version "
             f"{', '.join(summary['model_versions'])}) into {summary['out']}: a COG of "
             f"{w} x {h} px, {_size(summary['bytes'])}"
         )

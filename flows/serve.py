@@ -90,7 +90,7 @@ def serve(
     products = None if remote else products_folder(catalog or out or "")
     _check_port(host, port)
     mirror = Path(tempfile.mkdtemp(prefix="pivotmap-serve-")) if remote else None
-    if mirror is not None:  # an s3:// catalogue: its versions copied here, removed at the end
+    if mirror is not None:  # s3:// or http(s)://: its versions copied here, removed at the end
         try:
             products = mirror_products(str(catalog), mirror / "products")
         except BaseException:
@@ -146,7 +146,9 @@ def add_parser(sub) -> None:
     where = serve_cmd.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="a run folder (its products/ are served)")
     where.add_argument(
-        "--catalog", help="a products folder or its catalog.json (a path or s3://bucket/prefix)"
+        "--catalog",
+        help="a products folder or its catalog.json: a path, s3://bucket/prefix (every kept "
+        "version) or http(s)://… (the version catalog.json links to: http lists no folders)",
     )
     serve_cmd.add_argument(
         "--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)"

@@ -16,7 +16,7 @@ from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.staticfiles import StaticFiles
 
 from pivotmap.tasks.serve_catalogue import Layer, ServedVersion
@@ -80,6 +80,7 @@ def _layer_entry(version: str, layer: Layer) -> dict:
         "tiles": "tiles/tiles/WebMercatorQuad/{z}/{x}/{y}.png?" + _layer_query(version, layer),
         "categories": _legend(layer), "windows": list(layer.windows),
         "point": f"tiles/point/{{lon}},{{lat}}?version={version}&layer={key}",
+        "wmts": "tiles/WMTSCapabilities.xml?" + _layer_query(version, layer),
         "download": f"download/{version}/{key}.tif?bbox={{bbox}}",
     }  # fmt: skip
 
@@ -112,7 +113,14 @@ def viewer_config(versions: list[ServedVersion], title: str, catalog: Path) -> d
 
 
 def _tiler(mosaics: dict[tuple[str, str], Path]):
+    """titiler-core over the VRT mosaics (`?version=V&layer=L`), in Web Mercator (what web maps
+    and the viewer use), with OGC WMTS capabilities (titiler-extensions) for QGIS."""
+    from morecantile import TileMatrixSets
+    from morecantile import tms as known_tms
     from titiler.core.factory import TilerFactory
+    from titiler.extensions import wmtsExtension
+
+    names = {str(path): f"pivotmap_{version}_{layer}" for (version, layer), path in mosaics.items()}
 
     def layer_path(
         version: Annotated[str, Query(description="published map version")],
@@ -125,8 +133,10 @@ def _tiler(mosaics: dict[tuple[str, str], Path]):
         return str(path)
 
     return TilerFactory(
-        path_dependency=layer_path, router_prefix="/tiles", add_viewer=False, add_preview=False
-    )
+        path_dependency=layer_path, router_prefix="/tiles", add_viewer=False, add_preview=False,
+        supported_tms=TileMatrixSets({"WebMercatorQuad": known_tms.get("WebMercatorQuad")}),
+        extensions=[wmtsExtension(layer_identifier_provider=lambda p: names.get(p, "pivotmap"))],
+    )  # fmt: skip
 
 
 def _add_download(app: FastAPI, versions: list[ServedVersion]) -> None:
@@ -159,6 +169,8 @@ def _add_download(app: FastAPI, versions: list[ServedVersion]) -> None:
         ]  # fmt: skip
         if not items:
             raise HTTPException(404, f"no map tile of version {version} intersects {bbox}")
+        for item in items:
+            item.properties.setdefault("version", version)
         tmp = Path(tempfile.mkdtemp(prefix="pivotmap-serve-"))
         out = tmp / f"{version}_{asset}.tif"
         try:
@@ -215,6 +227,10 @@ def build_app(
     app.include_router(_tiler(mosaics).router, prefix="/tiles", tags=["tiles"])
     add_exception_handlers(app, DEFAULT_STATUS_CODES)
     config = viewer_config(versions, title, products / "catalog.json")
+
+    @app.get("/api", include_in_schema=False)
+    def api_root() -> RedirectResponse:  # the landing page is /api/
+        return RedirectResponse("/api/")
 
     @app.get("/viewer.json", include_in_schema=False)
     def viewer_json() -> JSONResponse:

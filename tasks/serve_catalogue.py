@@ -140,6 +140,7 @@ def read_versions(products: Path, base_url: str) -> list[ServedVersion]:
             items.append(doc)
         doc = _with_urls(collection, cpath, products, base_url)
         doc["id"] = cid
+        doc["version"] = version  # STAC's version field: what `pivotmap download --version` asks
         found.append(
             ServedVersion(version, cid, is_current, cpath.parent, doc, items, _layers(doc, raw))
         )
@@ -151,7 +152,12 @@ def read_versions(products: Path, base_url: str) -> list[ServedVersion]:
 
 def write_vrt(files: tuple[Path, ...], out: Path) -> Path:
     """A VRT mosaic of single-CRS tiles (the first one's colour table and nodata kept), so the
-    tiler reads a version's layer as one dataset."""
+    tiler reads a version's layer as one dataset.
+
+    GDAL gives a VRT its sources' overviews only when each band has a single source, so a
+    mosaic of several tiles would read every tile at full resolution for a low zoom. The mosaic
+    therefore names overview VRTs (`<stem>.x2.vrt`, `.x4`, … down to under 256 px): the same
+    tiles at 2, 4, … times the pixel size, which GDAL reads from the COGs' own overviews."""
     metas = []
     for f in files:
         with rasterio.open(f) as src:
@@ -162,7 +168,22 @@ def write_vrt(files: tuple[Path, ...], out: Path) -> Path:
     left, top = min(m[1].left for m in metas), max(m[1].top for m in metas)
     right, bottom = max(m[1].right for m in metas), min(m[1].bottom for m in metas)
     width, height = round((right - left) / res), round((top - bottom) / res)
-    first = metas[0]
+    overviews = []
+    factor = 2
+    while max(width, height) / factor >= 256:
+        path = out.with_name(f"{out.stem}.x{factor}.vrt")
+        size = (max(1, round(width / factor)), max(1, round(height / factor)))
+        _write_vrt_xml(metas, res * factor, (left, top), size, path, [])
+        overviews.append(path)
+        factor *= 2
+    return _write_vrt_xml(metas, res, (left, top), (width, height), out, overviews)
+
+
+def _write_vrt_xml(
+    metas: list[tuple], res: float, origin: tuple[float, float], size: tuple[int, int],
+    out: Path, overviews: list[Path],
+) -> Path:  # fmt: skip
+    (left, top), (width, height), first = origin, size, metas[0]
     dtype = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "float32": "Float32"}[first[8]]
     bands = []
     for b in range(1, first[5] + 1):
@@ -185,6 +206,11 @@ def write_vrt(files: tuple[Path, ...], out: Path) -> Path:
                 f'<DstRect xOff="{xoff:g}" yOff="{yoff:g}" xSize="{xs:g}" ySize="{ys:g}"/>'
                 + (f"<NODATA>{first[7]:g}</NODATA>" if first[7] is not None else "")
                 + "</ComplexSource>"
+            )
+        for overview in overviews:
+            parts.append(
+                f'<Overview><SourceFilename relativeToVRT="0">{escape(str(overview))}'
+                f"</SourceFilename><SourceBand>{b}</SourceBand></Overview>"
             )
         bands.append("".join(parts) + "</VRTRasterBand>")
     out.write_text(
@@ -216,21 +242,38 @@ def _parts(href: str, where: str) -> list[str]:
 
 
 def mirror_products(url: str, dest: Path) -> Path:
-    """A remote (s3://) products folder copied into `dest`: catalog.json and, for every kept
-    version, its collection, items and their assets, which is what serving reads."""
+    """A remote products folder copied into `dest`: catalog.json and, for every kept version,
+    its collection, items and their assets, which is what serving reads. On `s3://` every kept
+    version is found (listed); over http(s), which lists nothing, the versions catalog.json
+    links to (the current one). A STAC API is refused: it is served already."""
     from pivotmap.tasks import storage
 
     root = url.removesuffix("/catalog.json").rstrip("/")
+    over_http = root.startswith(("http://", "https://"))
+    if over_http:
+        _refuse_stac_api(url)
 
     def fetch(*parts: str) -> Path:
-        return storage.download(storage.parse(storage.join(root, *parts)), dest.joinpath(*parts))
+        target = dest.joinpath(*parts)
+        if over_http:
+            return _download_http("/".join((root, *parts)), target)
+        return storage.download(storage.parse(storage.join(root, *parts)), target)
 
     try:
-        fetch("catalog.json")
-    except storage.StorageError as exc:
-        raise CatalogueError(f"no published catalogue at {url}: {exc}") from None
-    for collection_url in storage.list_files(root, "*/collection.json"):
-        version = collection_url.rstrip("/").split("/")[-2]
+        catalog = json.loads(fetch("catalog.json").read_text())
+    except (storage.StorageError, OSError, ValueError) as exc:
+        raise CatalogueError(f"no published catalogue at {url}: {_why(exc)}") from None
+    if over_http:
+        versions = [
+            _parts(link["href"], "catalog.json")[0]
+            for link in catalog.get("links", [])
+            if link.get("rel") == "child" and link["href"].endswith("/collection.json")
+        ]
+    else:
+        versions = [
+            u.rstrip("/").split("/")[-2] for u in storage.list_files(root, "*/collection.json")
+        ]
+    for version in versions:
         collection = json.loads(fetch(version, "collection.json").read_text())
         for link in collection["links"]:
             if link["rel"] != "item":
@@ -241,3 +284,42 @@ def mirror_products(url: str, dest: Path) -> Path:
                 if "://" not in asset["href"]:
                     fetch(version, *rel[:-1], *_parts(asset["href"], "/".join(rel)))
     return dest
+
+
+def _why(exc: BaseException) -> str:
+    import urllib.error
+
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return str(getattr(exc.reason, "strerror", None) or exc.reason)
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _download_http(url: str, dest: Path) -> Path:
+    import shutil
+    import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=60) as answer, dest.open("wb") as out:
+        shutil.copyfileobj(answer, out, 1 << 20)
+    return dest
+
+
+def _refuse_stac_api(url: str) -> None:
+    """A STAC API (its landing page conforms to item-search) is not a products folder."""
+    import urllib.request
+
+    if url.endswith(".json"):
+        return
+    try:
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            doc = json.loads(answer.read())
+    except (OSError, ValueError):
+        return  # a folder over http: no index page; catalog.json is tried next
+    if isinstance(doc, dict) and "item-search" in " ".join(doc.get("conformsTo", [])):
+        raise CatalogueError(
+            f"{url} is a STAC API, which serves its maps already: `pivotmap serve` serves a "
+            "published catalogue (a folder, s3://… or http(s)://…/catalog.json); to fetch maps "
+            "from the API use `pivotmap download --catalog URL`"
+        )

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
+from rasterio.warp import transform_bounds
 
 from pivotmap.tasks import pgstac_server
 from pivotmap.tasks.serve_catalogue import (
@@ -47,6 +48,7 @@ def _products(root: Path, version: str = "v1", current: bool = True) -> Path:
     links, classes = [], [{"value": 1, "name": "crop", "color_hint": "E6C229"},
                           {"value": 2, "name": "water", "color_hint": "1F77B4"},
                           {"value": 255, "name": "nodata", "nodata": True}]  # fmt: skip
+    boxes = []
     for n, left in enumerate((500000.0, 500080.0)):
         tile = folder / f"T{n}"
         tile.mkdir(parents=True)
@@ -54,12 +56,16 @@ def _products(root: Path, version: str = "v1", current: bool = True) -> Path:
         codes[0, 0] = 255
         _cog(tile / "class.tif", left, 5630080.0, codes, palette=True)
         _cog(tile / "confidence.tif", left, 5630080.0, np.full((8, 8), 50 + n, np.uint8), False)
+        w, s, e, n_ = transform_bounds(
+            "EPSG:32631", "EPSG:4326", left, 5630000.0, left + 80, 5630080.0
+        )
+        boxes.append((w, s, e, n_))
         item = {
             "type": "Feature", "stac_version": "1.1.0", "id": f"t{n}", "links": [],
-            "bbox": [3.0, 50.8, 3.01, 50.81], "geometry": {"type": "Polygon", "coordinates": [
-                [[3.0, 50.8], [3.01, 50.8], [3.01, 50.81], [3.0, 50.81], [3.0, 50.8]]]},
+            "bbox": [w, s, e, n_], "geometry": {"type": "Polygon", "coordinates": [
+                [[w, s], [e, s], [e, n_], [w, n_], [w, s]]]},
             "properties": {"datetime": "2023-01-01T00:00:00Z", "pivotmap:model_name": "m",
-                           "pivotmap:model_version": "3"},
+                           "pivotmap:model_version": "3", "proj:code": "EPSG:32631"},
             "assets": {"class": {"href": "./class.tif", "type": "image/tiff"},
                        "confidence": {"href": "./confidence.tif", "type": "image/tiff"}},
         }  # fmt: skip
@@ -68,7 +74,8 @@ def _products(root: Path, version: str = "v1", current: bool = True) -> Path:
     tiff = "image/tiff; application=geotiff; profile=cloud-optimized"
     collection = {
         "type": "Collection", "id": "lc", "title": "LC", "stac_version": "1.1.0",
-        "extent": {"spatial": {"bbox": [[3.0, 50.8, 3.01, 50.81]]},
+        "description": "LC: land-cover map", "license": "CC-BY-4.0", "version": version,
+        "extent": {"spatial": {"bbox": [[*np.min(boxes, axis=0)[:2], *np.max(boxes, axis=0)[2:]]]},
                    "temporal": {"interval": [[None, None]]}},
         "item_assets": {"class": {"type": tiff, "title": "Class", "classification:classes": classes},
                         "confidence": {"type": tiff, "title": "Confidence"}},
@@ -77,7 +84,9 @@ def _products(root: Path, version: str = "v1", current: bool = True) -> Path:
     (folder / "collection.json").write_text(json.dumps(collection))
     if current:
         root_links = [{"rel": "child", "href": f"./{version}/collection.json"}]
-        (products / "catalog.json").write_text(json.dumps({"type": "Catalog", "links": root_links}))
+        root = {"type": "Catalog", "id": "lc-catalog", "stac_version": "1.1.0",
+                "description": "LC", "links": root_links}  # fmt: skip
+        (products / "catalog.json").write_text(json.dumps(root))
     return products
 
 
@@ -130,6 +139,28 @@ def test_vrt_mosaic_joins_the_tiles_and_keeps_the_colour_table(tmp_path):
         assert src.colormap(1)[2] == PALETTE[2]
     assert codes[0, 0] == 255 and codes[0, 8] == 255  # each tile's nodata corner
     assert (codes[1:, :8] == 1).all() and (codes[1:, 8:] == 2).all()
+
+
+def test_vrt_mosaic_of_several_tiles_has_the_cogs_overviews(tmp_path):
+    """GDAL lends a VRT its sources' overviews only with one source per band: the mosaic names
+    overview VRTs, so a low zoom reads the COGs' overviews, not every full-resolution pixel."""
+    files = []
+    for n, left in enumerate((500000.0, 510240.0)):
+        codes = np.random.default_rng(n).integers(1, 3, (1024, 1024), dtype=np.uint8)
+        path = tmp_path / f"t{n}.tif"
+        profile = dict(
+            driver="COG", width=1024, height=1024, count=1, dtype="uint8", crs="EPSG:32631",
+            transform=from_origin(left, 5630000, 10, 10), nodata=255, overview_resampling="nearest",
+        )  # fmt: skip
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(codes, 1)
+        files.append(path)
+    with rasterio.open(write_vrt(tuple(files), tmp_path / "m.vrt")) as src:
+        assert src.shape == (1024, 2048) and src.overviews(1) == [2, 4, 8]
+        low = src.read(1, out_shape=(256, 512))  # the x4 overview VRT
+    with rasterio.open(files[1]) as cog:
+        assert cog.overviews(1) == [2]  # 512 px blocks: one level; GDAL decimates from it
+        np.testing.assert_array_equal(low[:, 256:], cog.read(1, out_shape=(256, 256)))
 
 
 def test_missing_catalogue_is_one_clear_line(tmp_path):

@@ -54,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--bbox", required=True, help="W,S,E,N in degrees (EPSG:4326)")
     download.add_argument("--out", required=True, help="output GeoTIFF (COG)")
     download.add_argument("--asset", default="class", help="'class' (default) or 'confidence'")
-    download.add_argument(
-        "--json", action="store_true", help="print the summary as one JSON line on stdout"
-    )
+    _json_flag(download)
     _check_parser(sub)
     _status_parser(sub)
     _rollback_parser(sub)
@@ -75,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _json_flag(parser: argparse.ArgumentParser, what: str = "summary") -> None:
+    """`--json`: the command's result as one JSON line on stdout (for scripts), every command."""
+    parser.add_argument(
+        "--json", action="store_true", help=f"print the {what} as one JSON line on stdout"
+    )
+
+
 def _check_parser(sub) -> None:
     check = sub.add_parser(
         "check", help="validate every input a run needs, in seconds, before any pixel is read"
@@ -84,9 +89,7 @@ def _check_parser(sub) -> None:
     check.add_argument(
         "--stage", choices=STAGES, help="only what this stage needs (default: a whole run)"
     )
-    check.add_argument(
-        "--json", action="store_true", help="print the checks as one JSON line on stdout"
-    )
+    _json_flag(check, "checks")
 
 
 def _check(config, args: argparse.Namespace) -> dict:
@@ -115,9 +118,7 @@ def _status_parser(sub) -> None:
     status.add_argument("--out", help="a run folder: list the versions under its products/")
     status.add_argument("--catalog", help="or a published catalog.json (path or s3://)")
     status.add_argument("--limit", type=int, default=20, help="flow runs shown (default: 20)")
-    status.add_argument(
-        "--json", action="store_true", help="print the status as one JSON line on stdout"
-    )
+    _json_flag(status, "status")
 
 
 def _rollback_parser(sub) -> None:
@@ -132,9 +133,7 @@ def _rollback_parser(sub) -> None:
         help="also switch the STAC API's pgstac database (postgresql://USER@HOST:PORT/DB, "
         "as publish.stac_api; password from PGPASSWORD)",
     )
-    rollback.add_argument(
-        "--json", action="store_true", help="print the summary as one JSON line on stdout"
-    )
+    _json_flag(rollback)
 
 
 def _promote_parser(sub) -> None:
@@ -146,9 +145,7 @@ def _promote_parser(sub) -> None:
     promote.add_argument(
         "--out", help="the run folder (its MLflow store), unless mlflow.tracking_uri is set"
     )
-    promote.add_argument(
-        "--json", action="store_true", help="print the summary as one JSON line on stdout"
-    )
+    _json_flag(promote)
 
 
 def _promote(config, args: argparse.Namespace) -> dict:
@@ -186,9 +183,7 @@ def _plan_parser(sub) -> None:
         "--offline", action="store_true", help="skip the catalogue: items from the revisit"
     )
     plan.add_argument("--rates", help="rates JSON (bench_scale.py --rates-out); default built in")
-    plan.add_argument(
-        "--json", action="store_true", help="print the plan as one JSON line on stdout"
-    )
+    _json_flag(plan, "plan")
 
 
 def _plan(config, args: argparse.Namespace) -> dict:
@@ -209,9 +204,7 @@ def _concept_parser(sub) -> None:
     concept.add_argument(
         "--workspace", default=None, help="the run's --out folder (default: the config's folder)"
     )
-    concept.add_argument(
-        "--json", action="store_true", help="print the summary as one JSON line on stdout"
-    )
+    _json_flag(concept)
 
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
@@ -219,9 +212,7 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
         p.add_argument("--config", required=True, help="run config YAML (see infra/configs/)")
         p.add_argument("--out", required=True, help="output folder of the run")
     p.add_argument("--force", action="store_true", help="redo finished tiles")
-    p.add_argument(
-        "--json", action="store_true", help="print the run summary as one JSON line on stdout"
-    )
+    _json_flag(p, "run summary")
 
 
 def run(args: argparse.Namespace) -> dict:

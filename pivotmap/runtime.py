@@ -123,7 +123,8 @@ def request_slot(limit: str) -> Iterator[None]:
     """
     from prefect.context import FlowRunContext
 
-    if FlowRunContext.get() is None or not _limit_exists(limit):
+    context = FlowRunContext.get()
+    if context is None or not _limit_exists(limit, str(context.client.api_url)):
         yield
         return
     from prefect.concurrency.sync import concurrency
@@ -132,27 +133,22 @@ def request_slot(limit: str) -> Iterator[None]:
         yield
 
 
-def _limit_exists(limit: str) -> bool:
-    """Whether the Prefect API this process talks to has the global concurrency limit (asked
-    once per API and limit)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return _limit_on(str(client.api_url), limit, client)
-
-
 _LIMITS: dict[tuple[str, str], bool] = {}
 
 
-def _limit_on(api: str, limit: str, client) -> bool:
-    from prefect.exceptions import ObjectNotFound
-
+def _limit_exists(limit: str, api: str) -> bool:
+    """Whether the Prefect API at `api` has the global concurrency limit: asked once per API
+    and limit (a client is opened only then), remembered for every later request."""
     if (api, limit) not in _LIMITS:
-        try:
-            client.read_global_concurrency_limit_by_name(limit)
-            _LIMITS[api, limit] = True
-        except ObjectNotFound:
-            _LIMITS[api, limit] = False
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_global_concurrency_limit_by_name(limit)
+                _LIMITS[api, limit] = True
+            except ObjectNotFound:
+                _LIMITS[api, limit] = False
     return _LIMITS[api, limit]
 
 

@@ -402,6 +402,12 @@ def _with_days(arr, n_days: int):
     return zarr.Array(AsyncArray(meta, arr.store_path, arr._async_array.config))
 
 
+# zarr-python warns at every open of consolidated Zarr v3 metadata, which pivotmap writes on
+# purpose (one read opens a cube; readers without it read the group's members): a filter for the
+# process, since `catch_warnings` is not thread-safe and S1 and S2 cubes are opened on threads.
+warnings.filterwarnings("ignore", message=".*onsolidated metadata.*", module="zarr")
+
+
 class quiet_zarr(warnings.catch_warnings):
     """Silence zarr-python where pivotmap knows better: the consolidated metadata it writes, and
     the numcodecs delta filters of cubes from before layout 2, opened only to be rebuilt."""

@@ -64,12 +64,27 @@ def build_parser() -> argparse.ArgumentParser:
     from pivotmap.flows.serve import add_parser as _serve_parser  # issue 17: pivotmap serve
 
     _serve_parser(sub)
+    from pivotmap.flows.deploy import add_arguments as _deploy_arguments
+
+    deploy = sub.add_parser(
+        "deploy",
+        help="create missing work pools and limits, deploy infra/prefect.yaml (schedules paused)",
+    )
+    _deploy_arguments(deploy)
+    _json_flag(deploy)
     for stage in STAGES:
         _common(sub.add_parser(stage, help=f"run the {stage} stage only"))
     for command in sub.choices.values():
         command.add_argument(
             "--debug", action="store_true", help="print the full traceback of an error"
         )
+    from pivotmap.flows.stack import build_parser as _stack_parser  # its own --json/--debug
+
+    _stack_parser(
+        sub.add_parser(
+            "stack", help="the production stack on one machine (127.0.0.1): up, status, down"
+        )
+    )
     return parser
 
 
@@ -225,6 +240,10 @@ def run(args: argparse.Namespace) -> dict:
         return command(args)
     if args.command == "download":
         return _download(args)
+    if args.command == "deploy":
+        from pivotmap.flows.deploy import deploy
+
+        return deploy(args.prefect_file, args.schedules_active)
     if args.command == "status":
         return _status(args)
     if args.command == "rollback":
@@ -306,6 +325,10 @@ def _download(args: argparse.Namespace) -> dict:
 
 def _done(command: str, summary: dict) -> str:
     """The closing lines for people: what the command did, where the results are."""
+    if command == "deploy":
+        from pivotmap.flows.deploy import deploy_text
+
+        return deploy_text(summary)
     if command == "download":
         h, w = summary["shape"]
         fetched = summary["bytes_fetched"]
@@ -378,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     from pivotmap.runtime import apply_offline_defaults
 
     args = build_parser().parse_args(argv)
+    if args.command == "stack":  # services, not a flow: its own summary lines and exit codes
+        from pivotmap.flows.stack import run as stack_run
+
+        return stack_run(args)
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # started in the background of a script (SIGINT ignored, and inherited so): an
         # operator's or a supervisor's SIGINT must still stop the command cleanly

@@ -24,17 +24,33 @@ def ingest_flow(config: RunConfig, out_dir: str, force: bool = False) -> IngestR
     return result
 
 
-def skipped_items_artifact(result: IngestResult) -> None:
-    """The skipped items and their reasons as a table in the Prefect UI."""
+MAX_ITEM_ROWS = 200  # skipped items listed by name; the rest are counted
+
+
+def skipped_items_artifact(result: IngestResult, limit: int = MAX_ITEM_ROWS) -> None:
+    """The skipped items and their reasons as a table in the Prefect UI (at most `limit` rows;
+    a last row says how many more reports/ingest.json lists)."""
     from prefect.artifacts import create_table_artifact
 
+    create_table_artifact(
+        skipped_item_rows(result, limit),
+        key="ingest-skipped-items",
+        description="STAC items left out of the obs cubes, with the reason",
+    )
+
+
+def skipped_item_rows(result: IngestResult, limit: int = MAX_ITEM_ROWS) -> list[dict]:
+    """Rows of the skipped-items table, read failures first, capped at `limit`."""
     rows = [
         {"modality": m, "stage": s.get("stage", "check"), "item": s["item"], "reason": s["reason"]}
         for m, v in result.modalities.items()
         for s in v.skipped_items
     ]
-    create_table_artifact(
-        rows or [{"modality": "", "stage": "", "item": "", "reason": "no item skipped"}],
-        key="ingest-skipped-items",
-        description="STAC items left out of the obs cubes, with the reason",
-    )
+    if not rows:
+        return [{"modality": "", "stage": "", "item": "", "reason": "no item skipped"}]
+    rows.sort(key=lambda r: r["stage"] != "read")  # stable: failed reads first
+    if len(rows) > limit:
+        more = len(rows) - limit
+        rows = rows[:limit] + [{"modality": "", "stage": "", "item": f"… {more} more",
+                                "reason": "every skipped item is in reports/ingest.json"}]  # fmt: skip
+    return rows

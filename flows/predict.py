@@ -6,7 +6,8 @@ the run's own model at `predict.model_alias`; it must have learnt from a cube bu
 
 The stage itself is `models.inference.predict`: tiles run in parallel on Dask (local CPUs, one
 worker per GPU with dask-cuda, or an existing cluster), each streamed in windows; the flow runs
-it and shows its result in the Prefect UI.
+it and shows its result in the Prefect UI. Tiles report their progress as they finish
+(pivotmap/progress.py: the progress artifact, `progress` log lines with px/s and ETA, failures).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +26,18 @@ if TYPE_CHECKING:
     from pivotmap.tasks.workspace import Workspace
 
 
-def run_report_markdown(run: ProduceResult) -> str:
-    """Markdown for people: inputs, quality, accuracy, model and where the products are."""
+def run_report_markdown(
+    run: ProduceResult,
+    class_names: dict[str, str] | None = None,
+    image: Callable[[str], str] | None = None,
+) -> str:
+    """Markdown for people: inputs, quality, accuracy, model and where the products are.
+
+    `class_names` labels per-class F1 by class (code → name, from the nomenclature); `image`
+    turns a report image's URL into what the markdown links (default: its file name, beside
+    the report in reports/; the Prefect artifact embeds it as a data: URI).
+    """
+    names = class_names or {}
     lines = [
         f"# pivotmap run `{run.config}`",
         "",
@@ -50,13 +60,16 @@ def run_report_markdown(run: ProduceResult) -> str:
             "|---|---|---|",
             f"| {run.overall_accuracy:.3f} | {run.macro_f1:.3f} | {run.kappa:.3f} |",
             "",
-            "| class | F1 |",
-            "|---|---|",
-            *[f"| {code} | {f1:.3f} |" for code, f1 in (run.per_class_f1 or {}).items()],
+            "| class | code | F1 |",
+            "|---|---|---|",
+            *[
+                f"| {names.get(str(code), f'class {code}')} | {code} | {f1:.3f} |"
+                for code, f1 in (run.per_class_f1 or {}).items()
+            ],
             "",
             f"Champion: {run.promotion_reason}",
         ]
-    lines += _insight_lines(run)
+    lines += _insight_lines(run, image or (lambda url: url.rsplit("/", 1)[-1]))
     return "\n".join(lines) + "\n"
 
 
@@ -79,7 +92,7 @@ def _not_mapped_with(run: ProduceResult) -> list[str]:
     ]
 
 
-def _insight_lines(run: ProduceResult) -> list[str]:
+def _insight_lines(run: ProduceResult, image: Callable[[str], str]) -> list[str]:
     """Zero-shot figures and explanations (issue 9), when the run made them."""
     lines = []
     if zs := run.zero_shot:
@@ -92,8 +105,7 @@ def _insight_lines(run: ProduceResult) -> list[str]:
             f"{zs['heldout_mean_rank']:.2f} of {zs['classes']}).",
         ]  # fmt: skip
     if ex := run.explanations:
-        plot = Path(ex["plot"]).name
-        lines += ["", "## Explanations", "", f"![attributions]({plot})", ""]
+        lines += ["", "## Explanations", "", f"![attributions]({image(ex['plot'])})", ""]
         lines += [f"Method: {ex['method']}.", ""]
         lines += ["| class | dominant variable | dominant month |", "|---|---|---|"]
         lines += [
@@ -104,14 +116,20 @@ def _insight_lines(run: ProduceResult) -> list[str]:
 
 
 def publish_run_report(ws: Workspace, run: ProduceResult, stages: Sequence[StageResult]) -> str:
-    """Write reports/run-report.md and attach it, with the class-area and per-tile tables, to
-    the Prefect flow run; returns the report's URL."""
+    """Write reports/run-report.md and attach it, with the class-area table and the tile
+    summary, to the Prefect flow run; returns the report's URL.
+
+    The file links its images by name (they sit beside it in reports/); the artifact embeds
+    them as data: URIs, since the Prefect UI cannot reach the run folder.
+    """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    markdown = run_report_markdown(run) + operations_markdown(ws, run, stages)
-    url = ws.write_report_file("run-report.md", markdown)
+    names = class_names(ws, stages)
+    operations = operations_markdown(ws, run, stages)
+    url = ws.write_report_file("run-report.md", run_report_markdown(run, names) + operations)
+    embedded = run_report_markdown(run, names, image=_embedded_or_named) + operations
     create_markdown_artifact(
-        markdown, key=f"run-report-{run.config}", description="pivotmap run report"
+        embedded, key=f"run-report-{run.config}", description="pivotmap run report"
     )
     publish = _find(stages, PublishResult)
     create_table_artifact(
@@ -120,12 +138,44 @@ def publish_run_report(ws: Workspace, run: ProduceResult, stages: Sequence[Stage
         key=f"class-areas-{run.config}",
         description=f"Class areas of the published map {run.product_version}",
     )
-    create_table_artifact(
-        tile_status_rows(stages),
+    create_markdown_artifact(
+        tile_status_markdown(stages),
         key=f"tile-status-{run.config}",
-        description="Per tile and stage: written in this run, or skipped and why",
+        description="Tiles per stage (written, skipped, failed); the tiles not written listed",
     )
     return url
+
+
+def class_names(ws: Workspace, stages: Sequence[StageResult]) -> dict[str, str]:
+    """Class code → name: the published legend, else the run's nomenclature, else none."""
+    publish = _find(stages, PublishResult)
+    if publish is not None and publish.class_areas:
+        return {str(c["code"]): c["name"] for c in publish.class_areas["classes"]}
+    labels = ws.config.labels
+    if labels is None:
+        return {}
+    from pivotmap.tasks.nomenclature import load_nomenclature
+
+    try:
+        return {str(c.code): c.name for c in load_nomenclature(labels.nomenclature).classes}
+    except (OSError, ValueError):  # the report still comes, with codes
+        return {}
+
+
+def _embedded_or_named(url: str) -> str:
+    """A report image as a data: URI; its file name if it cannot be read (the report comes)."""
+    try:
+        return data_uri(url)
+    except (OSError, ValueError, storage.StorageError):
+        return url.rsplit("/", 1)[-1]
+
+
+def data_uri(url: str, media_type: str = "image/png") -> str:
+    """The file at `url` as a data: URI (for markdown artifacts the UI shows as they are)."""
+    import base64
+
+    data = storage.read_bytes(url)
+    return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 # ---------------------------------------------------------------------------- run summary
@@ -204,13 +254,28 @@ def _insight_fields(
 SKIP_REASON = "already done with the same inputs (cache key {key})"
 
 
+MAX_TILE_ROWS = 100  # tiles listed by name per table; the rest are counted
+STATUSES = ("written", "skipped", "failed", "no data")
+
+
 def tile_status_rows(stages: Sequence[StageResult]) -> list[dict]:
-    """One row per (stage, tile): 'written' in this run, or 'skipped' with the reason."""
+    """One row per (stage, tile): 'written' in this run, 'skipped' (already done, with its
+    cache key), 'failed' (written without the items whose reads failed) or 'no data'."""
     rows: list[dict] = []
 
-    def add(stage: str, written: list, reused: list, key: str | None) -> None:
-        for tile in written:
-            rows.append({"stage": stage, "tile": tile, "status": "written", "reason": ""})
+    def add(stage: str, written: list[dict], reused: list, key: str | None, empty=()) -> None:
+        no_data = {e["tile"]: e["reason"] for e in empty}
+        for info in written:
+            tile, failures = info["tile"], info.get("read_failures") or []
+            if failures:
+                first = f"{failures[0]['item']}: {failures[0]['reason']}"
+                reason = f"{len(failures)} item reads failed (first: {first})"
+                rows.append({"stage": stage, "tile": tile, "status": "failed", "reason": reason})
+            elif tile in no_data:
+                rows.append({"stage": stage, "tile": tile, "status": "no data",
+                             "reason": no_data[tile]})  # fmt: skip
+            else:
+                rows.append({"stage": stage, "tile": tile, "status": "written", "reason": ""})
         reason = SKIP_REASON.format(key=key) if key else "already done"
         for tile in reused:
             rows.append({"stage": stage, "tile": tile, "status": "skipped", "reason": reason})
@@ -218,18 +283,54 @@ def tile_status_rows(stages: Sequence[StageResult]) -> list[dict]:
     for result in stages:
         if isinstance(result, IngestResult):
             for modality, m in result.modalities.items():
-                written = [t["tile"] for t in m.tiles_written]
-                add(f"ingest-{modality}", written, m.tiles_already_done, m.cache_key)
+                add(f"ingest-{modality}", m.tiles_written, m.tiles_already_done, m.cache_key,
+                    m.tiles_without_data)  # fmt: skip
         elif isinstance(result, PivotResult):
-            written = [t["tile"] for t in result.tiles_written]
-            add("pivot", written, result.tiles_already_done, result.cube_version)
+            add("pivot", result.tiles_written, result.tiles_already_done, result.cube_version)
         elif isinstance(result, SampleResult):
-            written = [t["tile"] for t in result.tiles_written]
-            add("sample", written, result.tiles_already_done, result.key)
+            add("sample", result.tiles_written, result.tiles_already_done, result.key)
         elif isinstance(result, PredictResult):
-            written = [t["tile"] for t in result.tiles]
-            add("predict", written, result.tiles_already_done, result.cache_key)
-    return rows or [{"stage": "", "tile": "", "status": "", "reason": "no tile processed"}]
+            add("predict", result.tiles, result.tiles_already_done, result.cache_key)
+    return rows
+
+
+def tile_counts(rows: Sequence[dict]) -> list[dict]:
+    """Tiles per stage and status, in stage order."""
+    counts: dict[str, dict] = {}
+    for row in rows:
+        stage = counts.setdefault(row["stage"], {"stage": row["stage"], "tiles": 0,
+                                                 **dict.fromkeys(STATUSES, 0)})  # fmt: skip
+        stage["tiles"] += 1
+        stage[row["status"]] += 1
+    return list(counts.values())
+
+
+def tile_status_markdown(stages: Sequence[StageResult], limit: int = MAX_TILE_ROWS) -> str:
+    """Tiles per stage (counts), then the tiles not written in this run, at most `limit` of
+    them (failed first), saying how many more there are and where they are all listed."""
+    rows = tile_status_rows(stages)
+    if not rows:
+        return "No tile processed.\n"
+    lines = [
+        "| stage | tiles | written | skipped | failed | no data |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['stage']} | {c['tiles']} | {c['written']} | {c['skipped']} | {c['failed']} "
+        f"| {c['no data']} |"
+        for c in tile_counts(rows)
+    ]
+    order = {"failed": 0, "no data": 1, "skipped": 2}
+    issues = sorted((r for r in rows if r["status"] != "written"), key=lambda r: order[r["status"]])
+    if not issues:
+        return "\n".join([*lines, "", "Every tile was written in this run."]) + "\n"
+    lines += ["", "| stage | tile | status | reason |", "|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['tile']} | {r['status']} | {r['reason']} |"
+              for r in issues[:limit]]  # fmt: skip
+    if len(issues) > limit:
+        lines += ["", f"{len(issues) - limit} more tiles not written in this run are not "
+                  "listed here; `reports/<stage>.json` in the run folder lists every tile."]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def class_area_rows(publish: PublishResult | None) -> list[dict]:
@@ -250,12 +351,7 @@ def operations_markdown(ws: Workspace, run: ProduceResult, stages: Sequence[Stag
             for m, v in ingest.modalities.items()
         ]
     lines.append(f"- period {run.period}; config hash `{run.config_hash}`")
-    rows = tile_status_rows(stages)
-    written = sum(r["status"] == "written" for r in rows)
-    lines += ["", "## Tiles", "", f"{written} stage × tile written, "
-              f"{sum(r['status'] == 'skipped' for r in rows)} skipped.", ""]  # fmt: skip
-    lines += ["| stage | tile | status | reason |", "|---|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['tile']} | {r['status']} | {r['reason']} |" for r in rows]
+    lines += ["", "## Tiles", "", tile_status_markdown(stages).rstrip("\n")]
     lines += ["", "## Quality gates", ""]
     for result in stages:
         if isinstance(result, PivotResult | PublishResult) and result.quality:
@@ -263,8 +359,18 @@ def operations_markdown(ws: Workspace, run: ProduceResult, stages: Sequence[Stag
     lines += ["", "## Products", ""]
     for key in ("stac_catalog", "map", "quicklook"):
         if value := getattr(run, key):
-            lines.append(f"- {key}: [{value}]({_uri(value)})")
+            link = product_url(ws, value)
+            lines.append(f"- {key}: [{link}]({link})")
     return "\n".join(lines) + "\n"
+
+
+def product_url(ws: Workspace, url: str) -> str:
+    """Where people open a product: under `publish.base_url` when it is set (the products
+    folder as served), else its own URL (file:// for a local path)."""
+    base, products = ws.config.publish.base_url, ws.products_url.rstrip("/") + "/"
+    if base and url.startswith(products):
+        return f"{base.rstrip('/')}/{url[len(products) :]}"
+    return _uri(url)
 
 
 def _quality_line(ws: Workspace, quality: dict) -> str:
@@ -288,7 +394,7 @@ def write_quality_html(ws: Workspace, quality: dict) -> str:
 
 def stage_artifacts(ws: Workspace, result: StageResult) -> None:
     """A stage's Prefect artifacts: its per-tile table and, with a quality gate, its HTML."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import create_markdown_artifact
 
     name = ws.config.name
     if isinstance(result, TrainResult):
@@ -298,10 +404,10 @@ def stage_artifacts(ws: Workspace, result: StageResult) -> None:
     if isinstance(result, PivotResult | PublishResult) and result.quality:
         write_quality_html(ws, result.quality)
     if isinstance(result, IngestResult | PivotResult | SampleResult | PredictResult):
-        create_table_artifact(
-            tile_status_rows([result]),
+        create_markdown_artifact(
+            tile_status_markdown([result]),
             key=f"{result.STAGE}-tiles-{name}",
-            description=f"{result.STAGE}: tiles written in this run, or skipped and why",
+            description=f"{result.STAGE}: tiles written, skipped and failed; those not written",
         )
 
 

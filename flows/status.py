@@ -23,14 +23,20 @@ def status(
     catalog: str | None = None,
     limit: int = 20,
 ) -> dict:
-    """Flow runs (newest first) and products; each part says why it is empty when it is."""
+    """Flow runs that ran or run (newest first), then the scheduled ones (soonest first), and the
+    products; each part says why it is empty when it is."""
     api_url = api_url or os.environ.get("PREFECT_API_URL") or None
     api = api_health(api_url)
-    runs = recent_flow_runs(api_url, limit) if api_url and api["reachable"] else []
+    reachable = bool(api_url and api["reachable"])
+    runs = recent_flow_runs(api_url, limit) if reachable and api_url else []
+    scheduled = scheduled_flow_runs(api_url, limit) if reachable and api_url else []
     if catalog is None and out_dir is not None:
         catalog = storage.join(storage.normalise(out_dir), "products", "catalog.json")
     products = published_products(catalog) if catalog else {"message": "no --out or --catalog"}
-    return {"ok": True, "api": api, "flow_runs": runs, "products": products}
+    return {
+        "ok": True, "api": api, "flow_runs": runs, "scheduled_runs": scheduled,
+        "products": products,
+    }  # fmt: skip
 
 
 def api_health(api_url: str | None) -> dict:
@@ -57,12 +63,33 @@ def api_health(api_url: str | None) -> dict:
 
 
 def recent_flow_runs(api_url: str, limit: int = 20) -> list[dict]:
-    """The newest flow runs with their flow, deployment, state and duration."""
-    from prefect.client.orchestration import SyncPrefectClient
+    """The newest flow runs that started (or are about to), with flow, deployment, state and
+    duration; runs still waiting for their scheduled time are `scheduled_flow_runs`."""
+    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
+    not_scheduled = FlowRunFilterStateType(not_any_=[StateType.SCHEDULED])
+    return _flow_runs(api_url, not_scheduled, FlowRunSort.START_TIME_DESC, limit)
+
+
+def scheduled_flow_runs(api_url: str, limit: int = 20) -> list[dict]:
+    """Flow runs waiting for their time (soonest first; a late one is one no worker took)."""
+    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    scheduled = FlowRunFilterStateType(any_=[StateType.SCHEDULED])
+    return _flow_runs(api_url, scheduled, FlowRunSort.EXPECTED_START_TIME_ASC, limit)
+
+
+def _flow_runs(api_url: str, state_type, sort, limit: int) -> list[dict]:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState
+
+    runs_filter = FlowRunFilter(state=FlowRunFilterState(type=state_type))
     with SyncPrefectClient(api_url) as client:
-        runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=limit)
+        runs = client.read_flow_runs(flow_run_filter=runs_filter, sort=sort, limit=limit)
         flows = {f.id: f.name for f in client.read_flows(limit=200)}
         deployments = {d.id: d.name for d in client.read_deployments(limit=200)}
     return [
@@ -72,6 +99,7 @@ def recent_flow_runs(api_url: str, limit: int = 20) -> list[dict]:
             "id": str(r.id),
             "deployment": deployments.get(r.deployment_id) if r.deployment_id else None,
             "state": r.state_type.value if r.state_type else None,
+            "state_name": r.state_name,
             "start": _iso(r.start_time or r.expected_start_time),
             "duration_s": round(r.total_run_time.total_seconds(), 1),
             "subflow": r.parent_task_run_id is not None,
@@ -151,15 +179,15 @@ def rollback(
 
 
 def status_text(summary: dict) -> str:
-    """The status for people: one line per flow run, one per product version."""
+    """The status for people: recent flow runs, then scheduled ones, then the product versions."""
     api = summary["api"]
     lines = [f"Prefect API: {api['url'] or '-'} ({api['message']})"]
-    for r in summary["flow_runs"]:
-        where = f" [{r['deployment']}]" if r["deployment"] else ""
-        lines.append(
-            f"  {r['start'] or '-':32} {r['state'] or '-':10} {r['flow']}/{r['name']}{where}"
-            f" {r['duration_s']} s"
-        )
+    if api["reachable"]:
+        lines.append(f"Recent flow runs ({len(summary['flow_runs'])}, newest first):")
+        lines += [_run_line(r) for r in summary["flow_runs"]] or ["  none"]
+        scheduled = summary.get("scheduled_runs", [])
+        lines.append(f"Scheduled flow runs ({len(scheduled)}, soonest first):")
+        lines += [_run_line(r, duration=False) for r in scheduled] or ["  none"]
     products = summary["products"]
     lines.append(f"Products: {products.get('catalog', '-')}")
     if "message" in products:
@@ -170,6 +198,13 @@ def status_text(summary: dict) -> str:
     if products.get("current") and "versions" not in products:
         lines.append(f"  * {products['current']}")
     return "\n".join(lines)
+
+
+def _run_line(run: dict, duration: bool = True) -> str:
+    where = f" [{run['deployment']}]" if run["deployment"] else ""
+    state = run.get("state_name") or run["state"] or "-"
+    took = f" {run['duration_s']} s" if duration else ""
+    return f"  {run['start'] or '-':32} {state:10} {run['flow']}/{run['name']}{where}{took}"
 
 
 # Stages that mark each finished tile under OUT/state/<stage>/ (a re-run skips those tiles).

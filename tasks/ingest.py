@@ -480,10 +480,16 @@ def write_tiles(
     plan = batches(tiles, len(times), len(MODALITY_VARIABLES[modality]), budget)
     infos = {t.id: _tile_info(t, days) for t in tiles}
     last_block = {t.id: b for batch in plan for t, b in batch}
+    logged: set[str] = set()  # a failed item is logged once, when it first fails
     for batch in track(plan, f"ingest {modality}", total=len(plan)):
         dates, results = read_batch(ws, modality, batch, days, io)
         batch_tiles = {t.id for t, _ in batch}
         for item, why in ((i, w) for r in results for i, w in r.failures):
+            if item not in logged:
+                logged.add(item)
+                run_logger("ingest").warning(
+                    kv("ingest.read_failed", modality=modality, item=item, reason=why)
+                )
             for t in batch_tiles:
                 infos[t]["read_failures"].append({"item": item, "reason": why})
         io.writer.submit(stage, key, batch, infos, last_block,

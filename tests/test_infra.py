@@ -93,8 +93,9 @@ def test_prefect_yaml_is_a_valid_deploy_file():
     names = [d.name for d in model.deployments]
     assert sorted(names) == ["daily-update", "demo", "map-production", "train"]
     assert {d.work_pool.name for d in model.deployments} == {"cpu", "gpu"}
-    pull = model.pull[0]["prefect.deployments.steps.set_working_directory"]
-    assert pull["directory"] == "{{ $PIVOTMAP_REPO }}"
+    # code from the installed package (module entrypoints); the pull step only picks the folder
+    assert model.pull == [{"pivotmap.flows.deploy.run_directory": {}}]
+    assert all(d.entrypoint.startswith("pivotmap.flows.deploy.") for d in model.deployments)
 
 
 @pytest.mark.parametrize("name", ["daily-update", "train", "map-production", "demo"])

@@ -96,7 +96,7 @@ def _period():
     return dt.date(2017, 8, 1), dt.date(2017, 9, 30)
 
 
-def test_corrupt_or_missing_cog_skips_that_item_and_names_it(catalogue, tmp_path):
+def test_corrupt_or_missing_cog_skips_that_item_and_names_it(catalogue, tmp_path, capfd):
     s2_dir = catalogue / "sentinel-2-l2a"
     corrupt, missing = "S2X_31UDS_20170814_0_L2A", "S2X_31UDS_20170903_0_L2A"
     (s2_dir / corrupt / "B04.tif").write_bytes(b"II*\x00 this is not a COG")
@@ -106,6 +106,8 @@ def test_corrupt_or_missing_cog_skips_that_item_and_names_it(catalogue, tmp_path
     assert set(reasons) == {corrupt, missing}
     assert all(r.startswith("cannot read COG") for r in reasons.values())
     assert summary.tiles_written[0]["read_failures"]
+    failed = [line for line in capfd.readouterr().err.splitlines() if "ingest.read_failed" in line]
+    assert len(failed) == 2 and all(f"item={i}" in " ".join(failed) for i in (corrupt, missing))
     obs = _obs(tmp_path / "out", "s2")
     assert obs.B04.sel(time="2017-08-14").isnull().all()
     others = obs.B04.drop_sel(time=[np.datetime64("2017-08-14"), np.datetime64("2017-09-03")])

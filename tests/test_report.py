@@ -66,7 +66,7 @@ def test_tile_status_says_what_was_written_and_why_the_rest_was_skipped():
         "skipped",
         "already done with the same inputs (cache key k-s2)",
     )
-    assert tile_status_rows([])[0]["reason"] == "no tile processed"
+    assert tile_status_rows([]) == []
 
 
 def test_quality_page_shows_the_failures_and_the_verdict(ws):
@@ -93,6 +93,33 @@ def test_operations_section_links_quality_pages_and_products(ws, tmp_path):
     assert "| pivot | T2 | skipped |" in text
     assert f"({(tmp_path / 'reports' / 'quality-pivot-cube.html').as_uri()})" in text
     assert "FAILED" in text and "file:///x/mosaic.vrt" in text
+    assert "| ingest-s2 | 2 | 0 | 2 | 0 | 0 |" in text and "| pivot | 2 | 1 | 1 | 0 | 0 |" in text
+
+
+def test_product_links_are_urls_under_the_public_base_url(tmp_path):
+    from pivotmap.flows.report import product_url
+
+    raw = demo_config_dict()
+    raw["publish"] = {**raw.get("publish", {}), "base_url": "https://maps.example.org/landcover"}
+    ws = Workspace.open(RunConfig.model_validate(raw), tmp_path)
+    products = ws.products_url
+    summary = ProduceResult(
+        config="demo", config_hash="h", period="2023-01-01/2023-12-31", tiles=2,
+        items_used={"s2": 4}, items_skipped={"s2": 1}, cube="/x/cube/pivot.zarr",
+        cube_version="abc123", map=f"{products}/m1-cabc123/mosaic_class.vrt",
+        quicklook=f"{products}/m1-cabc123/quicklook.png", stac_catalog=f"{products}/catalog.json",
+        product_version="m1-cabc123",
+        mlflow={"tracking_uri": "sqlite:///x", "model": "m", "model_version": "1", "run_id": "r"},
+        duration_s=1.0,
+    )  # fmt: skip
+    text = operations_markdown(ws, summary, STAGES)
+    base = "https://maps.example.org/landcover"
+    assert (
+        f"- map: [{base}/m1-cabc123/mosaic_class.vrt]({base}/m1-cabc123/mosaic_class.vrt)" in text
+    )
+    assert f"({base}/catalog.json)" in text and f"({base}/m1-cabc123/quicklook.png)" in text
+    assert "file://" not in text.split("## Products")[1]
+    assert product_url(ws, "/elsewhere/x.tif") == "file:///elsewhere/x.tif"  # not a product
 
 
 def test_train_markdown_names_the_model_and_its_scores():
@@ -183,3 +210,40 @@ def test_run_report_names_the_model_that_made_the_map_and_the_one_scored():
     assert "`pivotmap promote 2 --config FILE --out DIR`" in kept
     promoted = run_report_markdown(_produce(trained="2", used="2"))
     assert "Scores of `pivotmap-demo` v2" in promoted and "not with" not in promoted
+
+
+def test_per_class_f1_is_labelled_by_class_name(tmp_path):
+    import yaml
+
+    from pivotmap.flows.report import class_names, run_report_markdown
+    from pivotmap.tasks.synthetic import _nomenclature_dict
+
+    legend = tmp_path / "nomenclature.yaml"
+    legend.write_text(yaml.safe_dump(_nomenclature_dict(42), sort_keys=False))
+    raw = demo_config_dict()
+    raw["labels"]["nomenclature"] = str(legend)
+    ws = Workspace.open(RunConfig.model_validate(raw), tmp_path / "out")
+    names = class_names(ws, STAGES)  # no publish result here: the run's nomenclature
+    first = _nomenclature_dict(42)["classes"][0]
+    assert names[str(first["code"])] == first["name"]
+    text = run_report_markdown(_produce(trained="1", used="1"), names)
+    assert f"| {names['1']} | 1 | 0.800 |" in text
+    assert "| class 1 | 1 | 0.800 |" in run_report_markdown(_produce("1", "1"))  # no legend
+
+
+def test_report_images_resolve_beside_the_file_and_inside_the_artifact(ws):
+    import base64
+
+    from pivotmap.flows.report import data_uri, run_report_markdown
+
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
+    plot = ws.write_report_file("explanations.png", png)
+    run = _produce("1", "1").model_copy(update={"explanations": {
+        "plot": plot, "method": "integrated gradients", "dominant_variable_per_class": {},
+        "dominant_month_per_class": {},
+    }})  # fmt: skip
+    assert "![attributions](explanations.png)" in run_report_markdown(run)  # beside the .md
+    embedded = run_report_markdown(run, image=data_uri)
+    uri = embedded.split("![attributions](", 1)[1].split(")", 1)[0]
+    assert uri.startswith("data:image/png;base64,")
+    assert base64.b64decode(uri.split(",", 1)[1]) == png

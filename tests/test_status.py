@@ -174,3 +174,31 @@ def test_force_is_refused_where_there_is_nothing_to_redo(stage, tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 1 and f"--force does nothing for `{stage}`" in err and "drop --force" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_status_text_lists_recent_runs_first_and_scheduled_runs_below():
+    from pivotmap.flows.status import status_text
+
+    def run(name: str, state: str, start: str, deployment: str | None = None) -> dict:
+        return {"flow": "map-production", "name": name, "id": name, "deployment": deployment,
+                "state": state, "state_name": state.title(), "start": start, "duration_s": 1.0,
+                "subflow": False}  # fmt: skip
+
+    summary = {
+        "api": {"url": "http://127.0.0.1:1/api", "reachable": True, "message": "ok"},
+        "flow_runs": [run("ran", "COMPLETED", "2026-01-01T02:00:00+00:00", "map-production")],
+        "scheduled_runs": [run("next", "SCHEDULED", "2026-04-01T02:00:00+00:00", "map-production")],
+        "products": {"message": "no --out or --catalog"},
+    }
+    lines = status_text(summary).splitlines()
+    recent, scheduled = (
+        lines.index("Recent flow runs (1, newest first):"),
+        next(i for i, line in enumerate(lines) if line.startswith("Scheduled flow runs (1")),
+    )
+    assert recent < scheduled
+    assert "map-production/ran [map-production] 1.0 s" in lines[recent + 1]
+    assert (
+        "2026-04-01T02:00:00+00:00" in lines[scheduled + 1] and "Scheduled" in lines[scheduled + 1]
+    )
+    empty = status_text({**summary, "flow_runs": [], "scheduled_runs": []})
+    assert "Recent flow runs (0, newest first):\n  none\nScheduled flow runs (0" in empty

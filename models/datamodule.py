@@ -22,7 +22,7 @@ from pivotmap.tasks import storage
 from pivotmap.tasks.cube import decode_codes
 
 if TYPE_CHECKING:
-    from pivotmap.config import RunConfig
+    from pivotmap.config import RunConfig, TrainConfig
     from pivotmap.tasks.workspace import Workspace
 
 
@@ -271,3 +271,52 @@ def fit_table_normalisation(table: Table, rows: np.ndarray, spec: ModelSpec) -> 
             values = table.decoded((name,), rows)
             mean[name], std[name] = channel_statistics(values)
     return ModelSpec(**{**spec.to_dict(), "norm_mean": mean, "norm_std": std})
+
+
+# ---------------------------------------------------------------------------- augmentation
+@dataclass(frozen=True)
+class Augment:
+    """Calendar augmentation of a training batch of network inputs [n, T, C']: each pixel's
+    season shifted by up to ±`shift_steps` steps and stretched by a factor in 1 ± `stretch`
+    (its day-of-year channels stay, so the network sees the same pattern at other dates), then
+    a share `dropout` of its dates dropped per modality (value 0, age 1: as never observed)."""
+
+    shift_steps: float
+    stretch: float
+    dropout: float
+    s2_width: int  # S2 bands + age_s2 come first, then S1 bands + age_s1, then sin/cos doy
+    s1_width: int
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        n, t, _ = x.shape
+        out = np.array(x, dtype=np.float32, copy=True)
+        series = self.s2_width + self.s1_width
+        if self.shift_steps or self.stretch:
+            shift = rng.uniform(-self.shift_steps, self.shift_steps, (n, 1))
+            factor = 1 + rng.uniform(-self.stretch, self.stretch, (n, 1))
+            centre = (t - 1) / 2
+            source = centre + (np.arange(t)[None, :] - centre) / factor - shift
+            source = np.clip(np.rint(source), 0, t - 1).astype(np.int64)
+            out[:, :, :series] = x[np.arange(n)[:, None], source, :series]
+        if self.dropout:
+            for start, width in ((0, self.s2_width), (self.s2_width, self.s1_width)):
+                if width < 2:
+                    continue
+                dropped = rng.random((n, t)) < self.dropout
+                bands = out[:, :, start : start + width - 1]
+                bands[dropped] = 0.0
+                out[:, :, start + width - 1][dropped] = 1.0
+        return out
+
+
+def augmentation(tc: TrainConfig, spec: ModelSpec) -> Augment | None:
+    """The configured training augmentation (`train.augment_*`), or None when it is off."""
+    if not (tc.augment_shift_days or tc.augment_stretch or tc.augment_dropout):
+        return None
+    return Augment(
+        shift_steps=tc.augment_shift_days / spec.step_days,
+        stretch=tc.augment_stretch,
+        dropout=tc.augment_dropout,
+        s2_width=len(spec.s2_channels),
+        s1_width=len(spec.s1_channels),
+    )

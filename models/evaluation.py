@@ -11,20 +11,29 @@ import numpy as np
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[int, ...]) -> dict:
-    """Overall accuracy, macro-F1, Cohen's kappa, per-class F1 and the confusion matrix."""
+    """Overall accuracy, macro-F1, Cohen's kappa, per-class F1 and the confusion matrix.
+
+    Macro-F1 averages the classes present in the reference (`y_true`) only: a class of the
+    model that the reference lacks (another region or year without it) is listed under
+    `classes_absent`, and the pixels predicted as such a class under `predicted_absent`
+    ({code: pixels}), instead of a silent 0 in the average. Its per-class F1 stays 0."""
     from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, f1_score
 
     labels = list(classes)
+    present = [c for c in labels if np.any(y_true == c)] or labels
+    absent = [c for c in labels if c not in present]
     per_class = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
     return {
         "overall_accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(
-            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+            f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
         ),
         "kappa": float(cohen_kappa_score(y_true, y_pred, labels=labels)),
         "per_class_f1": {str(c): float(f) for c, f in zip(labels, per_class, strict=True)},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "n_test_pixels": int(len(y_true)),
+        "classes_absent": absent,
+        "predicted_absent": {str(c): int(np.sum(y_pred == c)) for c in absent},
     }
 
 

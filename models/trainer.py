@@ -7,7 +7,8 @@ autocast where the stage runs on a GPU, elsewhere the CPU):
    (never from held-out blocks) — `models/datamodule.py`;
 2. optionally pretrain the encoders by masked reconstruction on the unlabelled pixels;
 3. train the classifier (from the pretrained encoders when there are some);
-4. a random forest on temporal features of the same pixels and split (the baseline);
+4. the baseline: trees on calendar-free (or date-indexed) features of the same pixels and
+   split (`train.baseline_features`, `train.baseline_model`);
 5. optionally distil a smaller student, and align the encoder with class descriptions (text);
 6. log everything to MLflow, register the model (and the student) and move @champion only when
    the candidate wins on the same held-out data.
@@ -29,6 +30,7 @@ from pivotmap import __version__
 from pivotmap.models.datamodule import (
     TrainingData,
     TrainingDataError,
+    augmentation,
     prepare_data,
     read_tables,
     samples_of,
@@ -105,38 +107,59 @@ def train_classifier(
         device=device,
         init_state=init_state,
         init_lr_scale=tc.pretrain_lr_scale,
+        augment=augmentation(tc, data.spec),
     )
 
 
 def random_forest_baseline(data: TrainingData, tc: TrainConfig) -> dict:
-    """The random forest on temporal features, same pixels and split; its scores."""
-    from pivotmap.models.baseline import fit_random_forest
-
+    """The baseline (`train.baseline_model` on `train.baseline_features`), same pixels and
+    split; its scores."""
     started = time.monotonic()
-    features = baseline_features(data, tc.baseline_every)
-    forest = fit_random_forest(
-        features[data.train_idx], data.codes[data.train_idx], trees=tc.baseline_trees, seed=tc.seed
-    )
-    predicted = forest.predict(features[data.is_test])
+    features = baseline_features(data, tc)
+    model = fit_baseline(features[data.train_idx], data.codes[data.train_idx], tc)
+    predicted = model.predict(features[data.is_test])
     scores = metrics(data.codes[data.is_test], predicted, data.spec.classes)
     return {
         **scores,
-        "model": f"RandomForestClassifier({tc.baseline_trees} trees, class-balanced)",
+        "model": baseline_name(tc),
         "features": int(features.shape[1]),
         "duration_s": round(time.monotonic() - started, 2),
     }
 
 
-def baseline_features(data: TrainingData, every: int, chunk: int = 20_000) -> np.ndarray:
-    """The random forest's features of every labelled pixel, decoded `chunk` pixels at a time."""
-    from pivotmap.models.baseline import temporal_features
+def baseline_name(tc: TrainConfig) -> str:
+    """What the run summary calls the configured baseline."""
+    if tc.baseline_model == "gradient_boosting":
+        trees = f"HistGradientBoostingClassifier({tc.baseline_trees} rounds, class-balanced)"
+    else:
+        trees = f"RandomForestClassifier({tc.baseline_trees} trees, class-balanced)"
+    return f"{trees} on {tc.baseline_features} features"
+
+
+def fit_baseline(features: np.ndarray, codes: np.ndarray, tc: TrainConfig):
+    """The configured baseline's trees, fitted (a scikit-learn classifier)."""
+    from pivotmap.models.baseline import fit_gradient_boosting, fit_random_forest
+
+    fit = fit_gradient_boosting if tc.baseline_model == "gradient_boosting" else fit_random_forest
+    return fit(features, codes, trees=tc.baseline_trees, seed=tc.seed)
+
+
+def baseline_features(data: TrainingData, tc: TrainConfig, chunk: int = 20_000) -> np.ndarray:
+    """The baseline's features (`train.baseline_features`) of every labelled pixel, decoded
+    `chunk` pixels at a time (memory bounded by the chunk, not the table)."""
+    from pivotmap.models.baseline import percentile_features, temporal_features
 
     names = data.spec.channels[:-2]
+
+    def features(series: np.ndarray) -> np.ndarray:
+        if tc.baseline_features == "temporal":
+            return temporal_features(series, names, tc.baseline_every)
+        return percentile_features(series, names)
+
     parts = [
-        temporal_features(data.series(np.arange(start, min(start + chunk, len(data.x)))), names,
-                          every)
+        features(data.series(np.arange(start, min(start + chunk, len(data.x)))))
         for start in range(0, max(len(data.x), 1), chunk)
-    ]  # fmt: skip
+    ]
     return np.concatenate(parts)
 
 

@@ -167,10 +167,12 @@ def fit(
     device: str = "cpu",
     init_state: dict[str, torch.Tensor] | None = None,
     init_lr_scale: float = 1.0,
+    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
 ) -> FitResult:
     """Train a network on [N, T, C] inputs and class indices with a class-balanced loss;
     `init_state` (e.g. a pretrained encoder) initialises the matching weights, which then
-    learn at `init_lr_scale` times the learning rate."""
+    learn at `init_lr_scale` times the learning rate. `augment(batch, rng)` transforms each
+    training batch (e.g. `datamodule.Augment`), seeded by `seed`."""
     torch.manual_seed(seed)
     model = build_model(spec)
     if init_state:
@@ -181,8 +183,14 @@ def fit(
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(y_idx, len(spec.classes)).to(device))
     yt = torch.from_numpy(y_idx.astype(np.int64))
 
+    rng = np.random.default_rng([seed, 15])
+
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        return loss_fn(model(take(x, idx).to(device)).float(), yt[idx].to(device))
+        if augment is None:
+            xb = take(x, idx)
+        else:
+            xb = torch.from_numpy(np.ascontiguousarray(augment(x[idx.numpy()], rng)))
+        return loss_fn(model(xb.to(device)).float(), yt[idx].to(device))
 
     losses = optimise(
         model,

@@ -434,10 +434,49 @@ class TrainConfig(_Frozen):
         description="Pretrain and distil on at most this many pixels outside held-out blocks.",
     )
     baseline_trees: int = Field(
-        default=200, ge=0, description="Random-forest baseline size; 0 = no baseline."
+        default=200,
+        ge=0,
+        description="Baseline size (forest trees or boosting rounds); 0 = no baseline.",
     )
     baseline_every: int = Field(
-        default=2, ge=1, description="Random-forest features every this many network time steps."
+        default=2,
+        ge=1,
+        description="Temporal baseline features every this many network time steps.",
+    )
+    baseline_features: Literal["percentiles", "temporal"] = Field(
+        default="percentiles",
+        description="The baseline's features: 'percentiles' (calendar-free: percentiles, mean "
+        "and std of each band's and index's clear observations; transfers to other places and "
+        "years) or 'temporal' (the gap-filled bands every `baseline_every` steps: date-indexed; "
+        "better where the other region grows crop types the training region lacks, "
+        "`tests/benchmarks/bench_transfer.py --scenario unseen`).",
+    )
+    baseline_model: Literal["random_forest", "gradient_boosting"] = Field(
+        default="random_forest",
+        description="The baseline's trees: a class-balanced random forest of `baseline_trees` "
+        "trees, or histogram gradient boosting with `baseline_trees` rounds.",
+    )
+    augment_shift_days: int = Field(
+        default=0,
+        ge=0,
+        le=120,
+        description="Training augmentation: shift each pixel's season by a random number of "
+        "days in ±this (the day of year stays), so the network does not learn the calendar; "
+        "0 = off (the default: on the transfer benchmark it did not reliably help).",
+    )
+    augment_stretch: float = Field(
+        default=0.0,
+        ge=0,
+        le=0.5,
+        description="Training augmentation: stretch each pixel's season by a random factor in "
+        "1 ± this; 0 = off.",
+    )
+    augment_dropout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Training augmentation: drop this share of each pixel's dates (as if not "
+        "observed: value 0, age at the cap); 0 = off.",
     )
     distill_epochs: int = Field(
         default=0, ge=0, description="Distil a smaller student for this many epochs; 0 = none."

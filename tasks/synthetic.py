@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -34,7 +34,19 @@ RESOLUTION = 10.0
 ORIGIN = (500000.0, 5630000.0)  # lower-left corner of the region, on the km grid of UTM 31N
 MGRS_TILE = "31UDS"  # the MGRS square that holds the origin (as the real Flanders sample)
 S2_TIME = time(10, 56, 51)  # Sentinel-2 relative orbit 51 crosses Flanders at about 10:56 UTC
-S1_TRACKS = ((161, time(17, 40, 44)), (59, time(17, 32, 17)))  # two ascending tracks alternate
+
+
+class S1Track(NamedTuple):
+    """One Sentinel-1 relative orbit over the region: its crossing time and how its incidence
+    angle offsets the backscatter (dB); the tracks of a region alternate date by date."""
+
+    orbit: int
+    clock: time
+    incidence_db: float
+    state: str = "ascending"
+
+
+S1_TRACKS = (S1Track(161, time(17, 40, 44), -0.4), S1Track(59, time(17, 32, 17), 0.4))
 S2_STEP_DAYS = 5
 S1_STEP_DAYS = 6
 PARCEL_CELL_PX = 16  # one Voronoi seed per 16x16 px cell: parcels of ~2.5 ha, 64 in the default
@@ -166,6 +178,108 @@ _CLASS_WEIGHTS = (0.24, 0.18, 0.26, 0.12, 0.10, 0.10)  # share of parcels beyond
 
 
 @dataclass(frozen=True)
+class _SubType:
+    """Another kind of parcel inside a class (same label): its own phenology."""
+
+    name: str
+    green: tuple[tuple[int, float], ...]
+    mowing: bool
+
+
+# The second sub-type of a class; `subtype_shares` says which share of its parcels have it.
+SUBTYPES = {
+    1: _SubType(
+        "Spring cereals (sown in March, green from April to July, harvested in August)",
+        ((0, 0.05), (75, 0.05), (100, 0.2), (130, 0.6), (160, 0.9), (185, 0.85), (205, 0.5),
+         (220, 0.05), (365, 0.05)),
+        mowing=False,
+    ),
+    2: _SubType(
+        "Late-sown maize (green from July, harvested in late September)",
+        ((0, 0.05), (165, 0.05), (185, 0.1), (205, 0.4), (225, 0.8), (245, 0.9), (262, 0.7),
+         (272, 0.4), (278, 0.05), (365, 0.05)),
+        mowing=False,
+    ),
+    3: _SubType(
+        "Grazed pasture (never mown, a lower and steadier green cover)",
+        ((0, 0.5), (90, 0.58), (140, 0.72), (240, 0.68), (300, 0.62), (365, 0.5)),
+        mowing=False,
+    ),
+}  # fmt: skip
+_DROUGHT_SENSITIVITY = (1.0, 1.0, 1.0, 0.2, 0.0, 0.0)  # per class: crops and grass dry out
+DROUGHT_DEPTH = 0.55  # green cover lost at the height of a full drought (drought=1)
+DROUGHT_PEAK_DOY, DROUGHT_WIDTH_DAYS = 200, 45  # a summer drought: most severe in mid-July
+SEASON_CENTRE_DOY = 182  # `phenology_stretch` lengthens or shortens the season around it
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """How a region and year differ from the demo's: the calendar of the vegetation, a
+    drought, the mix of classes and sub-types, the cloud regime and the S1 orbits.
+
+    The defaults are the demo's own (same bytes as before these options existed)."""
+
+    phenology_shift_days: float = 0.0  # the whole season later (+) or earlier (-)
+    phenology_stretch: float = 1.0  # > 1: a longer season (around SEASON_CENTRE_DOY)
+    parcel_jitter_days: float = 7.0  # std of each parcel's own delay (sowing date, variety)
+    drought: float = 0.0  # 0..1: summer loss of green cover of crops and grass
+    class_weights: tuple[float, ...] = _CLASS_WEIGHTS  # share of each class among parcels
+    subtype_shares: tuple[tuple[int, float], ...] = ()  # (class code, share of SUBTYPES[code])
+    clear_probability: float = 0.45  # share of cloud-free acquisitions
+    overcast_probability: float = 0.12  # share of fully overcast acquisitions
+    s1_tracks: tuple[S1Track, ...] = S1_TRACKS
+
+    def __post_init__(self) -> None:
+        checks = {
+            "phenology_stretch": 0.5 <= self.phenology_stretch <= 2.0,
+            "parcel_jitter_days": 0 <= self.parcel_jitter_days <= 60,
+            "drought": 0 <= self.drought <= 1,
+            "class_weights": len(self.class_weights) == len(CLASSES)
+            and min(self.class_weights) >= 0
+            and sum(self.class_weights) > 0,
+            "subtype_shares": all(
+                code in SUBTYPES and 0 <= share <= 1 for code, share in self.subtype_shares
+            ),
+            "clear_probability + overcast_probability": 0 <= self.clear_probability
+            and 0 <= self.overcast_probability
+            and self.clear_probability + self.overcast_probability <= 1,
+            "s1_tracks": len(self.s1_tracks) >= 1
+            and all(t.state in ("ascending", "descending") for t in self.s1_tracks),
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"generate_demo_region: {', '.join(bad)} out of range ({self}); see Conditions: "
+                "stretch 0.5..2, jitter 0..60 days, drought 0..1, one non-negative weight per "
+                f"class, sub-type shares 0..1 for classes {sorted(SUBTYPES)}, cloud "
+                "probabilities summing to at most 1, at least one S1 track (ascending or "
+                "descending)"
+            )
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """Class weights as probabilities."""
+        if self.class_weights == _CLASS_WEIGHTS:
+            return _CLASS_WEIGHTS  # the demo's draws, bit for bit
+        total = sum(self.class_weights)
+        return tuple(w / total for w in self.class_weights)
+
+    def season_day(self, doy: int) -> float:
+        """The day of the class curves that calendar day `doy` of this year shows."""
+        if self.phenology_shift_days == 0 and self.phenology_stretch == 1:
+            return doy
+        centre = SEASON_CENTRE_DOY + self.phenology_shift_days
+        return SEASON_CENTRE_DOY + (doy - centre) / self.phenology_stretch
+
+    def drought_loss(self, doy: int) -> float:
+        """Share of green cover a fully sensitive class loses on day `doy`."""
+        if not self.drought:
+            return 0.0
+        z = (doy - DROUGHT_PEAK_DOY) / DROUGHT_WIDTH_DAYS
+        return self.drought * DROUGHT_DEPTH * math.exp(-(z**2))
+
+
+@dataclass(frozen=True)
 class DemoRegion:
     """Where a generated demo region lies on disk and on the ground."""
 
@@ -196,12 +310,14 @@ class _Scene:
     truth: np.ndarray  # (P,) class code shown by the imagery
     known: np.ndarray  # (P,) False where the label file says 0 (unknown)
     shift: np.ndarray  # (P,) phenology delay in days (sowing date, variety)
+    subtype: np.ndarray  # (P,) True where the parcel is its class's second sub-type (SUBTYPES)
     amp: np.ndarray  # (P,) scale of the green fraction (crop vigour)
     cuts: np.ndarray  # (P, 4) mowing days of year, far future where none
     background: np.ndarray  # (10, H, W) reflectance without canopy
     canopy: np.ndarray  # (10, H, W) reflectance of full canopy
     vigour: np.ndarray  # (H, W) within-parcel factor on the green fraction
     texture_db: np.ndarray  # (2, H, W) static within-parcel backscatter variation
+    conditions: Conditions = Conditions()
 
     @property
     def labels(self) -> np.ndarray:
@@ -222,6 +338,7 @@ class _Layout:
     height: int
     width: int
     seed: int
+    conditions: Conditions = Conditions()
 
     @property
     def bbox(self) -> tuple[float, float, float, float]:
@@ -256,12 +373,54 @@ def generate_demo_region(
     tile_size: int = 64,
     start: str = "2023-01-01",
     end: str = "2023-12-31",
+    phenology_shift_days: float = 0.0,
+    phenology_stretch: float = 1.0,
+    parcel_jitter_days: float = 7.0,
+    drought: float = 0.0,
+    class_weights: Sequence[float] | None = None,
+    subtype_shares: Mapping[int, float] | None = None,
+    clear_probability: float = 0.45,
+    overcast_probability: float = 0.12,
+    s1_tracks: Sequence[S1Track] | None = None,
 ) -> DemoRegion:
-    """Write a seeded synthetic S1/S2 static STAC catalogue with labels; same seed, same bytes."""
+    """Write a seeded synthetic S1/S2 static STAC catalogue with labels; same seed, same bytes.
+
+    The keyword options after `end` make another place or year (issue 15); their defaults give
+    the demo region unchanged:
+
+    - `phenology_shift_days`, `phenology_stretch`: every class's season `shift` days later and
+      `stretch` times longer (around day SEASON_CENTRE_DOY); `parcel_jitter_days`: the spread of
+      each parcel's own delay (sowing dates, varieties);
+    - `drought` (0..1): crops and grassland lose up to DROUGHT_DEPTH of their green cover in
+      summer (a lower, shorter peak; forest a little);
+    - `class_weights`: the share of each class among parcels (CLASSES order);
+      `subtype_shares`: {class code: share of its parcels that are SUBTYPES[code]} (spring
+      cereals among winter cereals, late maize, grazed pasture among meadows);
+    - `clear_probability`, `overcast_probability`: the cloud regime (share of clear and of fully
+      overcast S2 acquisitions; the rest are partly cloudy);
+    - `s1_tracks`: the S1 relative orbits, alternating date by date (`S1Track`: orbit number,
+      time, incidence offset in dB, ascending or descending).
+    """
+    conditions = Conditions(
+        phenology_shift_days=float(phenology_shift_days),
+        phenology_stretch=float(phenology_stretch),
+        parcel_jitter_days=float(parcel_jitter_days),
+        drought=float(drought),
+        class_weights=_CLASS_WEIGHTS if class_weights is None else tuple(class_weights),
+        subtype_shares=tuple(sorted((subtype_shares or {}).items())),
+        clear_probability=float(clear_probability),
+        overcast_probability=float(overcast_probability),
+        s1_tracks=S1_TRACKS if s1_tracks is None else tuple(S1Track(*t) for t in s1_tracks),
+    )
     first, last = _check_arguments(tiles_x, tiles_y, tile_size, start, end)
-    layout = _Layout(Path(out_dir).resolve(), tiles_y * tile_size, tiles_x * tile_size, seed)
+    layout = _Layout(
+        Path(out_dir).resolve(), tiles_y * tile_size, tiles_x * tile_size, seed, conditions
+    )
     _prepare_out_dir(layout.out_dir)
-    scene = _make_scene(np.random.default_rng([seed, 0]), layout.height, layout.width)
+    scene = _make_scene(
+        np.random.default_rng([seed, 0]), layout.height, layout.width, conditions,
+        np.random.default_rng([seed, 3]),
+    )  # fmt: skip
     s2_dates = _dates(first, last, S2_STEP_DAYS)
     s1_dates = _dates(first, last, S1_STEP_DAYS)
     _write_readme(layout, scene, len(s2_dates), len(s1_dates))
@@ -323,13 +482,25 @@ def _dates(first: date, last: date, step: int) -> list[date]:
 # Ground truth
 
 
-def _make_scene(rng: np.random.Generator, height: int, width: int) -> _Scene:
-    """Draw parcels, their classes and all static variation from one generator."""
+def _make_scene(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    conditions: Conditions | None = None,
+    subtype_rng: np.random.Generator | None = None,
+) -> _Scene:
+    """Draw parcels, their classes and all static variation from one generator (sub-types
+    from a second one, so that the demo's draws stay as they were)."""
+    conditions = conditions or Conditions()
     parcels = _voronoi_parcels(rng, height, width)
     n = int(parcels.max()) + 1
-    truth, known = _assign_classes(rng, n)
+    truth, known = _assign_classes(rng, n, conditions.weights)
+    shares = dict(conditions.subtype_shares)
+    draws = (subtype_rng or np.random.default_rng(0)).random(n)
+    subtype = draws < np.array([shares.get(int(c), 0.0) for c in truth])
     cuts = np.sort(rng.normal((135, 175, 215, 255), 8, size=(n, 4)), axis=1)
     mown = np.array([CLASSES[c - 1].mowing for c in truth])
+    mown[subtype] = [SUBTYPES[int(c)].mowing for c in truth[subtype]]
     cuts[~mown] = 1e6
     cuts[rng.random((n, 4)) < 0.25] = 1e6  # not every meadow is cut four times
     brightness = rng.uniform(0.8, 1.2, n)[parcels]
@@ -343,11 +514,19 @@ def _make_scene(rng: np.random.Generator, height: int, width: int) -> _Scene:
     canopy = np.moveaxis(spectra[1][truth[parcels] - 1], -1, 0) * rng.uniform(0.9, 1.1, n)[parcels]
     return _Scene(
         parcels=parcels, truth=truth, known=known,
-        shift=np.clip(rng.normal(0, 7, n), -15, 15), amp=rng.uniform(0.85, 1.08, n), cuts=cuts,
+        shift=_parcel_shift(rng.normal(0, 7, n), conditions.parcel_jitter_days), subtype=subtype,
+        amp=rng.uniform(0.85, 1.08, n), cuts=cuts,
         background=background, canopy=canopy * texture,
         vigour=1 + 0.06 * _smooth_field(rng, (height, width), 3),
-        texture_db=0.6 * rng.standard_normal((2, height, width)),
+        texture_db=0.6 * rng.standard_normal((2, height, width)), conditions=conditions,
     )  # fmt: skip
+
+
+def _parcel_shift(draws: np.ndarray, jitter_days: float) -> np.ndarray:
+    """Per-parcel delays of spread `jitter_days` from N(0, 7) draws, clipped at ~2.1 std
+    (±15 days at the demo's 7)."""
+    scale = jitter_days / 7
+    return np.clip(draws * scale, -15 * scale, 15 * scale)
 
 
 def _voronoi_parcels(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -380,16 +559,18 @@ def _voronoi_parcels(rng: np.random.Generator, height: int, width: int) -> np.nd
     return parcels
 
 
-def _assign_classes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _assign_classes(
+    rng: np.random.Generator, n: int, weights: tuple[float, ...] = _CLASS_WEIGHTS
+) -> tuple[np.ndarray, np.ndarray]:
     """Class code per parcel with every class labelled at least once when n allows it."""
     codes = np.array([c.code for c in CLASSES])
     n_unknown = max(1, round(0.06 * n)) if n >= len(codes) + 2 else 0
     n_known = n - n_unknown
     guaranteed = rng.permutation(codes)[: min(len(codes), n_known)]
     known_codes = np.concatenate(
-        [guaranteed, rng.choice(codes, size=n_known - len(guaranteed), p=_CLASS_WEIGHTS)]
+        [guaranteed, rng.choice(codes, size=n_known - len(guaranteed), p=weights)]
     )
-    truth = np.concatenate([known_codes, rng.choice(codes, size=n_unknown, p=_CLASS_WEIGHTS)])
+    truth = np.concatenate([known_codes, rng.choice(codes, size=n_unknown, p=weights)])
     known = np.arange(n) < n_known
     order = rng.permutation(n)
     return truth[order].astype(np.int64), known[order]
@@ -408,15 +589,26 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float
 def _green_fraction(scene: _Scene, day: date) -> np.ndarray:
     """Per-pixel green canopy fraction on `day` from each parcel's class phenology."""
     doy = day.timetuple().tm_yday
+    conditions = scene.conditions
+    season = conditions.season_day(doy)  # the day of the class curves this date shows
     per_parcel = np.zeros(scene.truth.shape)
     for model in CLASSES:
-        sel = scene.truth == model.code
-        knot_days, knot_values = zip(*model.green, strict=True)
-        per_parcel[sel] = np.interp((doy - scene.shift[sel]) % 365, knot_days, knot_values)
-    since_cut = doy - scene.cuts
+        kinds = [(scene.truth == model.code) & ~scene.subtype, None]
+        if model.code in SUBTYPES:
+            kinds[1] = (scene.truth == model.code) & scene.subtype
+        for sel, curve in zip(kinds, (model.green, SUBTYPES.get(model.code)), strict=True):
+            if sel is None or curve is None or not sel.any():
+                continue
+            knots = curve if isinstance(curve, tuple) else curve.green
+            knot_days, knot_values = zip(*knots, strict=True)
+            per_parcel[sel] = np.interp((season - scene.shift[sel]) % 365, knot_days, knot_values)
+    since_cut = season - scene.cuts
     # a cut removes most green biomass, which regrows in a few weeks
     dip = np.where(since_cut >= 0, 0.65 * np.exp(-np.maximum(since_cut, 0) / 20), 0.0)
     per_parcel *= np.prod(1 - dip, axis=1) * scene.amp
+    loss = conditions.drought_loss(doy)
+    if loss:
+        per_parcel *= 1 - loss * np.asarray(_DROUGHT_SENSITIVITY)[scene.truth - 1]
     return np.clip(per_parcel[scene.parcels] * scene.vigour, 0, 1)
 
 
@@ -451,7 +643,7 @@ def _simulate_s2(
     surface = scene.background * (1 - green) + scene.canopy * green
     surface = surface + rng.normal(0, 0.004 + 0.02 * surface)  # sensor and BRDF noise
     surface[0] += rng.uniform(0, 0.01)  # residual haze after atmospheric correction
-    cloud, cirrus, shadow = _cloud_layers(rng, surface.shape[1:], sun_az, sun_el)
+    cloud, cirrus, shadow = _cloud_layers(rng, surface.shape[1:], sun_az, sun_el, scene.conditions)
     observed = _through_atmosphere(surface, cloud, cirrus, shadow)
     layers_20m = (_block_mean(a) for a in (surface, cloud, cirrus, shadow))
     scl = _scene_classification(rng, *layers_20m)
@@ -460,13 +652,19 @@ def _simulate_s2(
 
 
 def _cloud_layers(
-    rng: np.random.Generator, shape: tuple[int, int], sun_az: float, sun_el: float
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    sun_az: float,
+    sun_el: float,
+    conditions: Conditions | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cloud opacity, cirrus depth and shadow strength (0..1 each) at 10 m for one date."""
+    conditions = conditions or Conditions()
+    clear, overcast = conditions.clear_probability, 1 - conditions.overcast_probability
     m = SHADOW_MARGIN_PX
     big = (shape[0] + 2 * m, shape[1] + 2 * m)
     regime = rng.random()
-    cover = 0.0 if regime < 0.45 else 1.0 if regime > 0.88 else rng.uniform(0.05, 0.6)
+    cover = 0.0 if regime < clear else 1.0 if regime > overcast else rng.uniform(0.05, 0.6)
     field = _smooth_field(rng, big, rng.uniform(5, 15))
     if cover >= 1:
         opacity = np.clip(0.9 + 0.1 * field, 0.75, 1.0)
@@ -634,11 +832,12 @@ def _sun_angles(when: datetime, lon: float, lat: float) -> tuple[float, float]:
 def _s1_acquisition(layout: _Layout, scene: _Scene, index: int, day: date) -> pystac.Item:
     """Simulate, write and describe one Sentinel-1 RTC acquisition (linear power, 20 m)."""
     rng = np.random.default_rng([layout.seed, 1, day.toordinal()])
-    orbit, clock = S1_TRACKS[index % len(S1_TRACKS)]
-    when = datetime.combine(day, clock, tzinfo=UTC)
+    tracks = layout.conditions.s1_tracks
+    track = tracks[index % len(tracks)]
+    when = datetime.combine(day, track.clock, tzinfo=UTC)
     green = _green_fraction(scene, day)
     moisture, wind = rng.normal(0, 1.0), rng.uniform(0, 6)
-    incidence = 0.4 if index % 2 else -0.4  # the two tracks see the region at different angles
+    incidence = track.incidence_db  # each track sees the region at its own angle
     item_id = f"S1X_IW_GRDH_1SDV_{when:%Y%m%dT%H%M%S}_rtc"
     folder = layout.out_dir / "sentinel-1-rtc" / item_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -653,7 +852,7 @@ def _s1_acquisition(layout: _Layout, scene: _Scene, index: int, day: date) -> py
         data = _block_mean(speckled).astype(np.float32)  # 2x2 multilook to 20 m
         key = S1_ASSET_KEYS[pol]
         files[key] = _write_cog(folder / f"{key}.tif", data, layout.transform(20), -32768.0)
-    return _s1_item(layout, item_id, when, orbit, files)
+    return _s1_item(layout, item_id, when, track, files)
 
 
 _VV_TABLE = np.array([c.vv_db for c in CLASSES])
@@ -662,15 +861,17 @@ _MOISTURE = np.array([c.moisture for c in CLASSES])
 _WIND = np.array([c.wind for c in CLASSES])
 
 
-def _s1_item(layout: _Layout, item_id: str, when: datetime, orbit: int, files: dict) -> pystac.Item:
+def _s1_item(
+    layout: _Layout, item_id: str, when: datetime, track: S1Track, files: dict
+) -> pystac.Item:
     """Assemble the STAC item of one S1 acquisition in the Planetary Computer layout."""
     properties = {
         "platform": "SENTINEL-1", "constellation": "Sentinel-1",
         "sar:polarizations": ["VV", "VH"], "sar:instrument_mode": "IW",
         "sar:product_type": "GRD", "sar:frequency_band": "C", "sar:center_frequency": 5.405,
         "sar:observation_direction": "right", "sar:pixel_spacing_range": 20.0,
-        "sar:pixel_spacing_azimuth": 20.0, "sat:orbit_state": "ascending",
-        "sat:relative_orbit": orbit, "proj:epsg": EPSG, "proj:bbox": list(layout.bbox),
+        "sar:pixel_spacing_azimuth": 20.0, "sat:orbit_state": track.state,
+        "sat:relative_orbit": track.orbit, "proj:epsg": EPSG, "proj:bbox": list(layout.bbox),
         "proj:shape": [layout.height // 2, layout.width // 2],
         "proj:transform": list(layout.transform(20)), SYNTHETIC_KEY: True,
     }  # fmt: skip
@@ -934,7 +1135,23 @@ def _write_readme(layout: _Layout, scene: _Scene, n_s2: int, n_s1: int) -> None:
         bbox=f"[{x0}, {y0}, {x1}, {y1}]", height=layout.height, width=layout.width,
         n_s2=n_s2, n_s1=n_s1, unknown=counts[0], class_rows="\n".join(rows),
     )  # fmt: skip
+    changed = _changed_conditions(layout.conditions)
+    if changed:
+        text += "\n## Another place or year (options of `generate_demo_region`)\n\n" + changed
     (layout.out_dir / "README.md").write_text(text)
+
+
+def _changed_conditions(conditions: Conditions) -> str:
+    """Markdown lines naming the options that differ from the demo's defaults ('' if none)."""
+    from dataclasses import fields
+
+    default = Conditions()
+    lines = [
+        f"- `{f.name}`: {getattr(conditions, f.name)!r}"
+        for f in fields(Conditions)
+        if getattr(conditions, f.name) != getattr(default, f.name)
+    ]
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 _README = """{marker} (seed {seed}) — SYNTHETIC DATA

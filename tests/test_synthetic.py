@@ -300,3 +300,136 @@ def test_relative_output_folder_gives_readable_hrefs(tmp_path, monkeypatch) -> N
     item = next(catalog.get_items(recursive=True))
     href = item.assets[next(iter(item.assets))].get_absolute_href()
     assert Path(href).is_file(), href
+
+
+# ---------------------------------------------------------------------------------------------
+# Another place, another year (issue 15): each option changes what it says, nothing else.
+
+
+def _scene(**options):
+    from pivotmap.tasks.synthetic import Conditions, _make_scene
+
+    conditions = Conditions(**options)
+    rng, sub = np.random.default_rng([11, 0]), np.random.default_rng([11, 3])
+    return _make_scene(rng, 96, 96, conditions, sub)
+
+
+def _green_by_day(scene, days: range) -> np.ndarray:
+    """[days, parcels] green fraction per parcel (its first pixel), day by day of 2023."""
+    from datetime import date, timedelta
+
+    from pivotmap.tasks.synthetic import _green_fraction
+
+    first = np.unique(scene.parcels, return_index=True)[1]
+    start = date(2023, 1, 1)
+    return np.stack([_green_fraction(scene, start + timedelta(d - 1)).ravel()[first] for d in days])
+
+
+def test_default_conditions_keep_the_demo_scene() -> None:
+    plain, explicit = _scene(), _scene(phenology_shift_days=0, drought=0.0)
+    assert np.array_equal(plain.truth, explicit.truth) and not plain.subtype.any()
+    assert np.array_equal(_green_by_day(plain, range(1, 366, 30)),
+                          _green_by_day(explicit, range(1, 366, 30)))  # fmt: skip
+
+
+@pytest.mark.parametrize("shift", [-25, 30])
+def test_phenology_shift_moves_the_green_up_of_every_crop_parcel(shift: int) -> None:
+    base, moved = _scene(), _scene(phenology_shift_days=shift)
+    days = range(1, 366)
+    crops = np.isin(base.truth, (CEREALS, MAIZE))
+    assert crops.sum() >= 5
+    a, b = _green_by_day(base, days)[:, crops], _green_by_day(moved, days)[:, crops]
+    # the first day each crop parcel passes half its peak green cover, after the winter
+    spring = slice(40, 365)
+    up_a = np.argmax(a[spring] > 0.5 * a.max(0), axis=0)
+    up_b = np.argmax(b[spring] > 0.5 * b.max(0), axis=0)
+    assert np.all(np.abs(up_b - up_a - shift) <= 1), up_b - up_a
+
+
+def test_phenology_stretch_lengthens_the_season() -> None:
+    base, long = _scene(parcel_jitter_days=0), _scene(phenology_stretch=1.3, parcel_jitter_days=0)
+    maize = base.truth == MAIZE
+    green_days = [(_green_by_day(s, range(1, 366))[:, maize] > 0.5).sum(0) for s in (base, long)]
+    ratio = green_days[1] / green_days[0]
+    assert np.all((ratio > 1.2) & (ratio < 1.4)), ratio
+
+
+def test_drought_lowers_the_summer_peak_of_crops_and_grass_only() -> None:
+    base, dry = _scene(), _scene(drought=1.0)
+    summer, winter = range(180, 230, 5), range(1, 60, 5)
+    for code, lowered in ((MAIZE, True), (3, True), (BUILT_UP, False)):
+        sel = base.truth == code
+        peak_a = _green_by_day(base, summer)[:, sel].max(0)
+        peak_b = _green_by_day(dry, summer)[:, sel].max(0)
+        if lowered:
+            assert np.all(peak_b < 0.7 * peak_a), code
+        else:
+            assert np.allclose(peak_a, peak_b), code
+    assert np.allclose(_green_by_day(base, winter), _green_by_day(dry, winter), atol=0.02)
+
+
+def test_subtypes_and_class_weights_change_the_mix() -> None:
+    mixed = _scene(subtype_shares={CEREALS: 0.7, 3: 0.5}.items())
+    cereals = mixed.truth == CEREALS
+    assert 0.4 < mixed.subtype[cereals].mean() <= 1 and not mixed.subtype[mixed.truth == 4].any()
+    # spring cereals are bare in March when winter cereals are green
+    march = _green_by_day(mixed, range(70, 80))[:, cereals].mean(0)
+    assert march[mixed.subtype[cereals]].max() < march[~mixed.subtype[cereals]].min()
+    # a pasture is never mown: no sudden dip in its green cover
+    pasture = (mixed.truth == 3) & mixed.subtype
+    assert pasture.any() and np.all(mixed.cuts[pasture] > 1e5)
+    waterlogged = _scene(class_weights=(0, 0, 0, 0, 0, 1))
+    assert np.mean(waterlogged.truth == WATER) > 0.85  # one of each class, then water
+
+
+def test_bad_conditions_are_refused_naming_the_option(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="drought"):
+        generate_demo_region(tmp_path / "x", drought=1.5)
+    with pytest.raises(ValueError, match="class_weights"):
+        generate_demo_region(tmp_path / "x", class_weights=(1, 2))
+    with pytest.raises(ValueError, match="subtype_shares"):
+        generate_demo_region(tmp_path / "x", subtype_shares={WATER: 0.5})
+
+
+def test_cloud_regime_orbits_and_shift_reach_the_files(tmp_path: Path) -> None:
+    """Region B: overcast half the time, one descending S1 track, the season 30 days later:
+    the S2 NDVI of clear maize pixels rises 30 days later than in region A."""
+    from datetime import time
+
+    from pivotmap.tasks.synthetic import S1Track
+
+    period = {"tiles_x": 1, "tiles_y": 1, "tile_size": 32, "start": "2023-06-20"}
+    a = generate_demo_region(tmp_path / "a", seed=4, end="2023-08-25", clear_probability=1.0,
+                             overcast_probability=0.0, **period)  # fmt: skip
+    b = generate_demo_region(
+        tmp_path / "b", seed=4, end="2023-08-25", clear_probability=0.0, overcast_probability=0.5,
+        phenology_shift_days=30, s1_tracks=[S1Track(110, time(5, 50, 0), -1.0, "descending")],
+        **period,
+    )  # fmt: skip
+    clear = [i.properties["eo:cloud_cover"] == 0 for i in _items(a, "sentinel-2-l2a")]
+    assert np.mean(clear) > 0.75  # no cloud; a veil of cirrus on a few dates
+    covers = [i.properties["eo:cloud_cover"] for i in _items(b, "sentinel-2-l2a")]
+    assert sum(c > 90 for c in covers) >= 4 and sum(c == 0 for c in covers) < len(covers) / 2
+    orbits = {(_on_disk(i)["properties"]["sat:orbit_state"], _on_disk(i)["properties"][
+        "sat:relative_orbit"]) for i in _items(b, "sentinel-1-rtc")}  # fmt: skip
+    assert orbits == {("descending", 110)}
+    readme = (b.catalog_path.parent / "README.md").read_text()
+    readme_a = (a.catalog_path.parent / "README.md").read_text()
+    assert "`phenology_shift_days`: 30.0" in readme and "`clear_probability`: 1.0" in readme_a
+    assert "phenology_shift_days" not in readme_a  # only what differs from the demo is named
+    labels = _read(a.labels_path)[::2, ::2]
+    maize = labels == MAIZE
+    assert maize.sum() > 5
+
+    def rise_day(region: DemoRegion) -> int | None:
+        for item in _items(region, "sentinel-2-l2a"):
+            scl = _band(item, "scl")
+            red, nir = (_to_20m(_band(item, k)) for k in ("red", "nir"))
+            clear = maize & np.isin(scl, CLEAR)
+            if clear.sum() > 3 and np.median(((nir - red) / (nir + red))[clear]) > 0.5:
+                assert item.datetime is not None
+                return item.datetime.timetuple().tm_yday
+        return None
+
+    day_a, day_b = rise_day(a), rise_day(b)
+    assert day_a is not None and day_b is not None and 20 <= day_b - day_a <= 40

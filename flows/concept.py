@@ -41,7 +41,10 @@ def concept_markdown(result: ConceptResult) -> str:
         return f"No concept maps: {result.skipped}"
     prompts = ", ".join(f"'{p}'" for p in result.prompts)
     model = f"{result.model.name} v{result.model.version}"
-    return f"Concept maps of {prompts} over {len(result.layers)} tiles, model {model}."
+    text = f"Concept maps of {prompts} over {len(result.layers)} tiles, model {model}."
+    for prompt, warning in result.warnings.items():
+        text += f"\n\n**Not meaningful: '{prompt}'.** {warning}"
+    return text
 
 
 def explain_rows(result: ExplainResult) -> list[dict]:

@@ -45,6 +45,14 @@ CALIBRATION = (
     "s learned scale"
 )
 
+# A prompt whose best cosine similarity to every text the head was fitted on (class phrasings,
+# descriptor sentences) is below this matches nothing the model knows. Calibrated on the demo
+# and Flanders nomenclatures with all-MiniLM-L6-v2: paraphrases of classes score 0.51-1.00
+# ("a lake" 0.86, "houses" 0.78, "cropland" 0.51 on the demo), unrelated prompts 0.16-0.43
+# ("an airport runway" 0.37, "a volcano" 0.29, "a glacier" 0.42).
+KNOWN_TEXT_THRESHOLD = 0.45
+WARNING_TAG = "PIVOTMAP_WARNING"
+
 
 class ConceptError(LookupError):
     """No trained model or text-alignment head to draw a concept map with."""
@@ -155,6 +163,18 @@ def concept_tile(
     return out
 
 
+def unknown_prompt_warning(prompt: str, similarity: float) -> str | None:
+    """The warning for a prompt that matches nothing the model was fitted on, else None."""
+    if similarity >= KNOWN_TEXT_THRESHOLD:
+        return None
+    return (
+        f"'{prompt}' matches nothing the model knows (best cosine similarity {similarity:.2f} "
+        f"to the class descriptions and descriptor sentences it was fitted on, below "
+        f"{KNOWN_TEXT_THRESHOLD}): this map is not meaningful; describe the concept with the "
+        "classes' words or what the sensors see (seasons, greenness, water, radar brightness)"
+    )
+
+
 def concept_map(config: RunConfig, workspace: str, prompt: str, out_path: str | Path) -> dict:
     """`pivotmap concept`: the prompt's probability over the region as one COG, and a summary."""
     started = time.monotonic()
@@ -172,6 +192,11 @@ def concept_map(config: RunConfig, workspace: str, prompt: str, out_path: str | 
         mosaic[span.slices] = maps[0]
     ref = aligned.ref
     tags = {"prompt": prompt, "method": CALIBRATION, "model": f"{ref.name} v{ref.version}"}
+    known = aligned.alignment.known_similarity(embedding)
+    warning = unknown_prompt_warning(prompt, known)
+    if warning:
+        tags[WARNING_TAG] = warning
+        run_logger("concept").warning("%s", warning)
     path = save_layer_cog(
         str(out_path), mosaic, extent, descriptions=[f"P({prompt}) %"], tags=tags,
         resampling="AVERAGE",
@@ -183,7 +208,8 @@ def concept_map(config: RunConfig, workspace: str, prompt: str, out_path: str | 
         "share_above_50": round(float((valid >= 50).mean()), 4) if valid.size else None,
         "pixels": int(valid.size), "nearest_classes": nearest_classes(aligned.alignment, embedding),
         "model": ref.model_dump(), "zero_shot": aligned.alignment.zero_shot, "method": CALIBRATION,
-        "text_model": aligned.alignment.text_model,
+        "text_model": aligned.alignment.text_model, "known_text_similarity": round(known, 4),
+        **({"warning": warning} if warning else {}),
         "duration_s": round(time.monotonic() - started, 2),
     }  # fmt: skip
 
@@ -201,6 +227,11 @@ def concept_maps(ws: Workspace) -> ConceptResult:
         ws.write_result(result)
         return result
     embeddings = aligned.alignment.embed(prompts)
+    similarity = [round(aligned.alignment.known_similarity(e), 4) for e in embeddings]
+    known = dict(zip(prompts, similarity, strict=True))
+    warnings = {p: w for p in prompts if (w := unknown_prompt_warning(p, known[p]))}
+    for warning in warnings.values():
+        run_logger("concept").warning("%s", warning)
     tiles = ws.tiles()
     extent, reader = ws.extent(tiles), PivotReader(ws.pivot_url)
     layers: dict[str, list[dict]] = {}
@@ -209,10 +240,11 @@ def concept_maps(ws: Workspace) -> ConceptResult:
         with cpu_threads("cpu", ws.config.train.cpu_threads):
             maps = concept_tile(aligned, embeddings, reader, span, ws.config.predict)
         for prompt, array in zip(prompts, maps, strict=True):
-            layer = _save_concept_layer(ws, tile, prompt, array, aligned.ref)
+            layer = _save_concept_layer(ws, tile, prompt, array, aligned.ref, warnings.get(prompt))
             layers.setdefault(tile.id, []).append(layer)
     result = ConceptResult(
         prompts=prompts, model=aligned.ref, layers=layers, zero_shot=aligned.alignment.zero_shot,
+        known_text_similarity=known, warnings=warnings,
         duration_s=round(time.monotonic() - started, 2),
     )  # fmt: skip
     ws.write_result(result)
@@ -220,12 +252,14 @@ def concept_maps(ws: Workspace) -> ConceptResult:
 
 
 def _save_concept_layer(
-    ws: Workspace, tile: Tile, prompt: str, array: np.ndarray, ref: ModelRef
-) -> dict:
-    """Write one tile's concept map under concept/; its LayerFile as a dict."""
+    ws: Workspace, tile: Tile, prompt: str, array: np.ndarray, ref: ModelRef,
+    warning: str | None = None,
+) -> dict:  # fmt: skip
+    """Write one tile's concept map under concept/ (tagged with the unknown-prompt warning, if
+    any); its LayerFile as a dict."""
+    tags = {"prompt": prompt, "method": CALIBRATION, **({WARNING_TAG: warning} if warning else {})}
     url = save_layer_cog(
         ws.url("concept", f"{tile.id}_concept-{prompt_slug(prompt)}.tif"), array, tile.geobox,
-        descriptions=[f"P({prompt}) %"], tags={"prompt": prompt, "method": CALIBRATION},
-        resampling="AVERAGE",
+        descriptions=[f"P({prompt}) %"], tags=tags, resampling="AVERAGE",
     )  # fmt: skip
     return concept_layer(url, prompt, CALIBRATION, ref.model_dump()).to_dict()

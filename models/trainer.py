@@ -183,15 +183,24 @@ def distil_student(data: TrainingData, teacher, tc: TrainConfig, device: str) ->
     )
 
 
-def start_text_embedding(nomenclature: Nomenclature, config: RunConfig):
-    """Embed every class phrasing and configured prompt in a child process, or None when the
-    text alignment is off."""
+def start_text_embedding(nomenclature: Nomenclature, config: RunConfig, data: TrainingData):
+    """Embed every class phrasing, configured prompt and the descriptor sentences of the
+    alignment's training pixels in a child process that overlaps the classifier's training, or
+    None when the text alignment is off."""
     if not config.concept.enabled:
         return None
-    from pivotmap.models.text_align import EmbeddingJob
+    from pivotmap.models.text_align import SENTENCES_PER_PIXEL, EmbeddingJob, descriptor_sentences
 
     texts = [p for c in nomenclature.classes for p in c.phrasings] + list(config.concept.prompts)
-    return EmbeddingJob(texts)
+    x = data.x.subset(_alignment_pixels(data, config))
+    sentences, _ = descriptor_sentences(x, data.spec, SENTENCES_PER_PIXEL, config.train.seed)
+    return EmbeddingJob(texts + sentences)
+
+
+def _alignment_pixels(data: TrainingData, config: RunConfig) -> np.ndarray:
+    """The training pixels the text-alignment head learns from (a class-stratified sample)."""
+    cc, seed = config.concept, config.train.seed
+    return data.train_idx[stratified_sample(data.codes[data.train_idx], cc.max_pixels, seed)]
 
 
 def align_text(data: TrainingData, model, nomenclature: Nomenclature, job, config: RunConfig):
@@ -201,7 +210,7 @@ def align_text(data: TrainingData, model, nomenclature: Nomenclature, job, confi
     from pivotmap.models.text_align import build_alignment
 
     cc, seed = config.concept, config.train.seed
-    train = data.train_idx[stratified_sample(data.codes[data.train_idx], cc.max_pixels, seed)]
+    train = _alignment_pixels(data, config)
     test = np.flatnonzero(data.is_test)
     x, y, frozen = data.x, data.y, copy.deepcopy(model).cpu()
     return build_alignment(
@@ -506,8 +515,8 @@ def train(ws: Workspace, device: str | None = None, step: Step = _as_is) -> Trai
             f"{samples[0].cube_version}; the pivot cube is now {cube_version}: run "
             f"`pivotmap sample --config FILE --out {ws.root}` again"
         )
-    text_job = start_text_embedding(nomenclature, config)  # overlaps training (issue 9)
     data = step(load_training_data)(config, samples)
+    text_job = start_text_embedding(nomenclature, config, data)  # overlaps training (issue 9)
     trained = fit_models(data, config, dev, nomenclature, text_job, step)
     key = validation_key(samples)
     names = {c.code: c.name for c in nomenclature.classes}

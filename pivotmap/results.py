@@ -187,6 +187,8 @@ class ConceptResult(StageResult):
     zero_shot: Row | None = None
     skipped: str | None = None
     duration_s: float = 0.0
+    known_text_similarity: dict[str, float] = {}  # per prompt: best cosine to the fitted texts
+    warnings: dict[str, str] = {}  # per prompt that matches nothing the model knows
 
 
 class ExplainResult(StageResult):

@@ -91,6 +91,62 @@ def test_concept_probability_follows_the_matching_class(tmp_path):
     np.testing.assert_allclose(concept_probability(again, emb, text[1][0]), p, atol=1e-6)
 
 
+def test_head_learns_descriptor_sentences_with_in_batch_negatives(tmp_path):
+    """Two attributes that cut across the classes: only the sentences teach them."""
+    from pivotmap.models.text_align import Sentences, fit_heads
+
+    rng = np.random.default_rng(1)
+    emb, y, text = _clusters(k=3, dim=16)
+    wet = rng.random(len(y)) < 0.5  # an attribute no class names, visible in dimension 0
+    emb[:, 0] = np.where(wet, 4.0, -4.0) + rng.normal(size=len(y))
+    words = rng.normal(size=(2, 384)).astype(np.float32)
+    words /= np.linalg.norm(words, axis=1, keepdims=True)
+    sentences = Sentences.of(words, [np.array([int(w)]) for w in wet])
+    plain, told = (
+        fit_heads(emb, [(y, [0, 1, 2])], text, steps=150, sentences=s)[0] for s in (None, sentences)
+    )
+    for head, floor in ((told, 0.95), (plain, 0.0)):
+        sim = class_similarity(head, emb, words)
+        assert ((sim[:, 1] > sim[:, 0]) == wet).mean() >= floor
+    assert (class_similarity(told, emb, prototypes(text)).argmax(1) == y).mean() > 0.9
+    alignment = TextAlignment(
+        head=told, codes=(1, 2, 3), names=("a", "b", "c"), protos=prototypes(text),
+        phrasings={1: ["a"], 2: ["b"], 3: ["c"]}, cache={"wet": words[1], "dry": words[0]},
+        sentences=["dry", "wet"],
+    )  # fmt: skip
+    files = alignment.save(tmp_path)
+    again = TextAlignment.from_bytes(
+        files["text_align"].read_bytes(), files["text_align_meta"].read_text()
+    )
+    assert again.sentences == ["dry", "wet"] and again.known_texts[-2:] == ["dry", "wet"]
+
+
+def test_a_prompt_unlike_every_known_text_gets_a_warning():
+    """'a lake' paraphrases a demo class; 'an airport runway' matches nothing it was fitted on."""
+    from pivotmap.flows.concept import concept_markdown
+    from pivotmap.models.concept import unknown_prompt_warning
+    from pivotmap.results import ConceptResult, ModelRef
+    from pivotmap.tasks.synthetic import CLASSES, PHRASINGS
+
+    phrasings = {c.code: [c.name, c.description, *PHRASINGS[c.code]] for c in CLASSES}
+    emb, y, text = _clusters(k=6)
+    alignment = TextAlignment(
+        head=fit_head(emb, y, text, range(6), steps=5), codes=tuple(phrasings),
+        names=tuple(c.name for c in CLASSES), protos=prototypes(text), phrasings=phrasings,
+        sentences=["Green from March and harvested in mid July", "Bright in radar"],
+    )  # fmt: skip
+    lake, runway, volcano = alignment.embed(["a lake", "an airport runway", "a volcano"])
+    assert unknown_prompt_warning("a lake", alignment.known_similarity(lake)) is None
+    for prompt, vector in (("an airport runway", runway), ("a volcano", volcano)):
+        warning = unknown_prompt_warning(prompt, alignment.known_similarity(vector))
+        assert warning and "not meaningful" in warning and prompt in warning
+    result = ConceptResult(
+        prompts=["an airport runway"], model=ModelRef(name="m", version="1", run_id="r", uri="models:/m/1"),
+        warnings={"an airport runway": warning},
+    )  # fmt: skip
+    assert "Not meaningful: 'an airport runway'" in concept_markdown(result)
+
+
 def test_text_encoder_loads_offline_without_network(monkeypatch):
     """The packaged all-MiniLM-L6-v2 loads from site-packages; any socket use would fail."""
     from pivotmap.models import text_align
@@ -166,6 +222,15 @@ def test_concept_command_writes_a_probability_cog(demo, capsys):
     with rasterio.open(out / "products" / summary["product_version"] / "mosaic_class.tif") as src:
         classes = src.read(1)
     assert p[classes == 6].mean() > 80 and p[classes != 6].mean() < 20
+    assert "warning" not in result and result["known_text_similarity"] > 0.8
+    runway = out / "runway.tif"
+    code, result = _run(
+        ["concept", "an airport runway", "--config", str(out / "demo.yaml"), "--out", str(runway)],
+        capsys,
+    )
+    assert code == 0 and "not meaningful" in result["warning"]
+    with rasterio.open(runway) as src:
+        assert "not meaningful" in src.tags()["PIVOTMAP_WARNING"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,117 @@
+"""Descriptors of a pixel's year and the sentences made from them (issue 19), on synthetic
+series whose green-up, peak, harvest, water and radar are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pivotmap.models import descriptors
+from pivotmap.models.features import network_input
+from pivotmap.models.network import ModelSpec
+
+SPEC = ModelSpec(classes=(1, 2, 3))
+DOY = np.arange(1, 366, SPEC.step_days)
+
+
+def _pixel(ndvi: np.ndarray, vv: float, water: bool = False, vv_swing: float = 0.0) -> np.ndarray:
+    """A raw [T, C] series: reflectances giving `ndvi`, radar `vv` dB (± a seasonal swing)."""
+    names = SPEC.channels[:-2]
+    out = np.full((len(DOY), len(names)), 0.1, dtype=np.float32)
+    red = np.full(len(DOY), 0.05)
+    nir = 0.02 * np.ones(len(DOY)) if water else red * (1 + ndvi) / (1 - ndvi)
+    out[:, names.index("B04")], out[:, names.index("B08")] = red, nir
+    out[:, names.index("B03")] = 0.06
+    out[:, names.index("B11")] = 0.005 if water else 0.2  # water: dark in SWIR, NDSI high
+    out[:, names.index("age_s2")] = out[:, names.index("age_s1")] = 0.0
+    out[:, names.index("VV")] = vv + vv_swing * np.sin(2 * np.pi * DOY / 365)
+    out[:, names.index("VH")] = vv - 6
+    return out
+
+
+def _crop() -> np.ndarray:
+    """Winter cereal: bare-ish winter, green-up in March, peak late May, harvested ~15 July."""
+    ndvi = np.interp(DOY, [1, 60, 90, 150, 190, 197, 365], [0.2, 0.25, 0.55, 0.85, 0.7, 0.15, 0.2])
+    return ndvi
+
+
+def _cube() -> np.ndarray:
+    series = np.stack([
+        _pixel(_crop(), -11.0, vv_swing=3.0),  # crop
+        _pixel(np.full(len(DOY), 0.1), -20.0, water=True),  # lake
+        _pixel(np.full(len(DOY), 0.12), 1.0),  # built-up: bright, stable radar
+    ])  # fmt: skip
+    return network_input(series, DOY, SPEC)
+
+
+def test_crop_descriptors_find_its_season_and_harvest():
+    d = descriptors.compute(_cube(), SPEC)
+    assert 130 <= d["peak_doy"][0] <= 160 and d["ndvi_peak"][0] > 0.8
+    assert 60 <= d["greenup_doy"][0] <= 100  # green from March
+    assert d["drop"][0] > 0.4 and 185 <= d["drop_doy"][0] <= 205  # harvest in July
+    assert d["bare_winter"][0] > 0.9 and d["green_winter"][0] == 0
+    assert d["water"][1] == 1 and d["water"][0] == 0
+    assert d["vv_mean"][2] > -1 and d["vv_seasonality"][2] < 0.5 and d["vv_seasonality"][0] > 4
+
+
+def test_sentences_say_what_the_series_shows_and_are_seeded():
+    d = descriptors.compute(_cube(), SPEC)
+    crop, lake, town = (descriptors.facts(d, i) for i in range(3))
+    assert ("harvest", "mid July") in crop and ("greenup", "March") in crop
+    assert ("bare", "winter") in crop and ("water_always",) in lake
+    assert ("radar", "bright") in town and ("radar_change", "stable") in town
+    assert not any(f == ("snow",) for f in lake)  # water has a high NDSI too, but is dark
+    texts = descriptors.describe(d, n=12, seed=3)
+    assert texts == descriptors.describe(d, n=12, seed=3)  # deterministic
+    assert len(set(texts[0])) >= 6  # varied
+    joined = " ".join(texts[0]).lower()
+    assert "july" in joined and "march" in joined and "winter" in joined
+    assert not any("july" in s.lower() for s in texts[2])
+    unique, ids = descriptors.sentence_table(texts)
+    assert [unique[j] for j in ids[1]] == texts[1]
+
+
+def test_missing_modality_gives_no_facts_of_it():
+    x = _cube()
+    x[:, :, SPEC.channels.index("age_s1")] = 1.0  # radar never observed
+    d = descriptors.compute(x, SPEC)
+    assert np.isnan(d["vv_mean"]).all()
+    assert not any(f[0].startswith("radar") for f in descriptors.facts(d, 2))
+
+
+def test_sentence_table_keeps_the_most_frequent():
+    per_pixel = [["a", "b"], ["b", "c"], ["b", "a"], ["d"]]
+    texts, ids = descriptors.sentence_table(per_pixel, max_sentences=2)
+    assert texts == ["a", "b"]  # b three times, a twice; first-seen order kept
+    assert [i.tolist() for i in ids] == [[0, 1], [1], [1, 0], []]
+
+
+@pytest.mark.slow
+def test_alignment_learns_descriptor_sentences_of_the_training_pixels(tmp_path):
+    """build_alignment on a real (untrained) network: sentences embedded, learnt and saved."""
+    import torch
+
+    from pivotmap.models.network import build_model
+    from pivotmap.models.text_align import TextAlignment, build_alignment, embed_texts
+    from pivotmap.tasks.nomenclature import Nomenclature
+
+    torch.manual_seed(0)
+    nomenclature = Nomenclature.model_validate({"name": "n", "classes": [
+        {"code": c, "name": n, "color": "#000000", "description": f"{n}."}
+        for c, n in ((1, "Crop"), (2, "Water"), (3, "Town"))
+    ]})  # fmt: skip
+    names = ["Crop", "Crop.", "Water", "Water.", "Town", "Town."]
+    x = np.repeat(_cube(), 20, axis=0)
+    y = np.repeat(np.arange(3), 20)
+    model = build_model(SPEC).eval()
+    alignment = build_alignment(
+        model, nomenclature, dict(zip(names, embed_texts(names), strict=True)), x, y, x, y,
+        steps=10,
+    )  # fmt: skip
+    assert alignment.zero_shot["descriptor_sentences"] == len(alignment.sentences) > 5
+    assert any("july" in s.lower() for s in alignment.sentences)
+    files = alignment.save(tmp_path)
+    again = TextAlignment.from_bytes(
+        files["text_align"].read_bytes(), files["text_align_meta"].read_text()
+    )
+    assert again.sentences == alignment.sentences and set(again.sentences) <= set(again.cache)

@@ -41,6 +41,7 @@ def plan(config: RunConfig, offline: bool = False, rates_file: str | None = None
         pivot_variables=sum(est.OBS_VARIABLES[m] + 1 for m in modalities),  # bands + age
         train_pixel_epochs=train_pixel_epochs(config),
         obs=obs,
+        pivot_method=config.pivot.method,
     )
     costs = est.stage_costs(size, rates)
     stored = est.storage(size, rates)

@@ -62,7 +62,15 @@ RATES: Mapping[str, Rate] = MappingProxyType(
         # Storage, compressed, as written (the 1M px run).
         "obs_bytes_s2": Rate(1.05, "bytes per S2 observed value", _BENCH),
         "obs_bytes_s1": Rate(1.214, "bytes per S1 observed value", _BENCH),
-        "pivot_bytes": Rate(0.478, "bytes per pivot value (pixel x day x variable)", _BENCH),
+        "pivot_bytes_linear": Rate(
+            0.478, "bytes per pivot value (pixel x day x variable), pivot.method linear", _BENCH
+        ),
+        "pivot_bytes_nearest": Rate(
+            0.251,
+            "bytes per pivot value (pixel x day x variable), pivot.method nearest",
+            "the linear rate x 0.526, the nearest/linear pivot bytes of "
+            "tests/benchmarks/bench_pivot.py --size 256 (77.7 / 147.8 MB), 2026",
+        ),
         "products_bytes": Rate(1.783, "bytes per pixel of published products", _BENCH),
         # Inputs, when the catalogue gives no `file:size`.
         "input_bytes_s2": Rate(10.33, "bytes of S2 COGs read per pixel-date (11 assets)", _BENCH),

@@ -433,7 +433,7 @@ def pivot_attrs(config: RunConfig, target: CubeState) -> dict:
         "source": "Sentinel-2 L2A and Sentinel-1 via STAC, ingested by pivotmap",
         "software": f"pivotmap {__version__}",
         "gap_filling": f"{method.name} v{method.version}: "
-        "linear in time between valid observations; ends held for max_hold_days",
+        + getattr(method, "description", "a registered gap-filling method"),
         "gap_filling_method": method.name,
         "max_hold_days": config.pivot.max_hold_days,
         "age_cap_days": config.pivot.age_cap_days,

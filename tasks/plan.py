@@ -198,6 +198,7 @@ class Sizing:
     pivot_variables: int
     train_pixel_epochs: float
     obs: Mapping[str, Observations]
+    pivot_method: str = "nearest"  # `pivot.method`: the pivot's bytes per value depend on it
 
 
 def figure(quantity: float, rate: Rate, divide: bool) -> dict:
@@ -251,7 +252,7 @@ def storage(size: Sizing, rates: Mapping[str, Rate]) -> dict[str, dict]:
         values = size.pixels * o.per_pixel * OBS_VARIABLES[m]
         out[f"obs_cube_{m}"] = figure(values, rates[f"obs_bytes_{m}"], divide=False)
     values = size.pixels * size.days * size.pivot_variables
-    out["pivot_cube"] = figure(values, rates["pivot_bytes"], divide=False)
+    out["pivot_cube"] = figure(values, rates[f"pivot_bytes_{size.pivot_method}"], divide=False)
     out["products"] = figure(size.pixels, rates["products_bytes"], divide=False)
     return out
 

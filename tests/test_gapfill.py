@@ -42,6 +42,38 @@ def test_matches_reference_on_random_gaps():
         np.testing.assert_array_equal(result.age[:, p], age)
 
 
+def _nearest_reference(values, days, n_days, max_hold):
+    """Per pixel: the value of the nearest valid observation (earlier on a tie), within holds."""
+    out, age = _reference(values, days, n_days, max_hold)  # where filled, and the age
+    ok = np.isfinite(values)
+    d_ok, v_ok = days[ok], values[ok]
+    for d in np.flatnonzero(np.isfinite(out)):
+        out[d] = v_ok[np.argmin(np.abs(d_ok - d))]  # argmin: the first, i.e. earlier, on a tie
+    return out, age
+
+
+@pytest.mark.parametrize("scales", [None, {"b": 1e-2, "age": 1.0}])
+def test_nearest_takes_the_nearest_valid_observation(scales):
+    from pivotmap.tasks.gapfill import fill_chunked, get_method
+
+    rng = np.random.default_rng(5)
+    n_days, n_obs, n_px = 90, 20, 150
+    days = np.sort(rng.choice(np.arange(-5, 95), n_obs, replace=False))
+    values = rng.normal(size=(n_obs, n_px)).astype(np.float32)
+    values[rng.random((n_obs, n_px)) < 0.4] = np.nan
+    values[:, 0] = np.nan
+    result = fill_chunked(get_method("nearest"), {"b": values}, days, n_days, 6, 366, scales, 2)
+    for p in range(n_px):
+        expected, age = _nearest_reference(values[:, p].astype(np.float64), days, n_days, 6)
+        got = result.values["b"][:, p]
+        if scales:  # the code of the observation's value, fill where nothing was filled
+            expected = np.where(np.isfinite(expected), np.round(expected / 1e-2), -32768)
+            age = np.where(np.isfinite(age), age, -32768)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, equal_nan=True)
+        np.testing.assert_array_equal(result.age[:, p], age)
+    assert get_method("nearest").version == "1"
+
+
 def test_observed_days_keep_their_values_and_age_zero():
     days = np.array([0, 10, 20])
     values = np.array([[1.0], [3.0], [2.0]], dtype=np.float32)
@@ -87,7 +119,9 @@ def test_methods_are_pluggable_and_chunked_filling_matches():
     from pivotmap.tasks.gapfill import METHODS, fill_chunked, get_method, register_method
 
     assert get_method("linear").name == "linear"
-    with pytest.raises(ValueError, match="unknown gap-filling method 'spline'; known: linear"):
+    with pytest.raises(
+        ValueError, match="unknown gap-filling method 'spline'; known: linear, nearest"
+    ):
         get_method("spline")
 
     class Nearest:

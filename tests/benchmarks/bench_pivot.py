@@ -11,11 +11,12 @@ Sentinel-1 (VV/VH in dB with speckle, every 6 days). Then measures
   (Dask chunks of one shard), over pivotmap's block build into the pivot cube (same path as the
   pivot flow), both reading the obs cubes and writing a Zarr store;
 - `bytes_ratio`: pivot cube bytes / obs cube bytes on disk (both with the cube's storage layout:
-  Zarr v3 core codecs, `tasks/cube.encoding`);
+  Zarr v3 core codecs, `tasks/cube.encoding`), with the gap-filling method of `--method`
+  (`linear`, the default, or `nearest`: flat steps, which those codecs compress);
 - peak memory: the peak RSS of each build, each run alone in a fresh process.
 The last stdout line is a JSON object.
 
-    .venv/bin/python tests/benchmarks/bench_pivot.py [--size 512] [--days 365]
+    .venv/bin/python tests/benchmarks/bench_pivot.py [--size 512] [--days 365] [--method nearest]
 """
 
 from __future__ import annotations
@@ -140,7 +141,9 @@ def time_gapfill(obs_url: str, days: int, repeat: int = 3) -> dict:
     }
 
 
-def build_pivotmap(obs: dict[str, str], url: str, size: int, days: int) -> float:
+def build_pivotmap(
+    obs: dict[str, str], url: str, size: int, days: int, method: str = "linear"
+) -> float:
     """The pivot flow's path: create the cube, fill shard blocks on Dask threads, publish."""
     from pivotmap.runtime import keep_freed_memory
     from pivotmap.tasks import cube
@@ -156,7 +159,7 @@ def build_pivotmap(obs: dict[str, str], url: str, size: int, days: int) -> float
     tmpl = cube.template(extent, times, pivot_variables(list(obs)), {})
     cube.create(url, tmpl, size, layout=cube.pivot_layout(None, days))
     pivot = cube.open_group(url)
-    settings = FillSettings("linear", 30, 366, START)
+    settings = FillSettings(method, 30, 366, START)
     _, shard = cube.shard_size(size)
     fill_region(groups, pivot, slice(0, size), slice(0, size), shard, settings, days)
     cube.publish_days(pivot, times, {"title": "bench"})
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--days", type=int, default=365)
+    parser.add_argument("--method", default="linear", help="gap filling of the pivot build")
     args = parser.parse_args(argv)
     from pivotmap.runtime import keep_freed_memory, peak_rss_mb
     from pivotmap.tasks import cube
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         gap = time_gapfill(obs["s2"], args.days)
         print(f"gap fill: {gap}", flush=True)
         t_ours, mem_ours = in_child(
-            build_pivotmap, obs, str(root / "pivot.zarr"), args.size, args.days
+            build_pivotmap, obs, str(root / "pivot.zarr"), args.size, args.days, args.method
         )
         print(f"pivotmap build: {t_ours:.1f} s, peak RSS {mem_ours:.0f} MB", flush=True)
         _, shard = cube.shard_size(args.size)
@@ -230,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = {
             "size_px": args.size,
             "days": args.days,
+            "method": args.method,
             "gapfill_ratio": round(gap["interpolate_na_s"] / gap["gapfill_s"], 2),
             **gap,
             "build_ratio": round(t_naive / t_ours, 2),

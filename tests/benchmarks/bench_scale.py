@@ -300,8 +300,10 @@ def measured_rates(rows: list[dict], cores: int, smaller: list[dict] | None = No
                 f"bytes of {m.upper()} COGs read per pixel-date")  # fmt: skip
     if (run / "cube" / "pivot.zarr").exists():
         n_vars = sum(sizes[m] + 1 for m in dates)
-        put("pivot_bytes", _du(run / "cube" / "pivot.zarr") / (px * days * n_vars),
-            "bytes per pivot value (pixel x day x variable)")  # fmt: skip
+        root = json.loads((run / "cube" / "pivot.zarr" / "zarr.json").read_text())
+        method = root["attributes"]["gap_filling_method"]  # the pivot.method it was built with
+        put(f"pivot_bytes_{method}", _du(run / "cube" / "pivot.zarr") / (px * days * n_vars),
+            f"bytes per pivot value (pixel x day x variable), pivot.method {method}")  # fmt: skip
     if (run / "products").exists():
         put("products_bytes", _du(run / "products") / px, "bytes per pixel of published products")
     return out

@@ -245,14 +245,18 @@ def _color_table(colormap: Colormap) -> ET.Element:
     return table
 
 
-def _simple_source(href: str, shape: tuple[int, int], offset: tuple[int, int]) -> ET.Element:
-    """One tile placed at `offset` (row, col) in the mosaic, read 1:1."""
+def _simple_source(
+    href: str, shape: tuple[int, int], offset: tuple[int, int], factor: int = 1
+) -> ET.Element:
+    """One tile placed at `offset` (row, col) in the mosaic, read 1:1 (or `factor` times coarser,
+    in an overview VRT, where GDAL then reads the tile COG's own overview)."""
     (rows, cols), (row, col) = shape, offset
     source = ET.Element("SimpleSource")
     ET.SubElement(source, "SourceFilename", relativeToVRT="1").text = href
     ET.SubElement(source, "SourceBand").text = "1"
     ET.SubElement(source, "SrcRect", xOff="0", yOff="0", xSize=str(cols), ySize=str(rows))
-    ET.SubElement(source, "DstRect", xOff=str(col), yOff=str(row), xSize=str(cols), ySize=str(rows))
+    dst = {"xOff": col, "yOff": row, "xSize": cols, "ySize": rows}
+    ET.SubElement(source, "DstRect", {k: f"{v / factor:g}" for k, v in dst.items()})
     return source
 
 
@@ -273,12 +277,34 @@ def write_mosaic_vrt(
     """A GDAL VRT mosaicking single-band uint8 COGs, referenced by paths relative to the VRT.
 
     With `names`, the band carries category names and an attribute table (standard VRT elements).
+    GDAL gives a VRT its sources' overviews only when the band has a single source, so a mosaic
+    of several tiles names overview VRTs beside it (`<stem>.x2.vrt`, `.x4`, … down to about
+    256 px): the same tiles at 2, 4, … times the pixel size, which GDAL reads from each tile
+    COG's own overviews (QGIS zoomed out reads kilobytes, not every tile at full resolution).
     """
     layout = mosaic_layout([gb for _, gb in sources])
-    root = ET.Element("VRTDataset", rasterXSize=str(layout.width), rasterYSize=str(layout.height))
+    hrefs = [Path(os.path.relpath(tif, path.parent)).as_posix() for tif, _ in sources]
+    overviews = []
+    factor = 2
+    while len(sources) > 1 and max(layout.width, layout.height) / factor >= 256:
+        overview = path.with_name(f"{path.stem}.x{factor}.vrt")
+        _mosaic_xml(overview, sources, hrefs, layout, colormap, None, factor, [])
+        overviews.append(overview.name)
+        factor *= 2
+    return _mosaic_xml(path, sources, hrefs, layout, colormap, names, 1, overviews)
+
+
+def _mosaic_xml(
+    path: Path, sources: Sequence[tuple[Path, GeoBox]], hrefs: list[str], layout: MosaicLayout,
+    colormap: Colormap, names: ClassNames | None, factor: int, overviews: list[str],
+) -> Path:  # fmt: skip
+    """The mosaic VRT `factor` times coarser than the tiles (1: full resolution)."""
+    width, height = -(-layout.width // factor), -(-layout.height // factor)
+    root = ET.Element("VRTDataset", rasterXSize=str(width), rasterYSize=str(height))
     ET.SubElement(root, "SRS").text = layout.crs  # GDAL assumes x,y (GIS) axis order
+    transform = layout.transform * Affine.scale(factor)
     ET.SubElement(root, "GeoTransform").text = ", ".join(
-        repr(float(v)) for v in layout.transform.to_gdal()
+        repr(float(v)) for v in transform.to_gdal()
     )
     band = ET.SubElement(root, "VRTRasterBand", dataType="Byte", band="1")
     ET.SubElement(band, "Description").text = CLASS_BAND
@@ -289,9 +315,12 @@ def write_mosaic_vrt(
     band.append(_color_table(colormap))
     if names:
         band.extend([category_names(names), attribute_table(names, colormap)])
-    for (tif, gb), offset in zip(sources, layout.offsets, strict=True):
-        href = Path(os.path.relpath(tif, path.parent)).as_posix()
-        band.append(_simple_source(href, (gb.height, gb.width), offset))
+    for name in overviews:
+        overview = ET.SubElement(band, "Overview")
+        ET.SubElement(overview, "SourceFilename", relativeToVRT="1").text = name
+        ET.SubElement(overview, "SourceBand").text = "1"
+    for href, (_, gb), offset in zip(hrefs, sources, layout.offsets, strict=True):
+        band.append(_simple_source(href, (gb.height, gb.width), offset, factor))
     return _write_xml(path, root)
 
 
@@ -304,8 +333,15 @@ def write_mosaic_cog(path: Path, vrt: Path) -> Path:
     """
     from rasterio.shutil import copy as gdal_copy
 
-    with rasterio.Env(**_GDAL_ENV):
-        gdal_copy(str(vrt), str(path), driver="COG", overview_resampling="NEAREST", **_COG_OPTIONS)
+    with rasterio.Env(**_GDAL_ENV):  # its own overviews, from full resolution (not the VRT's)
+        gdal_copy(
+            str(vrt),
+            str(path),
+            driver="COG",
+            overview_resampling="NEAREST",
+            overviews="IGNORE_EXISTING",
+            **_COG_OPTIONS,
+        )
     root = ET.parse(vrt).getroot()
     classes = [
         *root.iterfind("VRTRasterBand/CategoryNames"),

@@ -195,3 +195,31 @@ def test_class_cog_without_names_writes_no_sidecar(tmp_path, nomenclature):
     assert not list(tmp_path.glob("*.aux.xml"))
     with rasterio.open(path) as src:
         assert src.descriptions == ("land-cover class",)
+
+
+def test_mosaic_vrt_of_several_tiles_reads_the_tiles_overviews(tmp_path, nomenclature):
+    """GDAL gives a VRT of several sources no overviews of its own: the mosaic names overview
+    VRTs, so a zoomed-out read (QGIS, titiler) takes the tile COGs' overviews."""
+    grid = GridSpec(crs="EPSG:32631", resolution=10, tile_size=1024, origin_x=5e5, origin_y=5.6e6)
+    rng = np.random.default_rng(1)
+    tiles = []
+    for ix in (0, 1):
+        tile = grid.tile(ix, 0)
+        classes = rng.choice([1, 2, 4], tile.geobox.shape).astype(np.uint8)
+        path = tmp_path / f"{tile.id}_class.tif"
+        tiles.append(
+            (cog.write_class_cog(path, classes, tile.geobox, nomenclature.colormap()), tile.geobox)
+        )
+    vrt = cog.write_mosaic_vrt(tmp_path / "mosaic_class.vrt", tiles, nomenclature.colormap())
+    names = sorted(p.name for p in tmp_path.glob("*.vrt"))
+    assert names == [f"mosaic_class{s}.vrt" for s in ("", ".x2", ".x4", ".x8")]
+    with rasterio.open(vrt) as src:
+        assert src.overviews(1) == [2, 4, 8]
+        coarse = src.read(1, out_shape=(512, 1024))  # served from the x2 overview VRT
+    with rasterio.open(tiles[1][0]) as tile:
+        assert tile.overviews(1)[0] == 2
+        tile_x2 = tile.read(1, out_shape=(512, 512))  # the tile COG's own overview
+    np.testing.assert_array_equal(coarse[:, 512:], tile_x2)
+    shutil.move(tmp_path, tmp_path.with_name("moved"))  # relative paths: the mosaic relocates
+    with rasterio.open(tmp_path.with_name("moved") / "mosaic_class.vrt") as src:
+        np.testing.assert_array_equal(src.read(1, out_shape=(512, 1024)), coarse)

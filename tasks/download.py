@@ -98,12 +98,12 @@ def _static_items(
             root = pystac.Collection.from_file(collection_href, stac_io=stac_io)
     except (storage.StorageError, OSError) as exc:
         if version is None:
-            raise DownloadError(f"cannot read catalogue {href}: {_reason(exc)}") from None
+            raise DownloadError(f"cannot read catalogue {href}: {storage.url_error(exc)}") from None
         kept = versions()
         listed = f" (kept versions: {', '.join(kept)})" if kept else ""
         raise DownloadError(f"no version {version!r} in catalogue {href}{listed}") from None
     except (ValueError, KeyError, TypeError, pystac.STACError) as exc:
-        raise DownloadError(f"{href} is not a STAC catalogue: {_reason(exc)}") from None
+        raise DownloadError(f"{href} is not a STAC catalogue: {storage.url_error(exc)}") from None
     groups: list[tuple[pystac.Catalog, list[pystac.Item]]]
     if isinstance(root, pystac.Collection):
         groups = [(root, list(root.get_items(recursive=True)))]
@@ -137,16 +137,6 @@ def _tag_version(items: list[pystac.Item], version: object) -> None:
             item.properties.setdefault("version", str(version))
 
 
-def _reason(exc: BaseException) -> str:
-    import urllib.error
-
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(getattr(exc.reason, "strerror", None) or exc.reason)
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _get_json(url: str) -> dict:
     """A JSON document over http(s); an unreachable address or a non-JSON answer is a
     `DownloadError` naming the URL."""
@@ -159,7 +149,7 @@ def _get_json(url: str) -> dict:
         with urllib.request.urlopen(request, timeout=30) as answer:
             body = answer.read()
     except (urllib.error.URLError, OSError) as exc:
-        raise DownloadError(f"cannot reach {url}: {_reason(exc)}") from None
+        raise DownloadError(f"cannot reach {url}: {storage.url_error(exc)}") from None
     try:
         doc = json.loads(body)
     except ValueError:
@@ -250,7 +240,7 @@ def _search_api(
     try:
         client = Client.open(url)
     except (APIError, OSError, ValueError) as exc:
-        raise DownloadError(f"cannot open STAC API {url}: {_reason(exc)}") from None
+        raise DownloadError(f"cannot open STAC API {url}: {storage.url_error(exc)}") from None
     found = _pivotmap_collections(_collections(url, _get_json(url)))
     if not found:
         raise DownloadError(
@@ -278,7 +268,9 @@ def _search_api(
         search = client.search(collections=chosen, bbox=list(bbox))
         items = list(search.items())
     except (APIError, OSError, ValueError) as exc:
-        raise DownloadError(f"the search of STAC API {url} failed: {_reason(exc)}") from None
+        raise DownloadError(
+            f"the search of STAC API {url} failed: {storage.url_error(exc)}"
+        ) from None
     if not items:
         raise DownloadError(f"no map tile of {url} ({', '.join(chosen)}) intersects bbox {bbox}")
     for item in items:

@@ -262,7 +262,7 @@ def mirror_products(url: str, dest: Path) -> Path:
     try:
         catalog = json.loads(fetch("catalog.json").read_text())
     except (storage.StorageError, OSError, ValueError) as exc:
-        raise CatalogueError(f"no published catalogue at {url}: {_why(exc)}") from None
+        raise CatalogueError(f"no published catalogue at {url}: {storage.url_error(exc)}") from None
     if over_http:
         versions = [
             _parts(link["href"], "catalog.json")[0]
@@ -284,16 +284,6 @@ def mirror_products(url: str, dest: Path) -> Path:
                 if "://" not in asset["href"]:
                     fetch(version, *rel[:-1], *_parts(asset["href"], "/".join(rel)))
     return dest
-
-
-def _why(exc: BaseException) -> str:
-    import urllib.error
-
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(getattr(exc.reason, "strerror", None) or exc.reason)
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _download_http(url: str, dest: Path) -> Path:

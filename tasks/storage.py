@@ -180,6 +180,17 @@ def _safe(exc: Exception) -> str:
 # through s3fs, configured only from the environment like boto3.
 
 
+def url_error(exc: BaseException) -> str:
+    """An HTTP or URL error in a few words (the status, or the OS reason), for one-line errors."""
+    import urllib.error
+
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return str(getattr(exc.reason, "strerror", None) or exc.reason)
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 

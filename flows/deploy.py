@@ -91,6 +91,20 @@ def _load(config_path: str, overrides: dict[str, Any] | None):
     return load_run_config(path, overrides=overrides)
 
 
+def _checked(config, out: str, stages: tuple[str | None, ...], train: bool = True) -> None:
+    """The checks the CLI runs before a command (`flows.check`), run first in a deployed flow:
+    a bad input fails the run in seconds with the failed checks named (and alerts), before any
+    stage starts. `None` in `stages`: the checks of a whole run."""
+    from pivotmap.flows.check import check, checks_text, require
+    from pivotmap.runtime import run_logger
+
+    for stage in stages:
+        rows = check(config, out, stage, train=train)
+        if any(r.failed for r in rows):
+            run_logger("deploy").error(checks_text(rows, f"{config.name}: checks"))
+        require(rows, f"{config.name} ({stage or 'whole run'}) cannot start")
+
+
 # ---------------------------------------------------------------------------- entrypoints
 @flow(name="update", log_prints=False)
 def update(
@@ -101,6 +115,7 @@ def update(
     from pivotmap.flows.pivot import pivot_flow
 
     config, out = _load(config_path, overrides), resolve_path(out_dir, "out_dir")
+    _checked(config, out, ("ingest",))
     ingest = ingest_flow(config, out, force=force)
     pivot = pivot_flow(config, out, force=force)
     return {
@@ -118,8 +133,9 @@ def train_model(config_path: str, out_dir: str, overrides: dict[str, Any] | None
     """On demand: train on the current pivot cube, register, promote only a better model."""
     from pivotmap.flows.train import train_flow
 
-    out = resolve_path(out_dir, "out_dir")
-    return train_flow(_load(config_path, overrides), out).to_dict()
+    config, out = _load(config_path, overrides), resolve_path(out_dir, "out_dir")
+    _checked(config, out, ("train",))
+    return train_flow(config, out).to_dict()
 
 
 @flow(name="map-production")
@@ -134,6 +150,7 @@ def map_production(
     from pivotmap.flows.produce import produce_flow
 
     config, out = _load(config_path, overrides), resolve_path(out_dir, "out_dir")
+    _checked(config, out, (None,), train=train)
     return produce_flow(config, out, force=force, train=train).to_dict()
 
 

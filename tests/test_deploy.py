@@ -334,3 +334,19 @@ def test_the_pools_to_create_are_the_ones_the_deployments_name():
     })  # fmt: skip
     assert "work pool cpu: created" in text and "schedule daily-update 0 4 * * *: paused" in text
     assert "schedules --active" in text
+
+
+def test_a_deployed_run_checks_its_inputs_before_any_stage(tmp_path):
+    """Deployed flows run the CLI's pre-flight checks first: a missing catalogue fails the run in
+    seconds, naming the check, before ingest writes anything."""
+    from pivotmap.flows.check import ChecksFailed
+    from pivotmap.flows.deploy import map_production, update
+
+    config = tmp_path / "configs" / "demo.yaml"  # its ../../demo-out paths lead nowhere here
+    config.parent.mkdir()
+    config.write_text((REPO / "infra" / "configs" / "demo.yaml").read_text())
+    out = tmp_path / "run"
+    for flow_fn in (map_production.fn, update.fn):
+        with pytest.raises(ChecksFailed, match=r"demo \(.*\) cannot start: check catalogue"):
+            flow_fn(str(config), str(out))
+    assert not (out / "cube").exists() and not (out / "state").exists()

@@ -51,7 +51,7 @@ def produce_flow(
         "pivot": lambda: pivot_flow(config, root, force=force),
         "sample": lambda: sample_flow(config, root, force=force),
         "train": lambda: train_flow(config, root),
-        "predict": lambda: predict_flow(config, root),
+        "predict": lambda: predict_flow(config, root, force=force),
         "concept": lambda: concept_maps_flow(config, root),
         "explain": lambda: explain_flow(config, root),
         "publish": lambda: publish_flow(config, root),

@@ -257,3 +257,32 @@ def test_progress_artifacts_move_during_the_loop_and_the_stage(prefect_server, m
         table = client.read_latest_artifacts()
     stages_md = next(a for a in table if a.key == "stages-probe")
     assert "| 2 | publish | done |" in stages_md.data
+
+
+def test_produce_passes_force_to_every_stage_that_takes_it(tmp_path, monkeypatch):
+    """`produce --force` redoes the finished tiles of ingest, pivot, sample and predict (predict
+    was left out); train and publish take no force (always new). The stages are recorded, not
+    run: this is the wiring of produce_flow."""
+    from pivotmap.config import RunConfig
+    from pivotmap.flows import produce
+    from pivotmap.flows.demo import demo_config_dict
+
+    called: dict[str, dict] = {}
+
+    def recorder(name):
+        def stage(config, root, **kwargs):
+            called[name] = kwargs
+
+        return stage
+
+    for name in ("ingest", "pivot", "sample", "train", "predict", "publish"):
+        monkeypatch.setattr(produce, f"{name}_flow", recorder(name))
+    monkeypatch.setattr(produce, "concept_maps_flow", recorder("concept"))
+    monkeypatch.setattr(produce, "explain_flow", recorder("explain"))
+    monkeypatch.setattr(produce, "run_summary", lambda ws, stages, seconds: stages)
+    monkeypatch.setattr(produce, "publish_run_report", lambda ws, run, stages: None)
+    config = RunConfig.model_validate(demo_config_dict())
+    produce.produce_flow.fn(config, str(tmp_path / "run"), force=True)
+    forced = {name for name, kwargs in called.items() if kwargs.get("force")}
+    assert forced == {"ingest", "pivot", "sample", "predict"}
+    assert {"train", "publish"} <= set(called)

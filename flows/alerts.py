@@ -17,12 +17,27 @@ name inputs, never credentials. Install (or update) it on the Prefect API of PRE
     PIVOTMAP_ALERT_WEBHOOK=https://hooks.example.org/T0/B0/xyz python -m pivotmap.flows.alerts install
 
 (`pivotmap stack up` does it when PIVOTMAP_ALERT_WEBHOOK is set); `remove` deletes both.
+
+Crash detection: a flow run whose process died with its worker (a node lost, `kill -9`) has
+nobody left to report it, and stays Running. Every flow-run process sends a
+`prefect.flow-run.heartbeat` event every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (Prefect's
+minimum, 30; default 180); the automation `pivotmap-crash-silent-runs` expects, for each flow
+run, another flow-run event (heartbeat or final state) within `within` seconds (default 90,
+three heartbeats) of the last heartbeat, and otherwise sets the run Crashed (which also alerts
+through the automation above, and frees the deployment's concurrency slot for a re-run). Every
+worker (and every process that runs flows) on that server must send heartbeats more often than
+`within`: `pivotmap stack up` sets PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 for its workers and in
+stack.env, and installs the automation; on another server:
+
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 prefect worker start --pool gpu     # every worker
+    python -m pivotmap.flows.alerts crash-detection [--within 90]           # once
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from typing import cast
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -31,6 +46,15 @@ WEBHOOK_ENV = "PIVOTMAP_ALERT_WEBHOOK"
 AUTOMATION = "pivotmap-failed-deployed-runs"
 BLOCK = "pivotmap-alert-webhook"
 FAILED_EVENTS = ("prefect.flow-run.Failed", "prefect.flow-run.Crashed")
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+HEARTBEAT_SECONDS = 30  # Prefect's minimum (settings.flows.heartbeat_frequency, ge=30)
+CRASH_AUTOMATION = "pivotmap-crash-silent-runs"
+CRASH_AFTER_SECONDS = 90  # three missed heartbeats
+CRASH_MESSAGE = (
+    "no heartbeat from the flow run's process for {within} s: its process or node died "
+    "(marked Crashed by the pivotmap-crash-silent-runs automation); re-run the deployment "
+    "with the same parameters to resume"
+)
 
 # Jinja (Prefect's sandbox, with its `tojson` filter) over the objects of the triggering event.
 PAYLOAD = (
@@ -98,17 +122,73 @@ def install(url: str | None = None, api_url: str | None = None) -> dict:
             actions=[CallWebhook(block_document_id=block_id, payload=PAYLOAD)],
         )
         with get_client(sync_client=True) as client:
-            for old in client.read_automations_by_name(AUTOMATION):
-                client.delete_automation(old.id)
-            automation_id = client.create_automation(automation)
+            automation_id = _replace_automation(client, automation)
     return {
         "automation": AUTOMATION, "automation_id": str(automation_id), "block": BLOCK,
         "block_id": str(block_id), "webhook_host": urlsplit(url).hostname,
     }  # fmt: skip
 
 
+def _replace_automation(client, automation) -> str:
+    for old in client.read_automations_by_name(automation.name):
+        client.delete_automation(old.id)
+    return str(client.create_automation(automation))
+
+
+def crash_detection_automation(within: float = CRASH_AFTER_SECONDS):
+    """The proactive automation that sets a flow run Crashed when its heartbeats stop."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    if within < 2 * HEARTBEAT_SECONDS:
+        raise AlertError(
+            f"crash detection within {within:g} s: give at least {2 * HEARTBEAT_SECONDS} s (two "
+            f"heartbeats of {HEARTBEAT_SECONDS} s, Prefect's shortest interval)"
+        )
+    return AutomationCore(
+        name=CRASH_AUTOMATION,
+        description="pivotmap: set a flow run Crashed when its process sent no heartbeat for "
+        f"{within:g} s (flows/alerts.py; workers need {HEARTBEAT_ENV}={HEARTBEAT_SECONDS})",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.*"},  # the next heartbeat, or a state (final or not)
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED, name="Crashed",
+                message=CRASH_MESSAGE.format(within=f"{within:g}"),
+                force=False,  # through the orchestration rules, like a worker reporting it
+            )
+        ],
+    )  # fmt: skip
+
+
+def install_crash_detection(
+    api_url: str | None = None, within: float = CRASH_AFTER_SECONDS
+) -> dict:
+    """Create or replace the crash-detection automation on the Prefect API (`api_url`, default
+    PREFECT_API_URL)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    automation = crash_detection_automation(within)
+    settings = {PREFECT_API_URL: api_url} if api_url else {}
+    with temporary_settings(settings):
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            automation_id = _replace_automation(client, automation)
+    return {"automation": CRASH_AUTOMATION, "automation_id": automation_id,
+            "within_s": within, "heartbeat_s": HEARTBEAT_SECONDS}  # fmt: skip
+
+
 def remove(api_url: str | None = None) -> dict:
-    """Delete the automation and the webhook block (if there)."""
+    """Delete the alert automation, the webhook block and the crash detection (if there)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     settings = {PREFECT_API_URL: api_url} if api_url else {}
@@ -118,9 +198,10 @@ def remove(api_url: str | None = None) -> dict:
         from prefect.exceptions import ObjectNotFound
 
         with get_client(sync_client=True) as client:
-            for old in client.read_automations_by_name(AUTOMATION):
-                client.delete_automation(old.id)
-                removed.append(AUTOMATION)
+            for name in (AUTOMATION, CRASH_AUTOMATION):
+                for old in client.read_automations_by_name(name):
+                    client.delete_automation(old.id)
+                    removed.append(name)
             try:
                 block = client.read_block_document_by_name(BLOCK, "webhook")
             except ObjectNotFound:
@@ -132,22 +213,40 @@ def remove(api_url: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv not in (["install"], ["remove"]):
-        print("usage: python -m pivotmap.flows.alerts install|remove", file=sys.stderr)
-        return 2
+    """`python -m pivotmap.flows.alerts install|crash-detection [--within S]|remove`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pivotmap.flows.alerts")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("install", help=f"POST failed/crashed deployed runs to ${WEBHOOK_ENV}")
+    crash = sub.add_parser("crash-detection", help="set runs whose heartbeats stop Crashed")
+    crash.add_argument("--within", type=float, default=CRASH_AFTER_SECONDS, metavar="SECONDS",
+                       help="seconds without a heartbeat (default %(default)g)")  # fmt: skip
+    sub.add_parser("remove", help="delete both automations and the webhook block")
     try:
-        result = install() if argv == ["install"] else remove()
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) and 2
+    try:
+        if args.command == "install":
+            result = install()
+            print(
+                f"pivotmap alerts: automation {result['automation']} POSTs failed and crashed "
+                f"deployed runs to {result['webhook_host']} (webhook block {result['block']})"
+            )
+        elif args.command == "crash-detection":
+            result = install_crash_detection(within=args.within)
+            print(
+                f"pivotmap alerts: automation {result['automation']} sets a flow run Crashed "
+                f"after {result['within_s']:g} s without a heartbeat; start every worker with "
+                f"{HEARTBEAT_ENV}={HEARTBEAT_SECONDS}"
+            )
+        else:
+            result = remove()
+            print(f"pivotmap alerts: removed {', '.join(result['removed']) or 'nothing'}")
     except AlertError as exc:
         print(f"pivotmap alerts: error: {exc}", file=sys.stderr)
         return 1
-    if argv == ["install"]:
-        print(
-            f"pivotmap alerts: automation {result['automation']} POSTs failed and crashed "
-            f"deployed runs to {result['webhook_host']} (webhook block {result['block']})"
-        )
-    else:
-        print(f"pivotmap alerts: removed {', '.join(result['removed']) or 'nothing'}")
     return 0
 
 

@@ -10,6 +10,9 @@
 * `dask scheduler` and `--dask-workers` `dask worker` processes (one thread each);
 * one `prefect worker start --type process` per work pool named in infra/prefect.yaml
   (`definitions.pools`; the worker creates its pool), running the checkout `--repo`;
+* the crash detection of flows/alerts.py (a flow run whose heartbeats stop for `--crash-after`
+  seconds, 90 by default, is set Crashed: a worker killed with its flow runs); the workers and
+  stack.env send heartbeats every 30 s (PREFECT_FLOWS_HEARTBEAT_FREQUENCY);
 * with PIVOTMAP_ALERT_WEBHOOK set, the alert automation of flows/alerts.py on that server.
 
 It writes `DIR/stack.env` (`KEY=value` lines, mode 0600: PREFECT_API_URL, MLFLOW_TRACKING_URI,
@@ -34,7 +37,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pivotmap.flows.alerts import WEBHOOK_ENV, AlertError, webhook_url
+from pivotmap.flows.alerts import (
+    CRASH_AFTER_SECONDS,
+    HEARTBEAT_ENV,
+    HEARTBEAT_SECONDS,
+    WEBHOOK_ENV,
+    AlertError,
+    crash_detection_automation,
+    install_crash_detection,
+    webhook_url,
+)
 from pivotmap.flows.alerts import install as install_alerts
 from pivotmap.tasks.stack_services import (
     ServiceRecord,
@@ -149,6 +161,8 @@ def _stack_env(ports: dict[str, int], secret: str, folder: Path) -> dict[str, st
         "AWS_DEFAULT_REGION": "us-east-1",
         "PIVOTMAP_DASK_ADDRESS": f"tcp://127.0.0.1:{ports['dask-scheduler']}",
         "PIVOTMAP_STACK_DIR": str(folder),
+        # flow runs (workers' and the operator's) send heartbeats the crash detection expects
+        HEARTBEAT_ENV: str(HEARTBEAT_SECONDS),
     }
 
 
@@ -209,6 +223,10 @@ def up(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.dask_workers < 1:
         raise StackError(f"--dask-workers {args.dask_workers}: give 1 or more")
+    try:
+        crash_detection_automation(args.crash_after)
+    except AlertError as exc:
+        raise StackError(f"--crash-after: {exc}") from exc
     alert_webhook = os.environ.get(WEBHOOK_ENV, "").strip()
     if alert_webhook:
         try:
@@ -229,7 +247,7 @@ def up(args: argparse.Namespace) -> dict[str, Any]:
         "dir": str(folder), "repo": repo and str(repo), "env_file": str(folder / ENV_FILE),
         "postgres_folder": str(pg.folder), "postgres_bin": str(pg.bin), "ports": ports,
         "pools": pools, "services": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "alerts": None,
+        "alerts": None, "crash_detection": None,
     }  # fmt: skip
     _write_state(folder, state)  # the postgres folder is known even if what follows fails
     records: list[ServiceRecord] = []
@@ -337,6 +355,9 @@ def up(args: argparse.Namespace) -> dict[str, Any]:
                 f"did not show online in work pool {pool!r}",
             )  # fmt: skip
         _say(args, f"workers   prefect pools {', '.join(pools)}")
+        crash = install_crash_detection(env["PREFECT_API_URL"], args.crash_after)
+        state["crash_detection"] = crash
+        _say(args, f"crashes   runs silent for {args.crash_after:g} s are set Crashed")
         if alert_webhook:
             alert = install_alerts(alert_webhook, env["PREFECT_API_URL"])
             state["alerts"] = alert
@@ -355,7 +376,7 @@ def up(args: argparse.Namespace) -> dict[str, Any]:
         "ok": True, "dir": str(folder), "env_file": str(folder / ENV_FILE),
         "seconds": round(time.monotonic() - begun, 1), "pools": pools,
         "services": {r.name: r.url for r in records if r.url} | {"postgres": pg.dsn("postgres")},
-        "alerts": state["alerts"],
+        "alerts": state["alerts"], "crash_detection": state["crash_detection"],
     }  # fmt: skip
 
 
@@ -489,6 +510,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p_up.add_argument("--pool", action="append", metavar="NAME",
                       help="work pool to start a Prefect worker for (repeat; default: those of "
                       "infra/prefect.yaml)")  # fmt: skip
+    p_up.add_argument("--crash-after", type=float, default=CRASH_AFTER_SECONDS,
+                      metavar="SECONDS", help="a flow run without a heartbeat for this long is "
+                      "set Crashed (default %(default)g; heartbeats every "
+                      f"{HEARTBEAT_SECONDS} s)")  # fmt: skip
     p_up.add_argument("--repo", help="the checkout whose infra/prefect.yaml names the pools and "
                       "where relative config paths resolve (PIVOTMAP_REPO); default: this "
                       "package's checkout")  # fmt: skip

@@ -272,6 +272,13 @@ class StackPostgres:
                 "stop",
             )
 
+    def restart(self, timeout: float = 60) -> None:
+        """Stop (fast: open connections are cut) and start again with the same options."""
+        self._run(
+            [str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-m", "fast",
+             "-w", "-t", str(int(timeout)), "restart"], "restart",
+        )  # fmt: skip
+
     def dsn(self, db: str, driver: str = "") -> str:
         scheme = f"postgresql+{driver}" if driver else "postgresql"
         return f"{scheme}://{self.user}@127.0.0.1:{self.port}/{db}"

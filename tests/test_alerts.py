@@ -59,3 +59,39 @@ def test_the_payload_renders_to_json_with_any_message():
         "flow_run_id": str(run.id), "deployment": "map-production", "state": "Failed",
         "message": message[:1000], "url": payload["url"],
     }  # fmt: skip
+
+
+def test_the_crash_detection_sets_silent_runs_crashed():
+    from datetime import timedelta
+
+    from prefect.server.events.schemas.automations import AutomationCore as ServerAutomation
+
+    automation = alerts.crash_detection_automation()
+    # what the server stores: one bucket per flow run, opened by a heartbeat, closed by any
+    # flow-run event (the next heartbeat or a state) within 90 s, else the run is set Crashed
+    server = ServerAutomation.model_validate(automation.model_dump(mode="json"))
+    trigger = server.trigger
+    assert trigger.posture == "Proactive" and trigger.threshold == 1
+    assert trigger.after == {"prefect.flow-run.heartbeat"}
+    assert trigger.expect == {"prefect.flow-run.*"}
+    assert trigger.for_each == {"prefect.resource.id"}
+    assert trigger.within == timedelta(seconds=alerts.CRASH_AFTER_SECONDS)
+    (action,) = server.actions
+    assert action.type == "change-flow-run-state" and action.state.value == "CRASHED"
+    assert "no heartbeat from the flow run's process for 90 s" in action.message
+    # the heartbeat frequency the workers get is one Prefect accepts
+    from prefect.settings.models.flows import FlowsSettings
+
+    frequency = FlowsSettings(heartbeat_frequency=alerts.HEARTBEAT_SECONDS).heartbeat_frequency
+    assert frequency == alerts.HEARTBEAT_SECONDS
+    assert alerts.HEARTBEAT_ENV == "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+
+
+def test_a_window_shorter_than_two_heartbeats_is_refused(capsys):
+    with pytest.raises(alerts.AlertError, match="within 45 s: give at least 60 s"):
+        alerts.crash_detection_automation(45)
+    assert alerts.main(["crash-detection", "--within", "30"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "pivotmap alerts: error: crash detection within 30 s: give at least 60 s (two "
+        "heartbeats of 30 s, Prefect's shortest interval)"
+    )

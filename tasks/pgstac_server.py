@@ -25,13 +25,21 @@ class DatabaseError(RuntimeError):
     """PostgreSQL cannot be set up or started."""
 
 
-def pg_bin_dir() -> Path | None:
-    """The newest Debian PostgreSQL server binaries with PostGIS installed beside them."""
-    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+def pg_bin_dir(postgis: bool = True) -> Path | None:
+    """The newest Debian PostgreSQL server binaries (`initdb`, `pg_ctl`), with PostGIS installed
+    beside them unless `postgis` is False (the stack's Prefect and MLflow databases)."""
+    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version, reverse=True):
         version = Path(bindir).parent.name
-        if glob.glob(f"/usr/share/postgresql/{version}/extension/postgis.control"):
+        if not (Path(bindir, "initdb").is_file() and Path(bindir, "pg_ctl").is_file()):
+            continue
+        if not postgis or glob.glob(f"/usr/share/postgresql/{version}/extension/postgis.control"):
             return Path(bindir)
     return None
+
+
+def _version(bindir: str) -> tuple[int, ...]:
+    """(15,) of /usr/lib/postgresql/15/bin: 15 sorts above 9."""
+    return tuple(int(p) for p in Path(bindir).parent.name.split(".") if p.isdigit())
 
 
 def missing_server() -> str | None:

@@ -15,7 +15,6 @@ SIGKILLs what is left; `leftovers` says which recorded processes still run.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import re
 import shutil
@@ -27,7 +26,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pivotmap.tasks.pgstac_server import _server_user, data_folder, free_port, port_in_use
+from pivotmap.tasks.pgstac_server import (
+    _server_user,
+    data_folder,
+    free_port,
+    pg_bin_dir,
+    port_in_use,
+)
 
 __all__ = ["free_port", "port_in_use"]
 
@@ -203,25 +208,12 @@ def stop_services(
 # ---------------------------------------------------------------------------- PostgreSQL
 
 
-def pg_server_dir() -> Path | None:
-    """The newest Debian PostgreSQL server binaries (`initdb`, `pg_ctl`)."""
-    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version, reverse=True):
-        if Path(bindir, "initdb").is_file() and Path(bindir, "pg_ctl").is_file():
-            return Path(bindir)
-    return None
-
-
-def _version(bindir: str) -> tuple[int, ...]:
-    name = Path(bindir).parent.name
-    return tuple(int(p) for p in name.split(".") if p.isdigit())
-
-
 class StackPostgres:
     """A PostgreSQL cluster kept in `folder/pgdata` (initdb'd on first use, data kept across
     stops), listening on 127.0.0.1:`port` with trust authentication."""
 
     def __init__(self, folder: Path, port: int) -> None:
-        bindir = pg_server_dir()
+        bindir = pg_bin_dir(postgis=False)
         if bindir is None:
             raise StackError(
                 "PostgreSQL's server is not installed: apt-get install postgresql "

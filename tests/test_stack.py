@@ -19,7 +19,7 @@ import pytest
 
 from pivotmap.flows.alerts import WEBHOOK_ENV
 from pivotmap.flows.stack import main, read_env_file, work_pools
-from pivotmap.tasks.stack_services import pg_server_dir
+from pivotmap.tasks.pgstac_server import pg_bin_dir
 from tests.small_runs import generate_small_region, write_small_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,8 @@ NAME = "stack"  # the run config's name: artifacts are `run-report-stack`, ...
 WEBHOOK_TOKEN = "t0k3n-in-the-url"  # a webhook URL is a secret: no alert may repeat it
 
 needs_postgres = pytest.mark.skipif(
-    pg_server_dir() is None, reason="PostgreSQL's server not installed (apt-get install postgresql)"
+    pg_bin_dir(postgis=False) is None,
+    reason="PostgreSQL's server not installed (apt-get install postgresql)",
 )
 
 
@@ -219,20 +220,25 @@ def _deployment_id(client):
     return deployment.id
 
 
+def stack_config(env: dict[str, str], region: Path, file_name: str, name: str = NAME) -> Path:
+    """A run config `name` of a 2 × 2-tile region generated under `region`, on the stack's
+    MLflow server and Dask scheduler."""
+    generate_small_region(region / "data")
+    layer = {
+        "name": name,
+        "mlflow": {"tracking_uri": env["MLFLOW_TRACKING_URI"]},
+        "dask": {"address": env["PIVOTMAP_DASK_ADDRESS"]},
+        "concept": {"enabled": False, "prompts": []},
+    }
+    return write_small_config(region, file_name, region / "unused.db", layer)
+
+
 @pytest.fixture(scope="module")
 def production_run(stack, deployed, tmp_path_factory):
     """The map-production deployment on a 2 × 2-tile generated region: run folder on the stack's
     S3, model trained and registered on its MLflow server, tile jobs on its Dask scheduler."""
     folder, env, _ = stack
-    region = tmp_path_factory.mktemp("region")
-    generate_small_region(region / "data")
-    layer = {
-        "name": NAME,
-        "mlflow": {"tracking_uri": env["MLFLOW_TRACKING_URI"]},
-        "dask": {"address": env["PIVOTMAP_DASK_ADDRESS"]},
-        "concept": {"enabled": False, "prompts": []},
-    }
-    config = write_small_config(region, "stack.yaml", region / "unused.db", layer)
+    config = stack_config(env, tmp_path_factory.mktemp("region"), "stack.yaml")
     _s3(env).create_bucket(Bucket=BUCKET)
     started = time.monotonic()
     with _client(env["PREFECT_API_URL"]) as client:

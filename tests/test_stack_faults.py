@@ -20,7 +20,6 @@ import pytest
 
 from pivotmap.flows.alerts import CRASH_AFTER_SECONDS, CRASH_AUTOMATION, HEARTBEAT_ENV
 from pivotmap.flows.stack import main, read_env_file
-from tests.small_runs import generate_small_region, write_small_config
 from tests.test_stack import (
     PREFECT,
     REPO,
@@ -34,6 +33,7 @@ from tests.test_stack import (
     _wait_final,
     deployed,  # noqa: F401  (a fixture: map-production deployed onto `stack` below)
     needs_postgres,
+    stack_config,
 )
 
 BUCKET = "pivotmap-faults"
@@ -69,16 +69,8 @@ def config(stack, tmp_path_factory) -> Path:
     """A run config of a generated 2 × 2-tile region on the stack's MLflow server and Dask, and
     the S3 bucket of the runs' folders."""
     _, env, _ = stack
-    region = tmp_path_factory.mktemp("faults-region")
-    generate_small_region(region / "data")
-    layer = {
-        "name": NAME,
-        "mlflow": {"tracking_uri": env["MLFLOW_TRACKING_URI"]},
-        "dask": {"address": env["PIVOTMAP_DASK_ADDRESS"]},
-        "concept": {"enabled": False, "prompts": []},
-    }
     _s3(env).create_bucket(Bucket=BUCKET)  # the runs' folders
-    return write_small_config(region, "faults.yaml", region / "unused.db", layer)
+    return stack_config(env, tmp_path_factory.mktemp("faults-region"), "faults.yaml", NAME)
 
 
 def _parameters(config: Path, run: str) -> dict:

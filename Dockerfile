@@ -26,9 +26,11 @@ ENV PYTHONUNBUFFERED=1 \
     DO_NOT_TRACK=true
 
 # GDAL, PROJ and GEOS come inside the rasterio, pyogrio, pyproj and shapely wheels; curl for
-# health checks.
+# health checks; PostgreSQL 15 with PostGIS (Debian bookworm's) for `pivotmap serve`, which starts
+# its own pgstac database (the compose `viewer` service).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends curl ca-certificates \
+       postgresql-15 postgresql-15-postgis-3 \
     && rm -rf /var/lib/apt/lists/*
 
 RUN python -c 'import sys; assert sys.version_info[:2] == (3, 11), "pivotmap needs Python 3.11"'

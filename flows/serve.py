@@ -1,4 +1,6 @@
-"""`pivotmap serve`: the published maps as a mapping centre serves them, on one port of 127.0.0.1.
+"""`pivotmap serve`: the published maps as a mapping centre serves them, on one port (of 127.0.0.1
+unless `--host` says otherwise: `--host 0.0.0.0 --public-url URL` in a container, as the `viewer`
+service of infra/compose.yaml runs it).
 
 PostgreSQL (started here, in a data folder under the run when the server's user may write there,
 else in a temporary folder) with pgstac holding every kept version; the STAC API at `/api/`,
@@ -51,6 +53,24 @@ def _serve_folder(out: str | None, products: Path) -> Path:
     return (Path(out) if out else products.parent).resolve() / "serve"
 
 
+def public_base(host: str, port: int, public_url: str | None) -> str:
+    """The address users reach the server at, which the items' asset links use: `public_url`, or
+    http://HOST:PORT/ (localhost when HOST is every interface, as a published container port)."""
+    if public_url is None:
+        shown = "localhost" if host in ("0.0.0.0", "::", "") else host
+        shown = f"[{shown}]" if ":" in shown else shown
+        return f"http://{shown}:{port}/"
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(public_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ServeError(
+            f"--public-url {public_url!r} is not an http(s) address: give the URL users open, "
+            "e.g. https://maps.example.org/ (asset links in the STAC API are made from it)"
+        )
+    return public_url if public_url.endswith("/") else public_url + "/"
+
+
 def _run_server(app, host: str, port: int) -> None:
     """uvicorn until Ctrl-C/SIGTERM. uvicorn shuts down on either, then raises the signal again:
     SIGINT is a KeyboardInterrupt; SIGTERM (default: die at once) becomes one too, so the
@@ -73,6 +93,7 @@ def serve(
     port: int = 8080,
     host: str = "127.0.0.1",
     db_port: int | None = None,
+    public_url: str | None = None,
 ) -> dict:
     """Start PostgreSQL, load the catalogue, serve until interrupted; stop everything."""
     from pivotmap.tasks.pgstac_server import DatabaseError, Postgres, load_pgstac, missing_server
@@ -87,6 +108,7 @@ def serve(
 
     started = time.monotonic()
     remote = catalog is not None and is_remote(catalog)
+    base = public_base(host, port, public_url)
     products = None if remote else products_folder(catalog or out or "")
     _check_port(host, port)
     mirror = Path(tempfile.mkdtemp(prefix="pivotmap-serve-")) if remote else None
@@ -100,7 +122,6 @@ def serve(
     assert products is not None
     if reason := missing_server():
         raise ServeError(f"no database for the STAC API: {reason}")
-    base = f"http://{host}:{port}/"
     versions = read_versions(products, base + "files/")
     folder = _serve_folder(out, products)
     pg = None
@@ -150,8 +171,18 @@ def add_parser(sub) -> None:
         help="a products folder or its catalog.json: a path, s3://bucket/prefix (every kept "
         "version) or http(s)://… (the version catalog.json links to: http lists no folders)",
     )
+    serve_cmd.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     serve_cmd.add_argument(
-        "--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)"
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every "
+        "interface, as in a container behind a published port or a proxy)",
+    )
+    serve_cmd.add_argument(
+        "--public-url",
+        default=None,
+        help="the address users open (default: http://HOST:PORT/, localhost for 0.0.0.0): the "
+        "asset links in the STAC API are made from it, e.g. behind a proxy",
     )
     serve_cmd.add_argument(
         "--db-port", type=int, default=None, help="PostgreSQL's port (default: a free one)"
@@ -160,4 +191,11 @@ def add_parser(sub) -> None:
 
 
 def command(args) -> dict:
-    return serve(out=args.out, catalog=args.catalog, port=args.port, db_port=args.db_port)
+    return serve(
+        out=args.out,
+        catalog=args.catalog,
+        port=args.port,
+        host=args.host,
+        db_port=args.db_port,
+        public_url=args.public_url,
+    )

@@ -52,6 +52,9 @@ def test_compose_has_the_production_services():
     )
     assert "dask cuda worker" in services["dask-worker-gpu"]["command"]
     assert "--pool gpu" in services["prefect-worker-gpu"]["command"]
+    viewer = services["viewer"]["command"]  # `pivotmap serve` reachable from outside its container
+    assert viewer.startswith("pivotmap serve --catalog ") and "--host 0.0.0.0" in viewer
+    assert services["viewer"]["ports"] == ["8080:8080"] and "--public-url" in viewer
     for name, service in services.items():
         for dep in service.get("depends_on", []):
             assert dep in services, f"{name} depends on unknown service {dep}"

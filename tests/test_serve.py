@@ -277,3 +277,61 @@ def test_an_s3_catalogue_is_copied_with_every_kept_version(tmp_path, s3_bucket):
         mirror_products(f"s3://{s3_bucket}/nothing", tmp_path / "n")
     line = _one_error_line(_serve("--catalog", f"s3://{s3_bucket}/nothing"))
     assert f"s3://{s3_bucket}/nothing" in line
+
+
+def test_public_address_for_every_interface_and_a_bad_one_is_one_clear_line(tmp_path):
+    from pivotmap.flows.serve import public_base
+
+    assert public_base("127.0.0.1", 8080, None) == "http://127.0.0.1:8080/"
+    assert public_base("0.0.0.0", 8080, None) == "http://localhost:8080/"
+    assert public_base("0.0.0.0", 80, "https://maps.example.org/lc") == (
+        "https://maps.example.org/lc/"
+    )
+    _products(tmp_path)
+    line = _one_error_line(_serve("--out", str(tmp_path), "--public-url", "maps.example.org"))
+    assert "--public-url 'maps.example.org'" in line and "https://" in line
+    assert not (tmp_path / "serve").exists()
+
+
+@pytest.mark.skipif(pgstac_server.missing_server() is not None, reason="no PostgreSQL/PostGIS")
+def test_served_on_every_interface_links_assets_at_the_public_url(tmp_path):
+    """As the compose `viewer` service runs it: --host 0.0.0.0, links made from --public-url."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    _products(tmp_path)
+    port = pgstac_server.free_port()
+    public = f"http://localhost:{port}/lc/"  # e.g. behind a proxy that strips /lc/
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [PIVOTMAP, "serve", "--out", str(tmp_path), "--port", str(port),
+             "--host", "0.0.0.0", "--public-url", public],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while "Ctrl-C stops" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert f"viewer {public} " in log.read_text()
+        url = f"http://127.0.0.1:{port}/api/collections/lc/items"
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=10) as answer:
+                    items = json.load(answer)["features"]
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        hrefs = sorted(i["assets"]["class"]["href"] for i in items)
+        assert hrefs == [f"{public}files/v1/T0/class.tif", f"{public}files/v1/T1/class.tif"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/files/v1/T0/class.tif") as answer:
+            assert answer.read() == (tmp_path / "products/v1/T0/class.tif").read_bytes()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, log.read_text()  # as after Ctrl-C
+    assert not (tmp_path / "serve").exists() and _no_server_in(tmp_path / "serve")

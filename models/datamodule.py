@@ -98,6 +98,7 @@ class Table:
     channels: tuple[str, ...]
     scales: dict[str, float]
     fill: int
+    source: np.ndarray | None = None  # [N] which gathered table (0 = the run's own) each row is
 
     def decoded(self, names: tuple[str, ...], rows: np.ndarray) -> np.ndarray:
         """[n, T, len(names)] float32 of `rows` (NaN = missing): what the cube reader gives."""
@@ -152,8 +153,9 @@ def read_tables(samples: list[SampleResult]) -> Table:
     import pyarrow.parquet as pq
 
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("series", "doy", "class", "split")}
+    sources: list[np.ndarray] = []
     meta = None
-    for sample in samples:
+    for number, sample in enumerate(samples):
         for url in sample.files:
             table = pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=list(columns))
             info = json.loads(table.schema.metadata[b"pivotmap"])
@@ -166,6 +168,7 @@ def read_tables(samples: list[SampleResult]) -> Table:
                     "tables gathered by `train.include` need the same period length and step_days"
                 )
             if table.num_rows:
+                sources.append(np.full(table.num_rows, number, dtype=np.int16))
                 for name, parts in columns.items():
                     chunk = table.column(name).combine_chunks()
                     parts.append(
@@ -185,6 +188,7 @@ def read_tables(samples: list[SampleResult]) -> Table:
         channels=channels,
         scales={k: float(v) for k, v in meta["scales"].items()},
         fill=int(meta["fill"]),
+        source=_concatenate(sources),
     )
 
 
@@ -237,19 +241,21 @@ def prepare_data(config: RunConfig, table: Table) -> TrainingData:
     base = ModelSpec(
         classes=classes, step_days=tc.step_days, hidden=tc.hidden, modalities=tc.modalities
     )
-    is_test = table.split[labelled] == "test"
-    if not is_test.any() or is_test.all():
+    is_test, trains = held_out(table, labelled, tc.holdout_table())
+    if not is_test.any() or not trains.any():
         raise TrainingDataError(
             "the training table has no held-out or no training pixels: more groups are needed "
             "(smaller `train.block_size` or more reference polygons)"
+            if tc.holdout is None
+            else f"train.holdout {tc.holdout}: its table or the others have no labelled pixel"
         )
-    spec = fit_table_normalisation(table, labelled[~is_test], base).replace(
+    spec = fit_table_normalisation(table, labelled[trains], base).replace(
         n_steps=int(table.series.shape[1])
     )
-    train_idx = np.flatnonzero(~is_test)
+    train_idx = np.flatnonzero(trains)
     train_idx = train_idx[label_subset(codes[train_idx], tc.label_fraction, tc.seed)]
     unlabelled = np.flatnonzero(table.split == "unlabelled")
-    pool = np.concatenate([unlabelled, labelled[~is_test]])  # labels unused for pretraining
+    pool = np.concatenate([unlabelled, labelled[trains]])  # labels unused for pretraining
     pool = pool[np.random.default_rng(tc.seed).permutation(len(pool))[: tc.max_unlabelled_pixels]]
     return TrainingData(
         spec=spec,
@@ -261,6 +267,21 @@ def prepare_data(config: RunConfig, table: Table) -> TrainingData:
         train_idx=train_idx,
         x_unlabelled=Inputs(table, pool, spec),
     )
+
+
+def held_out(
+    table: Table, labelled: np.ndarray, holdout: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(is_test, trains) over the labelled rows. Spatial blocks (the sample stage's split) when
+    `holdout` is None; else every labelled row of gathered table `holdout` is held out and the
+    other tables' training rows train (their held-out blocks are used by neither)."""
+    split = table.split[labelled]
+    if holdout is None:
+        return split == "test", split != "test"
+    if table.source is None:
+        raise TrainingDataError("train.holdout: the training table does not say its rows' runs")
+    held = table.source[labelled] == holdout
+    return held, ~held & (split == "train")
 
 
 def fit_table_normalisation(table: Table, rows: np.ndarray, spec: ModelSpec) -> ModelSpec:

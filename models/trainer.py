@@ -272,9 +272,11 @@ def fit_models(
 
 
 # ---------------------------------------------------------------------------- what is recorded
-def validation_key(samples: list[SampleResult]) -> str:
-    """Names the held-out data: the training tables (their keys name labels, split and cube)."""
-    return hashlib.sha256("/".join(s.key for s in samples).encode()).hexdigest()[:16]
+def validation_key(samples: list[SampleResult], holdout: int | None = None) -> str:
+    """Names the held-out data: the training tables (their keys name labels, split and cube) and,
+    with `train.holdout`, which table is held out whole."""
+    named = "/".join(s.key for s in samples) + ("" if holdout is None else f"/holdout={holdout}")
+    return hashlib.sha256(named.encode()).hexdigest()[:16]
 
 
 def confusion_figures(
@@ -518,7 +520,7 @@ def train(ws: Workspace, device: str | None = None, step: Step = _as_is) -> Trai
     data = step(load_training_data)(config, samples)
     text_job = start_text_embedding(nomenclature, config, data)  # overlaps training (issue 9)
     trained = fit_models(data, config, dev, nomenclature, text_job, step)
-    key = validation_key(samples)
+    key = validation_key(samples, config.train.holdout_table())
     names = {c.code: c.name for c in nomenclature.classes}
     outcome = record(ws, data, trained, names, key, dev, cube_version, began)
     r, scores = outcome.registered, trained.scores
@@ -573,7 +575,9 @@ def train_result(ws: Workspace, outcome: TrainOutcome, duration_s: float) -> Tra
         pretraining=_pretraining_summary(t.pretrained, tc),
         n_train_pixels=len(data.train_idx),
         label_fraction=tc.label_fraction,
-        split=f"whole polygons or blocks of {tc.block_size} px, {tc.test_fraction:.0%} held out",
+        split=f"whole polygons or blocks of {tc.block_size} px, {tc.test_fraction:.0%} held out"
+        if tc.holdout is None
+        else f"run {tc.holdout} held out whole (another region or year); the others train",
         model_name=registered.name,
         model_version=registered.version,
         run_id=registered.run_id,

@@ -507,10 +507,44 @@ class TrainConfig(_Frozen):
         "join this run's: one model trained on several regions and years.",
     )
 
+    holdout: str | None = Field(
+        default=None,
+        description="Validate on a whole run instead of spatial blocks: `self` (this run) or "
+        "one of `train.include`. Every labelled pixel of its table is held out (none trains) and "
+        "the other tables' training pixels train (their held-out blocks stay unused), so the "
+        "scores and the champion gate measure transfer to another region or year.",
+    )
+
     @field_validator("include")
     @classmethod
     def _resolve_include(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
         return tuple(str(_resolve(v, info)) for v in value)
+
+    @field_validator("holdout")
+    @classmethod
+    def _resolve_holdout(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return value if value in (None, "self") else _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _holdout_is_a_gathered_run(self) -> TrainConfig:
+        if self.holdout is None:
+            return self
+        if not self.include:
+            raise ValueError(
+                "train.holdout needs the tables of several runs: list the others in train.include"
+            )
+        if self.holdout != "self" and self.holdout not in self.include:
+            raise ValueError(
+                f"train.holdout {self.holdout!r} is neither `self` nor one of train.include "
+                f"{list(self.include)}: name the run folder as train.include does"
+            )
+        return self
+
+    def holdout_table(self) -> int | None:
+        """Which gathered table `holdout` names: 0 = this run's, i = train.include[i - 1]."""
+        if self.holdout is None:
+            return None
+        return 0 if self.holdout == "self" else 1 + self.include.index(self.holdout)
 
     step_days: int = Field(
         default=5, ge=1, description="Sample the daily cube every this many days."

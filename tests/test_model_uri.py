@@ -74,7 +74,7 @@ def region_a(prefect_server, tmp_path_factory) -> dict:
     config = _write(root / "a.yaml", _config("data", db))
     stages = ("ingest", "pivot", *(("sample",) if _has_sample_stage() else ()), "train")
     done = _run(config, root / "run", stages)
-    return {"db": db, "train": done["train"]}
+    return {"db": db, "train": done["train"], "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,40 @@ def test_new_region_without_labels_maps_with_the_champion_of_another_run(region_
         props = item["properties"]
         assert props["pivotmap:model_name"] == MODEL
         assert props["pivotmap:model_version"] == version
+
+
+@slow
+def test_training_gathers_another_run_and_validates_on_all_of_it(region_a, tmp_path_factory):
+    """train.include + train.holdout: region C (another seed: another place, labelled) sampled in
+    its own folder; A's run trains on A's training pixels and is scored on every labelled pixel
+    of C, under a validation key of its own (a champion scored on A's blocks is not compared)."""
+    import pyarrow.parquet as pq
+
+    if not _has_sample_stage():
+        pytest.skip("no sample stage")
+    root = tmp_path_factory.mktemp("region-c")
+    _generate(root / "data", seed=7)
+    c_out = root / "run"
+    _run(_write(root / "c.yaml", {**_config("data", region_a["db"]), "name": "region-c"}),
+         c_out, ("ingest", "pivot", "sample"))  # fmt: skip
+    files = json.loads((c_out / "reports/sample.json").read_text())["files"]
+    held = sum(
+        int(np.sum(pq.read_table(f, columns=["split"]).column("split").to_numpy(False)
+                   != "unlabelled"))
+        for f in files
+    )  # fmt: skip
+    gathered = {"include": [str(c_out)], "holdout": str(c_out)}
+    config = _write(
+        region_a["root"] / "a-holdout.yaml", _config("data", region_a["db"], train=gathered)
+    )
+
+    code, summary = _cli(["train", "--config", str(config), "--out", str(region_a["root"] / "run")])
+
+    assert code == 0, summary.get("error")
+    assert summary["split"].startswith(f"run {c_out} held out whole")
+    assert summary["n_test_pixels"] == held > 0
+    assert summary["validation_key"] != region_a["train"]["validation_key"]
+    assert summary["promoted"] is False and "different key" in summary["promotion_reason"]
 
 
 @slow

@@ -188,3 +188,29 @@ def test_macro_f1_averages_the_classes_present_and_reports_the_absent_ones():
     assert (
         every["macro_f1"] == 1.0 and every["classes_absent"] == [] and not every["predicted_absent"]
     )
+
+
+def test_holdout_of_a_whole_run_tests_on_all_of_it_and_trains_on_the_others(tmp_path):
+    from dataclasses import replace
+
+    from pydantic import ValidationError
+
+    table = _table(400)
+    source = (np.arange(400) >= 300).astype(np.int16)  # rows 300..399: the included run's
+    table = replace(table, source=source)
+    other = str(tmp_path / "other-year")
+    tc = TrainConfig(include=(other,), holdout=other, max_unlabelled_pixels=1000)
+    assert (
+        tc.holdout_table() == 1
+        and TrainConfig(include=(other,), holdout="self").holdout_table() == 0
+    )
+    data = prepare_data(SimpleNamespace(train=tc), table)
+    assert set(np.flatnonzero(data.is_test)) == set(range(300, 400))  # train and test rows alike
+    trained = set(data.train_idx.tolist())
+    assert trained == {i for i in range(300) if table.split[i] == "train"}  # blocks of run 0 unused
+    blocks = prepare_data(SimpleNamespace(train=TrainConfig()), table)
+    assert set(np.flatnonzero(blocks.is_test)) == set(np.flatnonzero(table.split == "test"))
+    with pytest.raises(ValidationError, match="train.include"):
+        TrainConfig(holdout="self")
+    with pytest.raises(ValidationError, match="neither `self` nor one of train.include"):
+        TrainConfig(include=(other,), holdout=str(tmp_path / "elsewhere"))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pivotmap.results import StageResult
+    from pivotmap.tasks.gazetteer import Place
 
 STAGES = ("ingest", "pivot", "sample", "train", "predict", "publish")
 FLOW_COMMANDS = ("demo", "produce", *STAGES)  # the commands that run Prefect flows
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="predict with the current champion instead of training",
     )
+    _place_flags(produce, "map this place instead of the config's region")
     download = sub.add_parser("download", help="download a published map for a bounding box")
     download.add_argument(
         "--catalog",
@@ -219,7 +221,36 @@ def _concept_parser(sub) -> None:
     concept.add_argument(
         "--workspace", default=None, help="the run's --out folder (default: the config's folder)"
     )
+    _place_flags(concept, "map only this place, within the run's mapped area")
     _json_flag(concept)
+
+
+def _place_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--place",
+        metavar="NAME",
+        help=f"{what}: a country ('Belgium') or a town ('Gent', 'Paris, FR', 'Paris, TX'), "
+        "resolved offline (Natural Earth country outlines, GeoNames towns of 500+)",
+    )
+    parser.add_argument(
+        "--place-radius-km",
+        type=float,
+        metavar="KM",
+        help="radius of a town's disc (default: from its population, 1-25 km)",
+    )
+
+
+def _place(args: argparse.Namespace) -> Place | None:
+    """The place of --place (None without it), announced on stderr."""
+    if args.place is None:
+        if args.place_radius_km is not None:
+            raise ValueError("--place-radius-km is the radius around --place: give both")
+        return None
+    from pivotmap.tasks.gazetteer import resolve_place
+
+    place = resolve_place(args.place, args.place_radius_km)
+    print(f"pivotmap: {place.describe()}", file=sys.stderr)
+    return place
 
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
@@ -269,15 +300,30 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "concept":
         from pivotmap.models.concept import concept_map, find_workspace
 
-        return concept_map(
-            config, find_workspace(args.config, args.workspace), args.prompt, args.out
+        place = _place(args)
+        summary = concept_map(
+            config, find_workspace(args.config, args.workspace), args.prompt, args.out, place
         )
+        if place is not None and summary["place"]["covered_share"] < 0.999:
+            print(
+                f"pivotmap: note: {summary['place']['covered_share']:.0%} of {place.label} lies "
+                "in the mapped area; the rest is not mapped (produce it with --place)",
+                file=sys.stderr,
+            )
+        return summary
+    place = _place(args) if args.command == "produce" else None
+    if place is not None:  # the whole chain runs over the place
+        from pivotmap.config import RegionConfig
+
+        region = RegionConfig(place=args.place, place_radius_km=args.place_radius_km)
+        config = config.model_copy(update={"region": region})
     _preflight(config, args, None if args.command == "produce" else args.command)
     console_output(args.debug)
     if args.command == "produce":
         from pivotmap.flows.produce import produce_flow
 
-        return produce_flow(config, args.out, force=args.force, train=not args.no_train).to_dict()
+        result = produce_flow(config, args.out, force=args.force, train=not args.no_train)
+        return {**result.to_dict(), **({"place": place.to_dict()} if place else {})}
     return _stage(args.command, config, args).to_dict()
 
 

@@ -20,9 +20,7 @@ def plan(config: RunConfig, offline: bool = False, rates_file: str | None = None
     """The plan of `config` as a JSON-ready summary; every estimate names its rate and source."""
     rates = load_rates(rates_file)
     r = config.region
-    geom = region_geometry(
-        bbox=r.bbox, crs=r.crs, geojson=r.geojson, geopackage=r.geopackage, layer=r.layer
-    )
+    geom = region_geometry(**r.model_dump())  # its keywords are RegionConfig's fields
     cover = est.tile_cover(config.grid.spec(), geom)
     area_km2 = cover.pixels * config.grid.resolution**2 / 1e6
     days = config.period.days
@@ -67,9 +65,10 @@ def plan(config: RunConfig, offline: bool = False, rates_file: str | None = None
 
 
 def train_pixel_epochs(config: RunConfig) -> float:
-    """Pixel-epochs training works through: fine-tuning, pretraining and distillation."""
+    """Pixel-epochs training works through: fine-tuning (of each ensemble member),
+    pretraining and distillation."""
     t = config.train
-    labelled = t.epochs * t.max_train_pixels * t.label_fraction
+    labelled = t.epochs * t.max_train_pixels * t.label_fraction * t.ensemble_members
     return labelled + (t.pretrain_epochs + t.distill_epochs) * t.max_unlabelled_pixels
 
 

@@ -34,6 +34,7 @@ from pivotmap.runtime import run_logger
 from pivotmap.tasks import storage
 from pivotmap.tasks.concept_products import concept_layer, prompt_slug, save_layer_cog
 from pivotmap.tasks.cube import PivotReader, iter_windows
+from pivotmap.tasks.gazetteer import Place, clip_to_place, place_tiles
 from pivotmap.tasks.grid import Tile
 from pivotmap.tasks.workspace import Workspace
 
@@ -175,16 +176,22 @@ def unknown_prompt_warning(prompt: str, similarity: float) -> str | None:
     )
 
 
-def concept_map(config: RunConfig, workspace: str, prompt: str, out_path: str | Path) -> dict:
-    """`pivotmap concept`: the prompt's probability over the region as one COG, and a summary."""
+def concept_map(
+    config: RunConfig, workspace: str, prompt: str, out_path: str | Path, place: Place | None = None
+) -> dict:
+    """`pivotmap concept`: the prompt's probability over the region (or over `place`, within
+    it: the pixels outside the place are no data) as one COG, and a summary."""
     started = time.monotonic()
     if not prompt.strip():
         raise ValueError("the concept prompt is empty: say in words what to map")
     ws = Workspace.open(config, workspace)
+    tiles = ws.tiles()
+    extent, covered = ws.extent(tiles), 1.0
+    if place is not None:  # only the tiles it overlaps; outside them: an error, before the model
+        tiles, covered = place_tiles(place, tiles)
     aligned = load_aligned_model(ws)
     embedding = aligned.alignment.embed([prompt])[0]
-    tiles = ws.tiles()
-    extent, reader = ws.extent(tiles), PivotReader(ws.pivot_url)
+    reader = PivotReader(ws.pivot_url)
     mosaic = np.full((extent.height, extent.width), 255, dtype=np.uint8)
     for tile in tiles:
         span = TileSpan.of(tile, extent)
@@ -192,6 +199,9 @@ def concept_map(config: RunConfig, workspace: str, prompt: str, out_path: str | 
         mosaic[span.slices] = maps[0]
     ref = aligned.ref
     tags = {"prompt": prompt, "method": CALIBRATION, "model": f"{ref.name} v{ref.version}"}
+    if place is not None:
+        mosaic, extent = clip_to_place(mosaic, extent, place, nodata=255)
+        tags["place"] = f"{place.label} ({place.query!r})"
     known = aligned.alignment.known_similarity(embedding)
     warning = unknown_prompt_warning(prompt, known)
     if warning:
@@ -210,6 +220,7 @@ def concept_map(config: RunConfig, workspace: str, prompt: str, out_path: str | 
         "model": ref.model_dump(), "zero_shot": aligned.alignment.zero_shot, "method": CALIBRATION,
         "text_model": aligned.alignment.text_model, "known_text_similarity": round(known, 4),
         **({"warning": warning} if warning else {}),
+        **({"place": {**place.to_dict(), "covered_share": round(covered, 4)}} if place else {}),
         "duration_s": round(time.monotonic() - started, 2),
     }  # fmt: skip
 

@@ -166,7 +166,8 @@ class GridConfig(_Frozen):
 
 
 class RegionConfig(_Frozen):
-    """The area to map: a bounding box, a GeoJSON file or a GeoPackage layer (e.g. a country)."""
+    """The area to map: a bounding box, a GeoJSON file, a GeoPackage layer (e.g. a country) or
+    a place name (a country or a town, resolved offline by tasks/gazetteer.py)."""
 
     bbox: tuple[float, float, float, float] | None = Field(
         default=None, description="xmin, ymin, xmax, ymax in `crs`."
@@ -181,14 +182,34 @@ class RegionConfig(_Frozen):
     layer: str | None = Field(
         default=None, description="GeoPackage layer; default: the only (or first) feature layer."
     )
+    place: str | None = Field(
+        default=None,
+        description="A place name resolved offline: a country by its outline ('Belgium') or a "
+        "town of 500+ inhabitants as a disc ('Gent'); of namesakes the most populous, unless a "
+        "country (ISO code or name) or US state follows a comma ('Gent, BE', 'Paris, TX'). No "
+        "provinces, regions, rivers: use bbox, geojson or geopackage for those.",
+    )
+    place_radius_km: float | None = Field(
+        default=None,
+        gt=0,
+        le=500,
+        description="Radius of a town's disc in km; null: from its population (1-25 km).",
+    )
 
     _resolve_geojson = field_validator("geojson", "geopackage")(_resolve)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RegionConfig:
-        given = [k for k in ("bbox", "geojson", "geopackage") if getattr(self, k) is not None]
+        kinds = ("bbox", "geojson", "geopackage", "place")
+        given = [k for k in kinds if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("set exactly one of region.bbox, region.geojson and region.geopackage")
+            raise ValueError(
+                "set exactly one of region.bbox, region.geojson, region.geopackage and region.place"
+            )
+        if self.place is not None and not self.place.strip():
+            raise ValueError("region.place is empty: name a country or a town, e.g. 'Gent, BE'")
+        if self.place_radius_km is not None and self.place is None:
+            raise ValueError("region.place_radius_km is the radius around region.place: set both")
         if self.bbox and not (self.bbox[0] < self.bbox[2] and self.bbox[1] < self.bbox[3]):
             raise ValueError(f"region.bbox {self.bbox} is not (xmin, ymin, xmax, ymax)")
         return self

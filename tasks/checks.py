@@ -80,10 +80,15 @@ def check_region(config: RunConfig, out_dir: str | None = None) -> str:
             "the region covers no tile of the grid — check `region` (bbox and its crs) "
             "against `grid` (crs, origin, extent)"
         )
-    g = config.grid
+    g, r = config.grid, config.region
+    found = ""
+    if r.place is not None:  # what the name resolved to, and its namesakes
+        from pivotmap.tasks.gazetteer import resolve_place
+
+        found = "; " + resolve_place(r.place, r.place_radius_km).describe()
     return (
         f"{len(tiles)} tiles of {g.tile_size} px at {g.resolution:g} m ({g.crs}), "
-        f"{config.period.start}..{config.period.end}"
+        f"{config.period.start}..{config.period.end}{found}"
     )
 
 
@@ -206,9 +211,7 @@ def _tiles(config: RunConfig):
     from pivotmap.tasks.region import region_geometry
 
     r = config.region
-    geom = region_geometry(
-        bbox=r.bbox, crs=r.crs, geojson=r.geojson, geopackage=r.geopackage, layer=r.layer
-    )
+    geom = region_geometry(**r.model_dump())  # its keywords are RegionConfig's fields
     return config.grid.spec().tiles_for_geometry(geom)
 
 

@@ -1,4 +1,5 @@
-"""The region to map as one geometry: a bounding box, a GeoJSON file or a GeoPackage layer.
+"""The region to map as one geometry: a bounding box, a GeoJSON file, a GeoPackage layer or a
+place name (tasks/gazetteer.py).
 
 GeoPackages are read with the standard library (sqlite3) and shapely: a GeoPackage geometry is a
 small binary header followed by WKB, and the layer's CRS is in `gpkg_spatial_ref_sys`.
@@ -108,15 +109,24 @@ def region_geometry(
     geojson: str | None = None,
     geopackage: str | None = None,
     layer: str | None = None,
+    place: str | None = None,
+    place_radius_km: float | None = None,
 ) -> Geometry:
-    """The configured region (exactly one of bbox, geojson, geopackage) as a geometry."""
+    """The configured region (exactly one of bbox, geojson, geopackage, place) as a geometry;
+    the keywords are RegionConfig's fields."""
     if bbox is not None:
         return bbox_region(bbox, crs)
     if geojson is not None:
         return geojson_region(geojson, crs)
     if geopackage is not None:
         return geopackage_region(geopackage, layer)
-    raise RegionError("no region given: set region.bbox, region.geojson or region.geopackage")
+    if place is not None:
+        from pivotmap.tasks.gazetteer import resolve_place
+
+        return resolve_place(place, place_radius_km).geometry
+    raise RegionError(
+        "no region given: set region.bbox, region.geojson, region.geopackage or region.place"
+    )
 
 
 def tiles_lonlat(tiles: list[Tile]) -> Geometry:

@@ -374,13 +374,15 @@ def table_key(config: RunConfig, cube_version: str) -> str:
 
     labels = _labels(config)
     tc = config.train
+    # a region without a place keeps the key of the tables drawn before `region.place` existed
+    unset = {"place", "place_radius_km"} if config.region.place is None else set()
     settings = {
         "cube": cube_version,
         "labels": labels_fingerprint(labels),
         "nomenclature": hashlib.sha256(storage.read_bytes(labels.nomenclature)).hexdigest(),
         "period": [config.period.start.isoformat(), config.period.end.isoformat()],
         "grid": config.grid.model_dump(mode="json"),
-        "region": config.region.model_dump(mode="json"),
+        "region": config.region.model_dump(mode="json", exclude=unset),
         **{
             k: getattr(tc, k)
             for k in (

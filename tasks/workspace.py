@@ -73,9 +73,7 @@ class Workspace:
         from pivotmap.tasks.region import region_geometry
 
         r = self.config.region
-        geom = region_geometry(
-            bbox=r.bbox, crs=r.crs, geojson=r.geojson, geopackage=r.geopackage, layer=r.layer
-        )
+        geom = region_geometry(**r.model_dump())  # its keywords are RegionConfig's fields
         return self.config.grid.spec().tiles_for_geometry(geom)
 
     def extent(self, tiles: list[Tile] | None = None) -> GeoBox:

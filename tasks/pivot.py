@@ -371,7 +371,8 @@ def target_state(config: RunConfig, ingest: IngestResult, obs: dict) -> CubeStat
     base = {
         "grid": config.grid.model_dump(mode="json"),
         "start": config.period.start.isoformat(),
-        "pivot": config.pivot.model_dump(mode="json", exclude={"min_valid_fraction"}),
+        # a cube keeps the zstd level it was created with: changing it rebuilds nothing
+        "pivot": config.pivot.model_dump(mode="json", exclude={"min_valid_fraction", "zstd_level"}),
         "method_version": method.version,
         "modalities": sorted(obs),
         "layout": cube.LAYOUT_VERSION,  # another codec chain: rebuild, never append to it
@@ -411,7 +412,7 @@ def create_pivot(
     tmpl = cube.template(
         ws.extent(ws.tiles()), times, pivot_variables(modalities), pivot_attrs(cfg, target)
     )
-    layout = cube.pivot_layout(cfg.pivot.time_chunk_days, len(times))
+    layout = cube.pivot_layout(cfg.pivot.time_chunk_days, len(times), cfg.pivot.zstd_level)
     cube.create(ws.pivot_url, tmpl, cfg.grid.tile_size, layout=layout)
     ws.clear_stage("pivot")
 

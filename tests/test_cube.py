@@ -45,7 +45,7 @@ def test_cf_metadata_and_codec_chain(local_cube):
     assert [type(f).__name__ for f in enc["filters"]] == ["TransposeCodec"]  # time-last
     (blosc,) = enc["compressors"]
     assert (blosc.cname.value, blosc.shuffle.value, blosc.typesize) == ("zstd", "shuffle", 2)
-    assert blosc.clevel == 5 and blosc.blocksize == 1 << 20
+    assert blosc.clevel == 3 and blosc.blocksize == 1 << 20  # pivot.zstd_level's default
     assert float(age.min()) >= 0 and float(age.max()) <= 366
 
 
@@ -221,3 +221,31 @@ def test_a_cube_with_an_older_storage_layout_is_rebuilt_not_appended_to(tmp_path
     assert "numcodecs" not in codecs() and "blosc" in codecs()
     new = PivotReader(ws.pivot_url).window(slice(0, 32), slice(0, 32), dtype="int16")
     xr.testing.assert_equal(new, old)  # the same int16 codes (the state attributes differ)
+
+
+def test_the_pivot_zstd_level_is_a_setting_that_rebuilds_nothing():
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from pivotmap.config import PivotConfig
+    from pivotmap.tasks import cube
+    from pivotmap.tasks.pivot import daily_times, target_state
+    from tests.pivot_data import EXTENT
+
+    start, end = dt.date(2024, 3, 1), dt.date(2024, 3, 10)
+    times = daily_times(start, end)
+    tmpl = cube.template(EXTENT, times, ["B08"], {})
+    for level in (3, 5):
+        enc = cube.encoding(tmpl, 32, 32, cube.pivot_layout(None, len(times), level))
+        assert enc["B08"]["compressors"][0].clevel == level
+
+    def key(level: int) -> str:
+        config = SimpleNamespace(
+            grid=PivotConfig(), period=SimpleNamespace(start=start, end=end),
+            pivot=PivotConfig(zstd_level=level),
+        )  # fmt: skip
+        ingest = SimpleNamespace(modalities={"s2": SimpleNamespace(item_ids=["a"])})
+        obs = {"s2": {"time": np.array([19783], dtype="int64")}}
+        return target_state(config, ingest, obs).version
+
+    assert key(3) == key(5)  # an existing cube keeps its level: no rebuild

@@ -426,6 +426,11 @@ def train_markdown(result: TrainResult) -> str:
     if b := result.baseline:
         lines.append(f"- random-forest baseline: OA {b['overall_accuracy']:.3f}, "
                      f"macro-F1 {b['macro_f1']:.3f}")  # fmt: skip
+    if e := result.ensemble:
+        oa, f1 = e["overall_accuracy"], e["macro_f1"]
+        lines.append(f"- ensemble of {e['members']} (seeds {e['seeds']}): members' OA "
+                     f"{oa['mean']:.3f} ± {oa['std']:.3f}, macro-F1 {f1['mean']:.3f} ± "
+                     f"{f1['std']:.3f}")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -253,19 +253,20 @@ def run_tile_job(job: TileJob) -> dict:
 
 
 def classify(model, spec, ds, batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Class codes and confidence (0–100) of a window already sampled every `spec.step_days`;
-    255 where the cube has no data."""
+    """Class codes and confidence (0–100: the class's probability, times the members'
+    agreement for an ensemble) of a window already sampled every `spec.step_days`; 255 where
+    the cube has no data."""
     from pivotmap.models.features import window_inputs
-    from pivotmap.models.training import predict_proba
+    from pivotmap.models.training import confidence_percent, predict_vote
 
     h, w = ds.sizes["y"], ds.sizes["x"]
     x, ok = window_inputs(ds, spec)
     classes = np.full(h * w, NODATA_CODE, dtype=np.uint8)
     confidence = np.full(h * w, NODATA_CODE, dtype=np.uint8)
     if ok.any():
-        proba = predict_proba(model, x, batch_size, device)
+        proba, agreement = predict_vote(model, x, batch_size, device)
         classes[ok] = np.asarray(spec.classes, dtype=np.uint8)[proba.argmax(1)]
-        confidence[ok] = np.rint(proba.max(1) * 100).astype(np.uint8)
+        confidence[ok] = confidence_percent(proba, agreement)
     return classes.reshape(h, w), confidence.reshape(h, w)
 
 

@@ -14,6 +14,9 @@ from the pivot cube:
 It samples every `step_days` from the first date, normalises, caps ages and adds the day of year
 as pivotmap's prediction does, and returns a DataFrame of N rows: `class` (class code, 255 where
 a pixel has no data), `confidence` (0–100, 255 where no data) and `p_<code>` (probabilities).
+For an ensemble (`members` > 1 in `spec.json`) the probabilities are the members' mean and the
+confidence is the class's probability times the share of members that chose that class, as in
+pivotmap's maps.
 Pass `model_config={"device": "cuda"}` to `load_model` to predict on a GPU (default: CPU).
 
 This file imports nothing of pivotmap.
@@ -53,12 +56,16 @@ class PivotmapClassifier(PythonModel):
         dates, series = self._checked(model_input)
         ok = self.prep.has_data(series)
         proba = np.full((len(series), len(self.codes)), np.nan, dtype=np.float32)
+        agreement = None
         if ok.any():
-            proba[ok] = self._proba(series[ok], self.prep.day_of_year(dates))
+            proba[ok], agreement = self._proba(series[ok], self.prep.day_of_year(dates))
         classes = np.full(len(series), NODATA, dtype=np.int32)
         confidence = np.full(len(series), NODATA, dtype=np.int32)
         classes[ok] = self.codes[proba[ok].argmax(1)]
-        confidence[ok] = np.rint(proba[ok].max(1) * 100).astype(np.uint8)
+        top = proba[ok].max(1)
+        if agreement is not None:  # an ensemble: a class the members split on counts less
+            top = top * agreement
+        confidence[ok] = np.rint(top * 100).astype(np.uint8)
         columns: dict[str, np.ndarray] = {"class": classes, "confidence": confidence}
         columns |= {f"p_{code}": proba[:, k] for k, code in enumerate(self.codes)}
         return pd.DataFrame(columns)
@@ -86,10 +93,12 @@ class PivotmapClassifier(PythonModel):
             )
         return values
 
-    def _proba(self, series: np.ndarray, doy: np.ndarray) -> np.ndarray:
-        """Softmax probabilities [N, K], batched; bf16 autocast on CUDA as pivotmap predicts."""
+    def _proba(self, series: np.ndarray, doy: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities [N, K] and, for an ensemble, the members' agreement [N] (else None),
+        batched; bf16 autocast on CUDA as pivotmap predicts. A network's program returns
+        logits; an ensemble's returns (mean probabilities, agreement)."""
         s = self.spec
-        out = []
+        probas, agreements = [], []
         on_cuda = self.device.type == "cuda"
         with torch.inference_mode():
             for start in range(0, len(series), _BATCH):
@@ -99,9 +108,13 @@ class PivotmapClassifier(PythonModel):
                 )  # fmt: skip
                 batch = torch.from_numpy(x).to(self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on_cuda):
-                    logits = self.net(batch)
-                out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-        return np.concatenate(out)
+                    out = self.net(batch)
+                if isinstance(out, tuple | list):
+                    probas.append(out[0].float().cpu().numpy())
+                    agreements.append(out[1].float().cpu().numpy())
+                else:
+                    probas.append(torch.softmax(out.float(), dim=-1).cpu().numpy())
+        return np.concatenate(probas), np.concatenate(agreements) if agreements else None
 
 
 def load_network(path: str, device: torch.device):

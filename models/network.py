@@ -9,11 +9,17 @@ Each modality's encoder (`encoders.ModalityEncoder`) pools its T steps into a fe
 fusion transformer attends across the tokens of both modalities. A modality with no information
 in a pixel (every age at the cap) is masked out of the fusion, so one modality alone still
 classifies; training drops a modality at random (`modality_dropout`) so that this case is learnt.
+
+With `ModelSpec.members` > 1 the network is an ensemble (`EnsembleClassifier`): that many
+networks of the same architecture, trained with other seeds, whose class probabilities are
+averaged; the share of members that vote for the ensemble's class is its per-pixel agreement.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -54,6 +60,7 @@ class ModelSpec:
     heads: int = 4
     modality_dropout: float = 0.15
     patch: int = 2
+    members: int = 1  # > 1: an ensemble of that many networks (`EnsembleClassifier`)
 
     def __post_init__(self) -> None:
         unknown = set(self.modalities) - {"s2", "s1"}
@@ -61,6 +68,8 @@ class ModelSpec:
             raise ValueError(f"ModelSpec.modalities must be s2 and/or s1, got {self.modalities}")
         if self.arch not in (FUSION, LEGACY):
             raise ValueError(f"ModelSpec.arch {self.arch!r} is not {FUSION!r} or {LEGACY!r}")
+        if self.members < 1:
+            raise ValueError(f"ModelSpec.members must be at least 1, got {self.members}")
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -200,10 +209,84 @@ class TempConvClassifier(nn.Module):
         return self.head(g[:, :1] * h2 + g[:, 1:] * h1)
 
 
+class EnsembleClassifier(nn.Module):
+    """`spec.members` networks of one architecture that vote: the forward pass gives the log of
+    their mean class probabilities (its softmax is that mean; argmax, cross-entropy and
+    gradients work as on one network's logits). The members' probabilities are summed one
+    member at a time, never stacked: memory stays about that of one member's batch."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        member = spec.replace(members=1)
+        self.members = nn.ModuleList(build_model(member) for _ in range(spec.members))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total: torch.Tensor | None = None  # log of the sum of the members' probabilities
+        for member in self.members:
+            log_p = torch.log_softmax(member(x).float(), dim=-1)
+            total = log_p if total is None else torch.logaddexp(total, log_p)
+        assert total is not None  # members >= 1
+        return total - math.log(len(self.members))
+
+    def vote(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean class probabilities [N, K] and the agreement [N]: the share of members
+        whose own class is the ensemble's."""
+        total: torch.Tensor | None = None
+        votes = []
+        for member in self.members:
+            p = torch.softmax(member(x).float(), dim=-1)
+            total = p if total is None else total + p
+            votes.append(p.argmax(-1))
+        assert total is not None
+        proba = total / len(self.members)
+        agreement = torch.stack(votes).eq(proba.argmax(-1)).float().mean(0)
+        return proba, agreement
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The first member's pixel embedding (the text-alignment head's input): the members'
+        embedding spaces differ, so they are not averaged."""
+        return cast(FusionClassifier, self.members[0]).embed(x)
+
+
+class Voting(nn.Module):
+    """An ensemble whose forward pass gives (mean probabilities, agreement): what its
+    registered `torch.export` program computes, so that the MLflow pyfunc's confidence is
+    pivotmap's."""
+
+    def __init__(self, ensemble: EnsembleClassifier) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ensemble.vote(x)
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """What `torch.export` saves of `model`: an ensemble votes (`Voting`), a network is itself."""
+    return Voting(model) if isinstance(model, EnsembleClassifier) else model
+
+
+def ensemble_of(models: list[nn.Module]) -> nn.Module:
+    """One model of networks trained on one spec: the network itself when there is one, else
+    an `EnsembleClassifier` of them (the same modules, not copies), in eval mode."""
+    spec = cast(ModelSpec, models[0].spec)
+    if any(m.spec != spec for m in models):
+        raise ValueError("an ensemble's members must share one ModelSpec")
+    if len(models) == 1:
+        return models[0]
+    ensemble = EnsembleClassifier(spec.replace(members=len(models)))
+    ensemble.members = nn.ModuleList(models)
+    return ensemble.eval()
+
+
 def build_model(spec: ModelSpec | dict) -> nn.Module:
-    """The network for `spec` (a ModelSpec or its dict form), with fresh weights."""
+    """The network for `spec` (a ModelSpec or its dict form), with fresh weights: an ensemble
+    (`EnsembleClassifier`) when `spec.members` > 1."""
     if isinstance(spec, dict):
         spec = ModelSpec.from_dict(spec)
+    if spec.members > 1:
+        return EnsembleClassifier(spec)
     return TempConvClassifier(spec) if spec.arch == LEGACY else FusionClassifier(spec)
 
 

@@ -481,13 +481,14 @@ def _export_network(state: dict, spec: ModelSpec, path: Path) -> Path:
     eager network computes, bit for bit on CPU."""
     import torch
 
-    from pivotmap.models.network import build_model
+    from pivotmap.models.network import build_model, exportable
 
     net = build_model(spec)
     net.load_state_dict(state)
     example = torch.zeros(2, spec.n_steps, len(spec.channels))
     pixels = torch.export.Dim("pixels", min=1)
-    program = torch.export.export(net.eval(), (example,), dynamic_shapes=({0: pixels},))
+    voting = exportable(net.eval())  # an ensemble's program: (mean probabilities, agreement)
+    program = torch.export.export(voting, (example,), dynamic_shapes=({0: pixels},))
     program._example_inputs = None  # else torch.export.save pickles them into the archive
     torch.export.save(program, str(path))
     return path

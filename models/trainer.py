@@ -6,7 +6,9 @@ autocast where the stage runs on a GPU, elsewhere the CPU):
 1. split the labels in spatial blocks; read the labelled pixels and a sample of unlabelled ones
    (never from held-out blocks) — `models/datamodule.py`;
 2. optionally pretrain the encoders by masked reconstruction on the unlabelled pixels;
-3. train the classifier (from the pretrained encoders when there are some);
+3. train the classifier (from the pretrained encoders when there are some); with
+   `train.ensemble_members` N > 1, steps 2 and 3 run N times with seeds seed … seed+N-1, each
+   member is scored on its own, and the ensemble (mean probabilities) is registered;
 4. the baseline: trees on calendar-free (or date-indexed) features of the same pixels and
    split (`train.baseline_features`, `train.baseline_model`);
 5. optionally distil a smaller student, and align the encoder with class descriptions (text);
@@ -37,13 +39,13 @@ from pivotmap.models.datamodule import (
     stratified_sample,
 )
 from pivotmap.models.evaluation import code_version, confusion_png, headline, metrics
-from pivotmap.models.network import count_parameters, flops_per_pixel
+from pivotmap.models.network import count_parameters, ensemble_of, flops_per_pixel
 from pivotmap.models.training import (
     FitResult,
     cpu_threads,
     fastest_threads,
     pick_device,
-    predict_proba,
+    predict_vote,
 )
 from pivotmap.results import PivotResult, SampleResult, TrainResult
 from pivotmap.runtime import run_logger
@@ -109,6 +111,28 @@ def train_classifier(
         init_lr_scale=tc.pretrain_lr_scale,
         augment=augmentation(tc, data.spec),
     )
+
+
+def member_config(tc: TrainConfig, member: int) -> TrainConfig:
+    """The training settings of an ensemble's member `member` (0 = the run's own seed)."""
+    return tc if member == 0 else tc.model_copy(update={"seed": tc.seed + member})
+
+
+def train_members(
+    data: TrainingData, tc: TrainConfig, device: str, step: Step = _as_is
+) -> tuple[list[FitResult], dict | None]:
+    """The classifier trained `train.ensemble_members` times, member i as one network of seed
+    `seed + i` trains (its own pretraining first, when on); the fits and the first member's
+    pretraining. Members sharing one pretraining differ too little: on the transfer benchmark
+    their ensemble was no better than its average member and its seed spread stayed."""
+    fits, first = [], None
+    for i in range(tc.ensemble_members):
+        member = member_config(tc, i)
+        pretrained = step(pretrain_encoder)(data, member, device) if tc.pretrain_epochs else None
+        init = pretrained["state"] if pretrained else None
+        fits.append(step(train_classifier)(data, member, device, init))
+        first = pretrained if i == 0 else first
+    return fits, first
 
 
 def random_forest_baseline(data: TrainingData, tc: TrainConfig) -> dict:
@@ -220,27 +244,62 @@ def align_text(data: TrainingData, model, nomenclature: Nomenclature, job, confi
 
 
 def evaluate(model, data: TrainingData, device: str) -> dict:
-    """Scores of a network on the held-out pixels, with its size and cost."""
-    proba = predict_proba(model, data.x.subset(np.flatnonzero(data.is_test)), 8192, device)
+    """Scores of a network (or ensemble) on the held-out pixels, with its size and cost; an
+    ensemble's also say how its members' agreement relates to its accuracy (`agreement`)."""
+    x = data.x.subset(np.flatnonzero(data.is_test))
+    proba, agreement = predict_vote(model, x, 8192, device)
     predicted = np.asarray(model.spec.classes)[proba.argmax(1)]
-    scores = metrics(data.codes[data.is_test], predicted, model.spec.classes)
+    truth = data.codes[data.is_test]
+    scores = metrics(truth, predicted, model.spec.classes)
     scores["parameters"] = count_parameters(model)
     scores["flops_per_pixel"] = flops_per_pixel(model.spec)
+    if agreement is not None:
+        scores["agreement"] = agreement_figures(agreement, predicted == truth)
     return scores
+
+
+def agreement_figures(agreement: np.ndarray, correct: np.ndarray) -> dict:
+    """Mean agreement of held-out pixels, the share where every member agrees, and the
+    accuracy there and elsewhere (None where there is no such pixel)."""
+    unanimous = agreement >= 1.0
+
+    def accuracy(where: np.ndarray) -> float | None:
+        return round(float(correct[where].mean()), 4) if where.any() else None
+
+    return {
+        "mean": round(float(agreement.mean()), 4) if len(agreement) else None,
+        "unanimous_share": round(float(unanimous.mean()), 4) if len(agreement) else None,
+        "overall_accuracy_unanimous": accuracy(unanimous),
+        "overall_accuracy_split": accuracy(~unanimous),
+    }
+
+
+def member_spread(members: list[dict], seeds: list[int]) -> dict:
+    """OA and macro-F1 of each ensemble member on the held-out pixels: mean, std, min, max."""
+    out: dict = {"members": len(members), "seeds": seeds}
+    for key in ("overall_accuracy", "macro_f1"):
+        values = np.array([m[key] for m in members], dtype=float)
+        out[key] = {
+            "mean": round(float(values.mean()), 4), "std": round(float(values.std()), 4),
+            "min": round(float(values.min()), 4), "max": round(float(values.max()), 4),
+            "per_member": [round(float(v), 4) for v in values],
+        }  # fmt: skip
+    return out
 
 
 @dataclass(frozen=True)
 class Trained:
     """The networks one run trained and their held-out scores (the baseline's too)."""
 
-    model: Any
-    losses: list[float]
+    model: Any  # one network, or an ensemble of `train.ensemble_members`
+    losses: list[float]  # the first member's
     scores: dict
     pretrained: dict | None
     alignment: Any  # text_align.Alignment or None
     student_model: Any
     student: dict | None
     baseline: dict | None
+    members: dict | None = None  # an ensemble's members' spread (`member_spread`)
 
 
 def fit_models(
@@ -253,21 +312,26 @@ def fit_models(
         threads = fastest_threads(data.spec, data.x.subset(data.train_idx), tc.batch_size)
         run_logger("train").info("training on %d CPU thread(s): the fastest here", threads)
     with cpu_threads(device, threads):
-        pretrained = step(pretrain_encoder)(data, tc, device) if tc.pretrain_epochs else None
-        init = pretrained["state"] if pretrained else None
-        fitted = step(train_classifier)(data, tc, device, init)
-        scores = evaluate(fitted.model, data, device)
+        fits, pretrained = train_members(data, tc, device, step)
+        model = ensemble_of([f.model for f in fits])
+        scores = evaluate(model, data, device)
+        members = None
+        if len(fits) > 1:
+            seeds = [member_config(tc, i).seed for i in range(len(fits))]
+            members = member_spread([evaluate(f.model, data, device) for f in fits], seeds)
+            members["final_loss"] = [round(f.losses[-1], 4) for f in fits]
         alignment = None
         if text_job:
-            alignment = step(align_text)(data, fitted.model, nomenclature, text_job, config)
+            alignment = step(align_text)(data, model, nomenclature, text_job, config)
         student_model = student = None
         if tc.distill_epochs:
-            student_model = step(distil_student)(data, fitted.model, tc, device).model
+            student_model = step(distil_student)(data, model, tc, device).model
             student = evaluate(student_model, data, device)
     baseline = step(random_forest_baseline)(data, tc) if tc.baseline_trees else None
     return Trained(
-        model=fitted.model, losses=fitted.losses, scores=scores, pretrained=pretrained,
+        model=model, losses=fits[0].losses, scores=scores, pretrained=pretrained,
         alignment=alignment, student_model=student_model, student=student, baseline=baseline,
+        members=members,
     )  # fmt: skip
 
 
@@ -320,10 +384,15 @@ def run_params(ws: Workspace, data: TrainingData, device: str, cube_version: str
 
 
 def run_metrics(
-    scores: dict, baseline: dict | None, student: dict | None, names: dict[int, str]
+    scores: dict,
+    baseline: dict | None,
+    student: dict | None,
+    names: dict[int, str],
+    members: dict | None = None,
 ) -> dict:
     """Model, baseline (`rf_…`) and student (`student_…`) scores as flat MLflow metrics; per
-    class F1 named by code and class name (`f1_3_grassland`)."""
+    class F1 named by code and class name (`f1_3_grassland`); for an ensemble, its members'
+    spread (`members_macro_f1_std`, …, `member_macro_f1_0`, …) and agreement."""
     out = {k: scores[k] for k in ("overall_accuracy", "macro_f1", "kappa")}
     out["f1"] = named_f1(scores["per_class_f1"], names)
     out |= {"parameters": scores["parameters"], "flops_per_pixel": scores["flops_per_pixel"]}
@@ -331,6 +400,14 @@ def run_metrics(
         if other:
             out |= {f"{prefix}_{k}": other[k] for k in ("overall_accuracy", "macro_f1", "kappa")}
             out[f"{prefix}_f1"] = named_f1(other["per_class_f1"], names)
+    if members:
+        out["ensemble_members"] = members["members"]
+        for key in ("overall_accuracy", "macro_f1"):
+            stats = members[key]
+            out[f"members_{key}"] = {s: stats[s] for s in ("mean", "std", "min", "max")}
+            out[f"member_{key}"] = dict(enumerate(stats["per_member"]))
+        figures = scores.get("agreement") or {}
+        out["agreement"] = {k: v for k, v in figures.items() if v is not None}
     return out
 
 
@@ -383,8 +460,9 @@ def register(
     started_at: float | None = None,
 ) -> RegisteredModel:
     """Log the run (params, metrics, confusion PNGs, input signature) and register the model
-    with the legend and cube settings it was trained on (and its text-alignment head when
-    there is one): predict elsewhere needs no labels and refuses a cube built otherwise."""
+    (one network or an ensemble: its spec says which) with the legend and cube settings it was
+    trained on (and its text-alignment head when there is one): predict elsewhere needs no
+    labels and refuses a cube built otherwise."""
     from pivotmap.models.registry import log_and_register
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -395,7 +473,7 @@ def register(
             **mlflow_target(ws),
             model_name=ws.config.model_name,
             model=model.cpu(),
-            spec=data.spec,
+            spec=model.spec,
             params=params,
             metrics=flat,
             validation_key=key,
@@ -403,7 +481,7 @@ def register(
             tags={"pivotmap.role": "model", "pivotmap.code_version": params["code_version"]},
             input_example=data.x[:4],
             model_files=files or None,
-            cube_settings=trained_cube_settings(ws, data.spec),
+            cube_settings=trained_cube_settings(ws, model.spec),
             run_name=f"{ws.config.name}: train",
             started_at=started_at,
         )
@@ -478,7 +556,8 @@ def record(
     the registered model (and student) versions."""
     scores, baseline, student = trained.scores, trained.baseline, trained.student
     evaluated = {"model": scores} | ({"random_forest": baseline} if baseline else {})
-    flat = run_metrics(scores, baseline, student, names) | alignment_metrics(trained.alignment)
+    flat = run_metrics(scores, baseline, student, names, trained.members)
+    flat |= alignment_metrics(trained.alignment)
     with tempfile.TemporaryDirectory() as tmp:
         figures = confusion_figures(ws, names, data.spec.classes, evaluated, Path(tmp))
         params = run_params(ws, data, device, cube_version)
@@ -528,6 +607,12 @@ def train(ws: Workspace, device: str | None = None, step: Step = _as_is) -> Trai
         "model %s v%s: OA %.3f macro-F1 %.3f (%s)",
         r.name, r.version, scores["overall_accuracy"], scores["macro_f1"], r.reason,
     )  # fmt: skip
+    if m := trained.members:
+        run_logger("train").info(
+            "ensemble of %d: members' OA %.3f ± %.3f, macro-F1 %.3f ± %.3f (mean ± std)",
+            m["members"], m["overall_accuracy"]["mean"], m["overall_accuracy"]["std"],
+            m["macro_f1"]["mean"], m["macro_f1"]["std"],
+        )  # fmt: skip
     result = train_result(ws, outcome, duration_s=round(time.monotonic() - started, 2))
     ws.write_result(result)
     return result
@@ -553,6 +638,13 @@ def _pretraining_summary(pretrained: dict | None, tc: TrainConfig) -> dict | Non
     }
 
 
+def _ensemble_summary(members: dict | None, scores: dict) -> dict | None:
+    """The members' spread and the ensemble's agreement on the held-out pixels."""
+    if members is None:
+        return None
+    return members | {"agreement": scores.get("agreement")}
+
+
 def _baseline_summary(baseline: dict | None) -> dict | None:
     if baseline is None:
         return None
@@ -573,6 +665,7 @@ def train_result(ws: Workspace, outcome: TrainOutcome, duration_s: float) -> Tra
         if t.student is None or o.student_registered is None
         else _student_summary(t.student, scores, o.student_registered),
         pretraining=_pretraining_summary(t.pretrained, tc),
+        ensemble=_ensemble_summary(t.members, scores),
         n_train_pixels=len(data.train_idx),
         label_fraction=tc.label_fraction,
         split=f"whole polygons or blocks of {tc.block_size} px, {tc.test_fraction:.0%} held out"

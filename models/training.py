@@ -221,3 +221,35 @@ def predict_proba(model: nn.Module, x: Batches, batch_size: int, device: str = "
     if not out:
         return np.zeros((0, len(cast(ModelSpec, model.spec).classes)), dtype=np.float32)
     return np.concatenate(out)
+
+
+@torch.no_grad()
+def predict_vote(
+    model: nn.Module, x: Batches, batch_size: int, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities [N, K] and, for an ensemble (`network.EnsembleClassifier`), the
+    members' agreement [N] (None for one network); batched, bf16 autocast on CUDA."""
+    vote = getattr(model, "vote", None)
+    if vote is None:
+        return predict_proba(model, x, batch_size, device), None
+    model.eval()
+    probas, agreements = [], []
+    for start in range(0, len(x), batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
+        with autocast(device):
+            proba, agreement = vote(xb)
+        probas.append(proba.float().cpu().numpy())
+        agreements.append(agreement.float().cpu().numpy())
+    if not probas:
+        n_classes = len(cast(ModelSpec, model.spec).classes)
+        return np.zeros((0, n_classes), dtype=np.float32), np.zeros(0, dtype=np.float32)
+    return np.concatenate(probas), np.concatenate(agreements)
+
+
+def confidence_percent(proba: np.ndarray, agreement: np.ndarray | None) -> np.ndarray:
+    """Confidence 0–100 (uint8) of each pixel's class: its probability, times the members'
+    agreement for an ensemble (a class half the members reject counts half)."""
+    top = proba.max(1)
+    if agreement is not None:
+        top = top * agreement
+    return np.rint(top * 100).astype(np.uint8)

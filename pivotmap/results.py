@@ -155,6 +155,7 @@ class TrainResult(StageResult):
     device: str
     final_loss: float
     text_alignment: Row | None = None
+    ensemble: Row | None = None  # `train.ensemble_members` > 1: the members' spread, agreement
     duration_s: float = 0.0
 
 

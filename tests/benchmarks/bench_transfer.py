@@ -16,6 +16,17 @@ train settings, cut down by the arguments below) and evaluated with A's normalis
 `--scenario unseen` gives A none of B's sub-types (as a training site without the crop types
 of the mapped one); use another --out for each scenario.
 
+`--ensemble N` adds the `train.ensemble_members: N` arm: for each seed s, N members (seeds
+s … s+N-1, each pretrained and trained with its own seed) trained as `pivotmap train` trains
+them, scored as the ensemble (`fusion_ensembleN`), as its first member alone
+(`fusion_ensembleN_first`) and as every member alone (`fusion_ensembleN_members`: each is what
+the `fusion` arm gives for its seed); `--member-pretraining shared` fine-tunes every member
+from one pretraining of seed s instead (`…_shared` arms). Seeds N apart (`--seeds 0,3,6
+--ensemble 3`) keep the ensembles' members disjoint:
+
+    .venv/bin/python tests/benchmarks/bench_transfer.py --out out/bench-transfer \
+        --models rf_percentiles --seeds 0,3,6 --ensemble 3
+
 Prints one JSON line per model and split (`split`: `A_heldout` or `B_other_year`) with OA and
 macro-F1 mean, std, min and max over the seeds and the per-seed figures; then a table on
 stderr. The regions, cubes and tables are kept under --out and reused by a rerun.
@@ -151,6 +162,38 @@ def network_scores(data_a, data_b, tc, pretrain: bool) -> tuple[dict, dict, floa
     return a, b, time.monotonic() - started
 
 
+def ensemble_scores(
+    data_a, data_b, tc, separate: bool = True
+) -> tuple[list[tuple[dict, dict]], float]:
+    """Train `tc.ensemble_members` members as `pivotmap train` does (each pretrains with its own
+    seed; without `separate`, all members fine-tune one pretraining of `tc.seed` instead);
+    (A, B) scores of the ensemble first, then of each member alone."""
+    from pivotmap.models.network import ensemble_of
+    from pivotmap.models.trainer import (
+        evaluate,
+        member_config,
+        pretrain_encoder,
+        train_classifier,
+        train_members,
+    )
+    from pivotmap.models.training import cpu_threads
+
+    def pretrained(tc):
+        return pretrain_encoder(data_a, tc, "cpu")["state"] if tc.pretrain_epochs else None
+
+    started = time.monotonic()
+    with cpu_threads("cpu", tc.cpu_threads or 1):
+        if separate:
+            members = [f.model for f in train_members(data_a, tc, "cpu")[0]]
+        else:
+            each = [member_config(tc, i) for i in range(tc.ensemble_members)]
+            init = pretrained(tc)
+            members = [train_classifier(data_a, t, "cpu", init).model for t in each]
+        models = [ensemble_of(members), *members]
+        scores = [(evaluate(m, data_a, "cpu"), evaluate(m, data_b, "cpu")) for m in models]
+    return scores, time.monotonic() - started
+
+
 def baseline_scores(data_a, data_b, tc) -> tuple[dict, dict, float]:
     """The configured baseline (`train.baseline_*`) trained on A; its scores on A and B."""
     from threadpoolctl import threadpool_limits
@@ -223,7 +266,21 @@ def main(args: list[str] | None = None) -> list[dict]:
     p.add_argument("--pretrain-epochs", type=int, default=2)
     p.add_argument("--trees", type=int, default=100, help="baseline trees / boosting rounds")
     p.add_argument("--max-train-pixels", type=int, default=3000)
-    p.add_argument("--models", default=",".join(MODELS), help=f"any of {', '.join(MODELS)}")
+    p.add_argument(
+        "--models", default=",".join(MODELS), help=f"any of {', '.join(MODELS)} (or none: '')"
+    )
+    p.add_argument(
+        "--member-pretraining",
+        choices=("shared", "separate"),
+        default="separate",
+        help="each of the ensemble's members pretrains with its own seed (as `pivotmap train`) "
+        "or all share one pretraining",
+    )
+    p.add_argument(
+        "--ensemble", type=int, default=1,
+        help="N > 1: also train N-member ensembles of the fusion network (members s … s+N-1 "
+        "for each seed s) and score them, their first and every member",
+    )  # fmt: skip
     p.add_argument(
         "--scenario", choices=sorted(SCENARIOS), default="seen",
         help="seen: A holds 10-20 %% of B's sub-types (spring cereals, late maize, pasture); "
@@ -232,7 +289,7 @@ def main(args: list[str] | None = None) -> list[dict]:
     a = p.parse_args(args)
     out = Path(a.out).resolve()
     seeds = [int(s) for s in a.seeds.split(",")]
-    models = a.models.split(",")
+    models = [m for m in a.models.split(",") if m]
     if unknown := set(models) - set(MODELS):
         p.error(f"unknown --models {sorted(unknown)}: choose among {', '.join(MODELS)}")
     train = {
@@ -254,6 +311,11 @@ def main(args: list[str] | None = None) -> list[dict]:
         f"B: {len(data_b.codes)} labelled pixels; {data_a.spec.n_steps} steps"
     )
     lines = []
+    if a.ensemble > 1:
+        separate = a.member_pretraining == "separate"
+        lines += ensemble_arm(
+            data_a, data_b, config_a.train, seeds, a.ensemble, a.scenario, separate
+        )
     for name in models:
         kind, overrides = MODELS[name]
         runs: dict[str, list[dict]] = {"A_heldout": [], "B_other_year": []}
@@ -277,12 +339,46 @@ def main(args: list[str] | None = None) -> list[dict]:
     return lines
 
 
+def ensemble_arm(
+    data_a, data_b, tc, seeds: list[int], n: int, scenario: str, separate: bool = True
+) -> list[dict]:
+    """The ensemble arm: one summary line per split for the ensembles (with their agreement),
+    their first members and all their members (printed as JSON)."""
+    arm = f"fusion_ensemble{n}" + ("" if separate else "_shared")
+    names = (arm, f"{arm}_first", f"{arm}_members")
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for seed in seeds:
+        member_tc = tc.model_copy(update={"seed": seed, "ensemble_members": n})
+        scored, took = ensemble_scores(data_a, data_b, member_tc, separate)
+        named = [(names[0], seed, scored[0]), (names[1], seed, scored[1])]
+        named += [(names[2], seed + i, pair) for i, pair in enumerate(scored[1:])]
+        for name, run_seed, pair in named:
+            for split, scores in zip(("A_heldout", "B_other_year"), pair, strict=True):
+                row = scores | {"seed": run_seed, "train_s": took}
+                runs.setdefault((name, split), []).append(row)
+        (ea, eb), (fa, fb) = scored[0], scored[1]
+        log(
+            f"ensemble of {n}, seed {seed}: A OA {ea['overall_accuracy']:.3f} (first member "
+            f"{fa['overall_accuracy']:.3f}), B OA {eb['overall_accuracy']:.3f} (first "
+            f"{fb['overall_accuracy']:.3f}), agreement on B {eb['agreement']['mean']:.3f} "
+            f"({took:.0f} s)"
+        )
+    lines = []
+    for (name, split), rows in runs.items():
+        line = summarise(name, split, rows) | {"scenario": scenario}
+        if name == names[0]:
+            line["agreement_per_seed"] = [r["agreement"] for r in rows]
+        print(json.dumps(line), flush=True)
+        lines.append(line)
+    return lines
+
+
 def print_table(lines: list[dict]) -> None:
-    log(f"{'model':<20}{'split':<14}{'OA mean':>8}{'min':>7}{'max':>7}{'F1 mean':>9}{'min':>7}")
+    log(f"{'model':<28}{'split':<14}{'OA mean':>8}{'min':>7}{'max':>7}{'F1 mean':>9}{'min':>7}")
     for r in lines:
         oa, f1 = r["overall_accuracy"], r["macro_f1"]
         log(
-            f"{r['model']:<20}{r['split']:<14}{oa['mean']:>8.3f}{oa['min']:>7.3f}{oa['max']:>7.3f}"
+            f"{r['model']:<28}{r['split']:<14}{oa['mean']:>8.3f}{oa['min']:>7.3f}{oa['max']:>7.3f}"
             f"{f1['mean']:>9.3f}{f1['min']:>7.3f}"
         )
 

@@ -310,6 +310,13 @@ def run(args: argparse.Namespace) -> dict:
                 "in the mapped area; the rest is not mapped (produce it with --place)",
                 file=sys.stderr,
             )
+        if facts := summary["grounding"]["facts"]:  # how the series itself answers the prompt
+            read = "; ".join(f"'{f['clause']}' as '{f['reads_as']}'" for f in facts)
+            print(
+                f"pivotmap: note: {summary['grounding']['share']:.0%} of the prompt is read from "
+                f"each pixel's own series: {read}",
+                file=sys.stderr,
+            )
         return summary
     place = _place(args) if args.command == "produce" else None
     if place is not None:  # the whole chain runs over the place

@@ -239,7 +239,11 @@ def _insight_fields(
     out: dict[str, Any] = {}
     if trained and (zs := trained.text_alignment):
         keys = ("seen_top1", "heldout_top1", "chance_top1", "null_heldout_top1")
-        out["zero_shot"] = {k: zs[k] for k in (*keys, "heldout_mean_rank", "classes")}
+        out["zero_shot"] = {
+            k: zs[k] for k in (*keys, "heldout_mean_rank", "chance_mean_rank", "classes")
+        }
+        if grounded := zs.get("grounded"):  # descriptions read as descriptor facts (issue 19)
+            out["zero_shot"]["grounded"] = {k: v for k, v in grounded.items() if k != "per_class"}
     if concept:
         out["concept_maps"] = concept.prompts if concept.skipped is None else concept.skipped
     if explain:

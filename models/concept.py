@@ -9,7 +9,7 @@ maps the configured `concept.prompts` per tile, for publishing with the class ma
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from odc.geo.geobox import GeoBox
 from torch import nn
 
 from pivotmap.config import PredictConfig, RunConfig
+from pivotmap.models import descriptors, grounding
 from pivotmap.models.features import window_inputs
 from pivotmap.models.inference import load_for_worker
 from pivotmap.models.network import ModelSpec
@@ -43,7 +44,9 @@ CALIBRATION = (
     "text-aligned encoder (linear head, InfoNCE on class descriptions); probability = "
     "sum_k softmax([z.t_1..z.t_K, z.p] * s)_k * r_k + softmax(...)_p with r_k = "
     "softmax_k(s * t_k.p) / max_k, z pixel projection, t_k class prototypes, p prompt, "
-    "s learned scale"
+    "s learned scale; blended with the share of the prompt grounded in descriptor facts "
+    "(green-up, harvest, bare/flooded seasons, radar) times the share of those facts the "
+    "pixel's own series holds"
 )
 
 # A prompt whose best cosine similarity to every text the head was fitted on (class phrasings,
@@ -147,21 +150,36 @@ def load_aligned_model(ws: Workspace, predicted: ModelRef | None = None) -> Alig
 
 def concept_tile(
     aligned: AlignedModel, prompts: np.ndarray, reader: PivotReader, span: TileSpan,
-    predict: PredictConfig,
+    predict: PredictConfig, groundings: Sequence[grounding.Grounding] = (),
 ) -> np.ndarray:  # fmt: skip
-    """[P, h, w] uint8 percent (255 = no data) of each prompt embedding over one tile."""
+    """[P, h, w] uint8 percent (255 = no data) of each prompt embedding over one tile; a prompt
+    with a grounding (same order) blends in the share of its facts each pixel's series holds."""
     out = np.full((len(prompts), *span.shape), 255, dtype=np.uint8)
+    grounded = any(g.parts for g in groundings)
     for rows, cols in span.windows(predict.window):
         ds = reader.window(*span.absolute(rows, cols), step_days=aligned.spec.step_days)
         x, ok = window_inputs(ds, aligned.spec)
         emb = pixel_embeddings(aligned.model, x, predict.batch_size)
+        d = descriptors.compute(x, aligned.spec) if grounded and ok.any() else None
+        facts = grounding.pixel_facts(d) if d is not None else None
         for i, prompt in enumerate(prompts):
             flat = np.full(ok.size, 255, dtype=np.uint8)
             if ok.any():
                 p = concept_probability(aligned.alignment, emb, prompt)
+                if d is not None and i < len(groundings) and groundings[i].parts:
+                    g = groundings[i]
+                    p = grounding.blend(p, grounding.fact_score(d, g, facts), g)
                 flat[ok] = np.rint(p * 100).astype(np.uint8)
             out[i, rows, cols] = flat.reshape(ds.sizes["y"], ds.sizes["x"])
     return out
+
+
+def grounding_tag(g: grounding.Grounding) -> str:
+    """How the cube's descriptors read a prompt, for the COG's metadata."""
+    if not g.parts:
+        return "none (no clause states a fact the series can show)"
+    facts = "; ".join(f"'{p.clause}' as '{p.phrase}' ({p.cosine:.2f})" for p in g.parts)
+    return f"{g.share:.0%} of the prompt: {facts}"
 
 
 def unknown_prompt_warning(prompt: str, similarity: float) -> str | None:
@@ -191,14 +209,18 @@ def concept_map(
         tiles, covered = place_tiles(place, tiles)
     aligned = load_aligned_model(ws)
     embedding = aligned.alignment.embed([prompt])[0]
+    reads_as = grounding.ground(prompt, aligned.alignment.embed)
     reader = PivotReader(ws.pivot_url)
     mosaic = np.full((extent.height, extent.width), 255, dtype=np.uint8)
     for tile in tiles:
         span = TileSpan.of(tile, extent)
-        maps = concept_tile(aligned, embedding[None], reader, span, config.predict)
+        maps = concept_tile(aligned, embedding[None], reader, span, config.predict, [reads_as])
         mosaic[span.slices] = maps[0]
     ref = aligned.ref
-    tags = {"prompt": prompt, "method": CALIBRATION, "model": f"{ref.name} v{ref.version}"}
+    tags = {
+        "prompt": prompt, "method": CALIBRATION, "model": f"{ref.name} v{ref.version}",
+        "grounding": grounding_tag(reads_as),
+    }  # fmt: skip
     if place is not None:
         mosaic, extent = clip_to_place(mosaic, extent, place, nodata=255)
         tags["place"] = f"{place.label} ({place.query!r})"
@@ -219,7 +241,7 @@ def concept_map(
         "pixels": int(valid.size), "nearest_classes": nearest_classes(aligned.alignment, embedding),
         "model": ref.model_dump(), "zero_shot": aligned.alignment.zero_shot, "method": CALIBRATION,
         "text_model": aligned.alignment.text_model, "known_text_similarity": round(known, 4),
-        **({"warning": warning} if warning else {}),
+        "grounding": reads_as.to_dict(), **({"warning": warning} if warning else {}),
         **({"place": {**place.to_dict(), "covered_share": round(covered, 4)}} if place else {}),
         "duration_s": round(time.monotonic() - started, 2),
     }  # fmt: skip
@@ -238,6 +260,7 @@ def concept_maps(ws: Workspace) -> ConceptResult:
         ws.write_result(result)
         return result
     embeddings = aligned.alignment.embed(prompts)
+    groundings = [grounding.ground(p, aligned.alignment.embed) for p in prompts]
     similarity = [round(aligned.alignment.known_similarity(e), 4) for e in embeddings]
     known = dict(zip(prompts, similarity, strict=True))
     warnings = {p: w for p in prompts if (w := unknown_prompt_warning(p, known[p]))}
@@ -249,13 +272,16 @@ def concept_maps(ws: Workspace) -> ConceptResult:
     for tile in tiles:
         span = TileSpan.of(tile, extent)
         with cpu_threads("cpu", ws.config.train.cpu_threads):
-            maps = concept_tile(aligned, embeddings, reader, span, ws.config.predict)
-        for prompt, array in zip(prompts, maps, strict=True):
-            layer = _save_concept_layer(ws, tile, prompt, array, aligned.ref, warnings.get(prompt))
+            maps = concept_tile(aligned, embeddings, reader, span, ws.config.predict, groundings)
+        for prompt, g, array in zip(prompts, groundings, maps, strict=True):
+            layer = _save_concept_layer(
+                ws, tile, prompt, array, aligned.ref, warnings.get(prompt), grounding_tag(g)
+            )
             layers.setdefault(tile.id, []).append(layer)
     result = ConceptResult(
         prompts=prompts, model=aligned.ref, layers=layers, zero_shot=aligned.alignment.zero_shot,
         known_text_similarity=known, warnings=warnings,
+        groundings={p: g.to_dict() for p, g in zip(prompts, groundings, strict=True)},
         duration_s=round(time.monotonic() - started, 2),
     )  # fmt: skip
     ws.write_result(result)
@@ -264,11 +290,13 @@ def concept_maps(ws: Workspace) -> ConceptResult:
 
 def _save_concept_layer(
     ws: Workspace, tile: Tile, prompt: str, array: np.ndarray, ref: ModelRef,
-    warning: str | None = None,
+    warning: str | None = None, grounded: str | None = None,
 ) -> dict:  # fmt: skip
     """Write one tile's concept map under concept/ (tagged with the unknown-prompt warning, if
-    any); its LayerFile as a dict."""
+    any, and with how the prompt was grounded); its LayerFile as a dict."""
     tags = {"prompt": prompt, "method": CALIBRATION, **({WARNING_TAG: warning} if warning else {})}
+    if grounded:
+        tags["grounding"] = grounded
     url = save_layer_cog(
         ws.url("concept", f"{tile.id}_concept-{prompt_slug(prompt)}.tif"), array, tile.geobox,
         descriptions=[f"P({prompt}) %"], tags=tags, resampling="AVERAGE",

@@ -50,6 +50,7 @@ META_FILE = "text_align.json"
 SENTENCES_PER_PIXEL = 4  # descriptor sentences drawn per training pixel
 MAX_SENTENCES = 600  # the most frequent distinct sentences kept: bounds the encoder's work
 MAX_SAVED_SENTENCES = 2000
+MAX_GROUNDED_PIXELS = 5000  # test pixels the grounded zero-shot figures score (a seeded sample)
 
 
 # --- the text encoder ---------------------------------------------------------------------
@@ -76,6 +77,15 @@ def embed_texts(texts: Sequence[str]) -> np.ndarray:
         return np.zeros((0, TEXT_DIM), dtype=np.float32)
     vectors = text_encoder().encode(list(texts), normalize_embeddings=True, batch_size=64)
     return np.asarray(vectors, dtype=np.float32)
+
+
+def embed_cached(texts: Sequence[str], cache: dict[str, np.ndarray]) -> np.ndarray:
+    """Embeddings of `texts` [n, 384], from `cache` where present; the others are embedded
+    (loading the encoder) and added to it."""
+    missing = [t for t in dict.fromkeys(texts) if t not in cache]
+    if missing:
+        cache.update(zip(missing, embed_texts(missing), strict=True))
+    return np.stack([cache[t] for t in texts]).astype(np.float32)
 
 
 class EmbeddingJob:
@@ -413,10 +423,7 @@ class TextAlignment:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings of `texts`, from the cache where possible (the encoder loads otherwise)."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
-        if missing:
-            self.cache.update(zip(missing, embed_texts(missing), strict=True))
-        return np.stack([self.cache[t] for t in texts]).astype(np.float32)
+        return embed_cached(texts, self.cache)
 
     def save(self, folder: Path) -> dict[str, Path]:
         """safetensors (head, prototypes, cached embeddings) + JSON; never pickle."""
@@ -486,12 +493,46 @@ def build_alignment(
         emb_train, y_train, emb_test, y_test, vectors, codes, steps=steps, seed=seed,
         sentences=sentences,
     )  # fmt: skip
+    figures["grounded"] = grounded_figures(x_test, y_test, spec, classes, cache, seed)
     kept = _kept_sentences(texts, seed)
     cache = {t: v for t, v in cache.items() if t in embeddings or t in kept}
     return TextAlignment(
         head=head, codes=codes, names=tuple(c.name for c in classes), protos=prototypes(vectors),
         phrasings=phrasings, cache=cache, zero_shot=figures, sentences=kept,
     )  # fmt: skip
+
+
+def grounded_figures(
+    x_test: Batches, y_test: np.ndarray, spec: ModelSpec, classes, cache: dict[str, np.ndarray],
+    seed: int,
+) -> dict:  # fmt: skip
+    """Zero-shot figures of the class descriptions read as descriptor facts (`models.grounding`)
+    on a seeded sample of test pixels: no label and no training, so every class is unseen."""
+    from pivotmap.models import descriptors, grounding
+
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.permutation(len(y_test))[:MAX_GROUNDED_PIXELS])
+    if not len(pick):
+        return {}
+    d = descriptors.compute(np.asarray(x_test[pick]), spec)
+    descriptions = [c.description for c in classes]
+    scores, groundings = grounding.class_scores(d, descriptions, lambda t: embed_cached(t, cache))
+    figures = grounding.zero_shot_figures(scores, y_test[pick], seed)
+    return {
+        "protocol": "each class's description read as descriptor facts (green-up, harvest, bare "
+        "and flooded seasons, radar...) and scored by the facts each test pixel's own series "
+        "holds; no label and no training, so every class is unseen; null: the pixels' facts "
+        "shuffled among them",
+        "test_pixels": len(pick), "top1": figures["heldout"]["top1"],
+        "mean_rank": figures["heldout"]["mean_rank"],
+        "auc_class_mean": figures["heldout"]["auc_class_mean"],
+        "null_top1": figures["null"]["top1"], "null_mean_rank": figures["null"]["mean_rank"],
+        "null_auc_class_mean": figures["null"]["auc_class_mean"],
+        "per_class": {
+            int(classes[c].code): {**row, "grounded_share": round(groundings[c].share, 4)}
+            for c, row in figures["heldout"]["per_class"].items()
+        },
+    }  # fmt: skip
 
 
 def describe_pixels(

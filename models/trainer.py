@@ -213,9 +213,11 @@ def start_text_embedding(nomenclature: Nomenclature, config: RunConfig, data: Tr
     None when the text alignment is off."""
     if not config.concept.enabled:
         return None
+    from pivotmap.models import grounding
     from pivotmap.models.text_align import SENTENCES_PER_PIXEL, EmbeddingJob, descriptor_sentences
 
     texts = [p for c in nomenclature.classes for p in c.phrasings] + list(config.concept.prompts)
+    texts += grounding.vocabulary_texts([c.description for c in nomenclature.classes])
     x = data.x.subset(_alignment_pixels(data, config))
     sentences, _ = descriptor_sentences(x, data.spec, SENTENCES_PER_PIXEL, config.train.seed)
     return EmbeddingJob(texts + sentences)
@@ -434,7 +436,12 @@ def alignment_metrics(alignment) -> dict:
         "null_heldout_top1",
     )
     keys += ("heldout_mean_rank", "chance_mean_rank")
-    return {f"zs_{k}": alignment.zero_shot[k] for k in keys}
+    out = {f"zs_{k}": alignment.zero_shot[k] for k in keys}
+    grounded = alignment.zero_shot.get("grounded") or {}
+    for k in ("top1", "mean_rank", "auc_class_mean", "null_top1", "null_auc_class_mean"):
+        if grounded.get(k) is not None:
+            out[f"zs_grounded_{k}"] = grounded[k]
+    return out
 
 
 def mlflow_target(ws: Workspace) -> dict:

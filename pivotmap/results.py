@@ -190,6 +190,7 @@ class ConceptResult(StageResult):
     duration_s: float = 0.0
     known_text_similarity: dict[str, float] = {}  # per prompt: best cosine to the fitted texts
     warnings: dict[str, str] = {}  # per prompt that matches nothing the model knows
+    groundings: dict[str, Row] = {}  # per prompt: the descriptor facts it was read as (issue 19)
 
 
 class ExplainResult(StageResult):

@@ -197,6 +197,11 @@ def test_demo_reports_zero_shot_figures(demo):
         assert 0.0 <= zs[key] <= 1.0
     train = json.loads((out / "reports" / "train.json").read_text())
     assert train["text_alignment"]["heldout_per_class"]
+    # descriptions read as facts of the pixels' own series: no label, no training (issue 19)
+    grounded = zs["grounded"]
+    assert grounded["mean_rank"] < zs["chance_mean_rank"] - 1 and grounded["auc_class_mean"] > 0.75
+    assert abs(grounded["null_auc_class_mean"] - 0.5) < 0.1 and grounded["test_pixels"] > 500
+    assert train["text_alignment"]["grounded"]["per_class"]["2"]["grounded_share"] == 1  # maize
 
 
 @pytest.mark.slow
@@ -229,8 +234,21 @@ def test_concept_command_writes_a_probability_cog(demo, capsys):
         capsys,
     )
     assert code == 0 and "not meaningful" in result["warning"]
+    assert result["grounding"] == {"share": 0.0, "facts": []}  # nothing the series can show
     with rasterio.open(runway) as src:
         assert "not meaningful" in src.tags()["PIVOTMAP_WARNING"]
+    # a concept no class description names, read as a fact of the pixels' own series
+    october = out / "october.tif"
+    code, result = _run(
+        ["concept", "harvested in October", "--config", str(out / "demo.yaml"), "--out",
+         str(october)], capsys,
+    )  # fmt: skip
+    assert code == 0 and result["grounding"]["share"] == 1, result
+    assert [f["fact"][0] for f in result["grounding"]["facts"]] == ["harvest"]
+    with rasterio.open(october) as src:
+        q = src.read(1)
+        assert "as 'harvested in" in src.tags()["grounding"]
+    assert q[classes == 2].mean() > 60 and q[classes != 2].mean() < 20  # maize, and only maize
 
 
 @pytest.mark.slow

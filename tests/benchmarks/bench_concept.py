@@ -16,6 +16,11 @@ Three pixel encoders, from leaky to honest:
 Each with the head fitted on class phrasings only (`classes`) and with descriptor sentences
 (`sentences`).
 
+And with no encoder and no training at all: `grounded/facts` scores each class description by
+the facts it states that a pixel's descriptors hold (`models.grounding`; null: the test pixels'
+facts shuffled among them), and `<encoder>+facts/<arm>` blends those fact scores with the head's
+as the concept map does (by the share of the description that grounds).
+
 Attribute prompts ("harvested before August", "flooded in winter", ...) are scored against the
 descriptors computed from the cube: the retrieval AUC of the head's cosine to the prompt over
 test pixels, the positives being those whose descriptors say so.
@@ -125,6 +130,12 @@ class Texts:
         self.descriptions = embed_texts([c.description for c in self.classes])
         self.cache: dict[str, np.ndarray] = {}
 
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Embeddings of `texts`, through the cache."""
+        from pivotmap.models.text_align import embed_cached
+
+        return embed_cached(texts, self.cache)
+
     def sentences(self, x_train, spec, seed: int, per_pixel: int, max_sentences: int):
         from pivotmap.models.text_align import describe_pixels
 
@@ -142,9 +153,12 @@ class Texts:
         np.savez(path, texts=np.array(texts), vectors=vectors)
 
 
-def heldout_scores(heads: dict, emb_test, y_test, texts: Texts, k: int) -> dict:
+def heldout_scores(heads: dict, emb_test, y_test, texts: Texts, k: int, grounded=None) -> dict:
     """Per held-out class c (head c never saw it): top-1 / mean rank among all K descriptions,
-    and the AUC of the concept probability of c's description against c's test pixels."""
+    and the AUC of the concept probability of c's description against c's test pixels.
+    With `grounded` (fact scores [N, K], each description's grounded share), both are of the
+    blend the concept map uses: share × fact score + (1 - share) × the head's score (for the
+    rank, its cosine brought to 0-1)."""
     from pivotmap.models.text_align import (
         TextAlignment,
         class_similarity,
@@ -157,7 +171,11 @@ def heldout_scores(heads: dict, emb_test, y_test, texts: Texts, k: int) -> dict:
         own = y_test == c
         if not own.any():
             continue
-        sim = class_similarity(head, emb_test[own], texts.descriptions)
+        every = class_similarity(head, emb_test, texts.descriptions)
+        if grounded is not None:
+            facts, share = grounded
+            every = share * facts + (1 - share) * (every + 1) / 2
+        sim = every[own]
         rank = 1 + (sim > sim[:, [c]]).sum(1)
         seen = [o for o in range(k) if o != c]
         known = TextAlignment(
@@ -165,6 +183,8 @@ def heldout_scores(heads: dict, emb_test, y_test, texts: Texts, k: int) -> dict:
             protos=prototypes([texts.phrase_vectors[o] for o in seen]), phrasings={},
         )  # fmt: skip
         p = concept_probability(known, emb_test, texts.descriptions[c])
+        if grounded is not None:
+            p = grounded[1][c] * grounded[0][:, c] + (1 - grounded[1][c]) * p
         rows[c] = {
             "top1": float((rank == 1).mean()), "mean_rank": float(rank.mean()),
             "auc": auc(p, own), "pixels": int(own.sum()),
@@ -184,8 +204,11 @@ def summarise(rows: dict) -> dict:
     }  # fmt: skip
 
 
-def arm(emb_tr, y_tr, emb_te, y_te, texts, k, seed, steps, sentences, weight=1.0) -> dict:
-    """Leave-one-class-out heads (and their shuffled-text nulls) on one embedding."""
+def arm(
+    emb_tr, y_tr, emb_te, y_te, texts, k, seed, steps, sentences, weight=1.0, grounded=None
+) -> dict:
+    """Leave-one-class-out heads (and their shuffled-text nulls) on one embedding; with
+    `grounded`, also their blend with the fact scores (`blend`; null: shuffled fact scores)."""
     from pivotmap.models.text_align import fit_heads
 
     left_out = [[o for o in range(k) if o != c] for c in range(k)]
@@ -202,6 +225,17 @@ def arm(emb_tr, y_tr, emb_te, y_te, texts, k, seed, steps, sentences, weight=1.0
         class_weight=weight,
     )  # fmt: skip
     out["null"] = summarise(heldout_scores(dict(enumerate(nulls)), emb_te, y_te, texts, k))
+    if grounded is not None:
+        facts, share = grounded
+        shuffled = facts[np.random.default_rng(seed + 1000).permutation(len(facts))]
+        out["blend"] = {
+            "heldout": summarise(
+                heldout_scores(dict(enumerate(heads)), emb_te, y_te, texts, k, grounded)
+            ),
+            "null": summarise(
+                heldout_scores(dict(enumerate(nulls)), emb_te, y_te, texts, k, (shuffled, share))
+            ),
+        }
     return out
 
 
@@ -257,7 +291,7 @@ def text_oracle(raw_te, y_te, spec, texts: Texts, k: int, seed: int, per_class: 
 
 
 def run_seed(data, tc, texts, seed: int, args) -> dict:
-    from pivotmap.models import descriptors
+    from pivotmap.models import descriptors, grounding
     from pivotmap.models.datamodule import stratified_sample
     from pivotmap.models.trainer import pretrain_encoder, train_classifier
     from pivotmap.models.training import build_model
@@ -274,6 +308,8 @@ def run_seed(data, tc, texts, seed: int, args) -> dict:
     timing = {"sentences_s": round(time.monotonic() - started, 1)}
     oracle = text_oracle(raw_te, y_te, data.spec, texts, k, seed)
     print("text oracle", json.dumps(oracle), flush=True)
+    descriptions = [c.description for c in texts.classes]
+    facts, groundings = grounding.class_scores(d_test, descriptions, texts.embed)
     encoders: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     seed_tc = tc.model_copy(update={"seed": seed})
     if "features" in args.encoders:
@@ -292,19 +328,28 @@ def run_seed(data, tc, texts, seed: int, args) -> dict:
         timing["supervised_s"] = round(time.monotonic() - t, 1)
     out: dict = {
         "seed": seed, "sentences": len(sentences.vectors), "timing": timing, "text_oracle": oracle,
+        "groundings": {texts.classes[c].name: g.to_dict() for c, g in enumerate(groundings)},
     }  # fmt: skip
+    out["grounded/facts"] = grounding.zero_shot_figures(facts, y_te, seed + 1000)
+    out["grounded/facts"]["attributes"] = {}
+    print("grounded facts", json.dumps(_short(out["grounded/facts"])), flush=True)
     for name, (e_tr, e_te) in encoders.items():
         for text_arm in args.arms:
             s, weight = ARMS[text_arm]
             s = sentences if s else None
             t = time.monotonic()
             key = f"{name}/{text_arm}"
-            out[key] = arm(e_tr, y_tr, e_te, y_te, texts, k, seed, args.steps, s, weight)
+            share = np.array([g.share for g in groundings], dtype=np.float32)
+            out[key] = arm(
+                e_tr, y_tr, e_te, y_te, texts, k, seed, args.steps, s, weight, (facts, share)
+            )
+            out[f"{name}+facts/{text_arm}"] = out[key].pop("blend") | {"attributes": {}}
             out[key]["attributes"] = attributes(
                 e_tr, y_tr, e_te, d_test, texts, k, seed, args.steps, s, weight
             )
             timing[f"{name}/{text_arm}_s"] = round(time.monotonic() - t, 1)
             print(name, text_arm, json.dumps(_short(out[key])), flush=True)
+            print(name + "+facts", text_arm, json.dumps(_short(out[f"{name}+facts/{text_arm}"])))
     if args.encoder_loo:
         loo = encoder_loo(data, seed_tc, texts, sentences, train, test, args)
         out["supervised-loo/sentences"] = {"heldout": loo, "attributes": {}}
@@ -337,7 +382,9 @@ def encoder_loo(data, tc, texts, sentences, train, test, args) -> dict:
 def _short(result: dict) -> dict:
     keep = ("top1", "mean_rank", "auc_class_mean")
     return {
-        part: {k: result[part][k] for k in keep} for part in ("heldout", "null") if part in result
+        part: {k: result[part][k] for k in keep if k in result[part]}
+        for part in ("heldout", "null")
+        if part in result
     } | {"attr": {p: a["auc"] and round(a["auc"], 3) for p, a in result["attributes"].items()}}
 
 
@@ -354,7 +401,7 @@ def mean_over_seeds(runs: list[dict]) -> dict:
         row = {}
         for part in ("heldout", "null"):
             for metric in ("top1", "mean_rank", "auc_class_mean"):
-                values = [r[key][part][metric] for r in runs if part in r[key]]
+                values = [r[key][part].get(metric) for r in runs if part in r[key]]
                 values = [v for v in values if v is not None]
                 if values:
                     row[f"{part}_{metric}"] = round(float(np.mean(values)), 4)

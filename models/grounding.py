@@ -1,0 +1,235 @@
+"""Prompts grounded in what the sensors see: words → descriptor facts → pixels (issue 19).
+
+A concept that no class names ("maize: bare until May, green from June, harvested in October")
+cannot come from a head fitted on the other classes' texts: its pixels were never paired with
+such words. It can come from the pixel's own series. The descriptors (`models.descriptors`) turn
+each pixel's year into quantised facts ("greenup March", "harvest mid July", "radar dark"); here a
+prompt is turned into the same facts, and a pixel scores by how many of them it holds. This is
+attribute-based zero-shot (Lampert et al., CVPR 2009), with the attributes measured from the cube
+rather than predicted, so no class label and no training is involved.
+
+- The prompt is cut into clauses (commas, colons, "and", "with", "but").
+- Each clause is matched, with the sentence encoder, against every wording of every fact the
+  descriptors can state (their own templates, with each month, season and level, and the same
+  templates without an argument: "harvested", "bare soil"). A clause whose best cosine is at
+  least `GROUND_THRESHOLD` grounds that fact, weighted by the cosine; other clauses ground nothing.
+- A pixel's score is the weighted share of grounded facts it holds. A month one away counts half
+  (a season shifted by a few weeks is the same season); an argument-free fact counts whatever its
+  month.
+- The share of the prompt's clauses that grounded says how much of it the cube can check; the
+  concept map blends the score with the alignment head's probability by that share.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from pivotmap.models import descriptors as D
+
+# Calibrated on the demo nomenclature's descriptions with all-MiniLM-L6-v2 (0.5, 0.6 and 0.7
+# tried; 0.6 kept): a clause that restates a fact scores 0.86-1.00 ("harvested in July" →
+# "harvested in mid July" 0.99), one about something the descriptors do not measure ("high SWIR",
+# "sealed surfaces") below 0.5.
+GROUND_THRESHOLD = 0.6
+MONTH_TOLERANCE = 1  # months: a fact one month off counts half
+
+_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "peak_level": ("dense", "moderate"),
+    "greenup": D.MONTHS, "peak": D.MONTHS, "senescence": D.MONTHS,
+    "harvest": tuple(f"{p} {m}" for m in D.MONTHS for p in ("early", "mid", "late")),
+    "bare": tuple(D.SEASONS), "green_in": tuple(D.SEASONS), "flooded": tuple(D.SEASONS),
+    "radar": ("bright", "dark", "moderate"), "radar_change": ("stable", "seasonal"),
+}  # fmt: skip
+ANY = "*"  # the argument of a fact stated without one ("harvested"): any month or season
+_NO_ARGUMENT = re.compile(r"\s*\b(in|from)\s*\{0\}")
+_CLAUSE_SPLIT = re.compile(r"[,;:.()]|\band\b|\bwith\b|\bbut\b|\bwhile\b")
+
+
+@lru_cache(maxsize=1)
+def vocabulary() -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """Every wording of every fact the descriptors can state, and the fact each one states."""
+    phrases: dict[str, tuple[str, ...]] = {}
+    for kind, templates in D.TEMPLATES.items():
+        arguments = _ARGUMENTS.get(kind)
+        for template in templates:
+            if arguments is None:
+                phrases.setdefault(template, (kind,))
+                continue
+            for argument in arguments:
+                for word in D._RADAR_WORDS.get(argument, (argument,)):
+                    phrases.setdefault(template.format(word), (kind, argument))
+            if kind not in ("peak_level", "radar", "radar_change"):  # levels need their word
+                phrases.setdefault(_NO_ARGUMENT.sub("", template), (kind, ANY))
+    return tuple(phrases), tuple(phrases.values())
+
+
+def clauses(prompt: str) -> list[str]:
+    """The prompt's clauses (at least 3 characters each); the whole prompt if it has no break."""
+    parts = [c.strip() for c in _CLAUSE_SPLIT.split(prompt)]
+    return [c for c in parts if len(c) >= 3] or [prompt.strip()]
+
+
+@dataclass(frozen=True)
+class Part:
+    clause: str
+    phrase: str  # the fact wording it matched best
+    fact: tuple[str, ...]
+    cosine: float
+
+    def to_dict(self) -> dict:
+        return {
+            "clause": self.clause, "reads_as": self.phrase, "fact": list(self.fact),
+            "cosine": round(self.cosine, 4),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """How much of a prompt the cube's descriptors can check, and as which facts."""
+
+    prompt: str
+    clauses: int
+    parts: tuple[Part, ...] = field(default_factory=tuple)
+
+    @property
+    def share(self) -> float:
+        """Share of the prompt's clauses that grounded a fact (0: the cube checks none of it)."""
+        grounded = len({p.clause for p in self.parts})
+        return grounded / self.clauses if self.clauses else 0.0
+
+    def to_dict(self) -> dict:
+        return {"share": round(self.share, 4), "facts": [p.to_dict() for p in self.parts]}
+
+
+def ground(
+    prompt: str, embed: Callable[[Sequence[str]], np.ndarray], threshold: float = GROUND_THRESHOLD
+) -> Grounding:
+    """The facts a prompt states, each clause matched to its nearest fact wording (`embed`: unit
+    text embeddings, e.g. `TextAlignment.embed`, which caches them)."""
+    phrases, facts = vocabulary()
+    cut = clauses(prompt)
+    sims = embed(cut) @ embed(list(phrases)).T
+    parts = []
+    for clause, row in zip(cut, sims, strict=True):
+        best = int(row.argmax())
+        if row[best] >= threshold:
+            parts.append(Part(clause, phrases[best], facts[best], float(row[best])))
+    return Grounding(prompt, len(cut), tuple(parts))
+
+
+def _month(argument: str) -> int | None:
+    word = argument.split()[-1]
+    return D.MONTHS.index(word) if word in D.MONTHS else None
+
+
+def holds(fact: tuple[str, ...], pixel: Sequence[tuple[str, ...]]) -> float:
+    """How far a pixel's facts hold `fact`: 1, ½ for a month one off, 0."""
+    best = 0.0
+    for own in pixel:
+        if own[0] != fact[0]:
+            continue
+        if len(fact) == 1 or fact[1] == ANY or own[1:] == fact[1:]:
+            return 1.0
+        want, have = _month(fact[1]), _month(own[1])
+        if want is not None and have is not None:
+            apart = min(abs(want - have), 12 - abs(want - have))
+            best = max(best, 1.0 - apart / (MONTH_TOLERANCE + 1))
+    return best
+
+
+def pixel_facts(d: D.Descriptors) -> list[list[tuple[str, ...]]]:
+    """Each pixel's facts (`descriptors.facts`), to score several prompts without redoing them."""
+    return [D.facts(d, i) for i in range(len(d))]
+
+
+def fact_score(
+    d: D.Descriptors, grounding: Grounding, facts: Sequence[Sequence[tuple[str, ...]]] | None = None
+) -> np.ndarray:
+    """[N] in [0, 1]: the cosine-weighted share of the grounded facts each pixel holds (0 where
+    the prompt grounds nothing); `facts`: `pixel_facts(d)`, when already computed."""
+    if not grounding.parts:
+        return np.zeros(len(d), dtype=np.float32)
+    facts = pixel_facts(d) if facts is None else facts
+    weights = np.array([p.cosine for p in grounding.parts], dtype=np.float32)
+    wanted = [p.fact for p in grounding.parts]
+    held = np.array([[holds(f, own) for f in wanted] for own in facts], dtype=np.float32).reshape(
+        len(d), len(wanted)
+    )
+    return held @ weights / weights.sum()
+
+
+def blend(head: np.ndarray, score: np.ndarray, grounding: Grounding) -> np.ndarray:
+    """The concept probability: the head's, and the fact score for the grounded share."""
+    share = grounding.share
+    return ((1.0 - share) * head + share * score).astype(np.float32)
+
+
+# --- zero-shot figures ----------------------------------------------------------------------
+
+
+def _auc(score: np.ndarray, positive: np.ndarray) -> float | None:
+    """Mann-Whitney AUC of `score` for `positive` (ties count half); None without both kinds."""
+    from scipy.stats import rankdata
+
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    if not n1 or not n0:
+        return None
+    return float((rankdata(score)[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def ranking(scores: np.ndarray, y: np.ndarray) -> dict:
+    """Per class index c with pixels: top-1 and mean rank (ties count half) of c's description
+    among all K for c's pixels, and the AUC of c's score over all pixels; then their
+    pixel-weighted top-1 and mean rank and the class-mean AUC."""
+    rows: dict[int, dict] = {}
+    top1, ranks, pixels, aucs = [], [], [], []
+    for c in range(scores.shape[1]):
+        own = y == c
+        if not own.any():
+            continue
+        mine = scores[own, c][:, None]
+        rank = 1 + (scores[own] > mine).sum(1) + 0.5 * ((scores[own] == mine).sum(1) - 1)
+        top1.append(float((rank == 1).mean()))
+        ranks.append(float(rank.mean()))
+        pixels.append(int(own.sum()))
+        area = _auc(scores[:, c], own)
+        if area is not None:
+            aucs.append(area)
+        rows[c] = {
+            "top1": round(top1[-1], 4), "mean_rank": round(ranks[-1], 3),
+            "auc": None if area is None else round(area, 4), "pixels": pixels[-1],
+        }  # fmt: skip
+    weights = np.array(pixels, dtype=float) / max(sum(pixels), 1)
+    return {
+        "top1": round(float(weights @ np.array(top1)), 4) if rows else None,
+        "mean_rank": round(float(weights @ np.array(ranks)), 3) if rows else None,
+        "auc_class_mean": round(float(np.mean(aucs)), 4) if aucs else None,
+        "per_class": rows,
+    }
+
+
+def class_scores(
+    d: D.Descriptors, descriptions: Sequence[str], embed: Callable[[Sequence[str]], np.ndarray]
+) -> tuple[np.ndarray, list[Grounding]]:
+    """[N, K] fact scores of each class description for pixels d, and the groundings."""
+    groundings = [ground(text, embed) for text in descriptions]
+    facts = pixel_facts(d)
+    return np.stack([fact_score(d, g, facts) for g in groundings], axis=1), groundings
+
+
+def zero_shot_figures(scores: np.ndarray, y: np.ndarray, seed: int = 0) -> dict:
+    """Zero-shot figures of fact scores [N, K] on labelled pixels y (class indices): no class
+    label and no training went into them, so every class is unseen. The null scores the same
+    descriptions against shuffled pixels (each pixel gets another's facts)."""
+    null = scores[np.random.default_rng(seed).permutation(len(scores))]
+    return {"heldout": ranking(scores, y), "null": ranking(null, y)}
+
+
+def vocabulary_texts(descriptions: Sequence[str]) -> list[str]:
+    """Every text `ground` embeds for these descriptions (to embed them ahead, in one batch)."""
+    return [*vocabulary()[0], *(c for text in descriptions for c in clauses(text))]

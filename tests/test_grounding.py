@@ -1,0 +1,80 @@
+"""Prompts read as descriptor facts, and pixels scored by the facts their own series hold
+(issue 19: zero-shot concepts with no class label and no training), on series whose green-up,
+harvest, water and radar are known (`test_descriptors`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pivotmap.models import descriptors, grounding
+from pivotmap.models.text_align import embed_texts
+from tests.test_descriptors import SPEC, _cube
+
+
+def test_vocabulary_states_every_fact_with_and_without_its_argument():
+    phrases, facts = grounding.vocabulary()
+    assert len(phrases) == len(set(phrases)) == len(facts)
+    by_phrase = dict(zip(phrases, facts, strict=True))
+    assert by_phrase["harvested in mid July"] == ("harvest", "mid July")
+    assert by_phrase["harvested"] == ("harvest", grounding.ANY)
+    assert by_phrase["bare soil in winter"] == ("bare", "winter")
+    assert by_phrase["very low radar backscatter"] == ("radar", "dark")
+    assert "radar backscatter" not in by_phrase  # a level needs its word
+
+
+def test_clauses_split_a_description_where_a_person_would():
+    assert grounding.clauses("Maize sown in spring, bare until late May and harvested in October.") == [
+        "Maize sown in spring", "bare until late May", "harvested in October",
+    ]  # fmt: skip
+    assert grounding.clauses("  a lake ") == ["a lake"]
+    assert grounding.clauses("...") == ["..."]
+
+
+def test_months_one_off_count_half_and_other_kinds_nothing():
+    pixel = [("harvest", "mid July"), ("radar", "dark")]
+    assert grounding.holds(("harvest", "late July"), pixel) == 1.0  # same month, other third
+    assert grounding.holds(("harvest", "mid July"), pixel) == 1.0
+    assert grounding.holds(("harvest", "early August"), pixel) == 0.5
+    assert grounding.holds(("harvest", "September"), pixel) == 0.0
+    assert grounding.holds(("harvest", "December"), [("harvest", "early January")]) == 0.5
+    assert grounding.holds(("harvest", grounding.ANY), pixel) == 1.0
+    assert grounding.holds(("greenup", "July"), pixel) == 0.0
+    assert grounding.holds(("radar", "bright"), pixel) == 0.0
+
+
+def test_a_prompt_is_read_as_the_facts_it_states_and_scores_the_pixels_that_hold_them():
+    d = descriptors.compute(_cube(), SPEC)  # crop (harvested mid July), lake, built-up
+    crop = grounding.ground("green from March and harvested in July", embed_texts)
+    assert crop.share == 1.0 and {p.fact[0] for p in crop.parts} == {"greenup", "harvest"}
+    score = grounding.fact_score(d, crop)
+    assert score[0] > 0.7 and score[1] == 0 and score[2] == 0
+    lake = grounding.ground("open water all year with very low radar backscatter", embed_texts)
+    assert grounding.fact_score(d, lake).argmax() == 1
+    town = grounding.ground("bright in radar, never green", embed_texts)
+    assert grounding.fact_score(d, town).argmax() == 2
+    # half the prompt states a fact: the head's probability keeps half the weight
+    half = grounding.ground("harvested in July, an old Roman road", embed_texts)
+    assert half.share == 0.5 and len(half.parts) == 1
+    blended = grounding.blend(np.full(3, 0.2, np.float32), grounding.fact_score(d, half), half)
+    assert blended[0] == pytest.approx(0.6) and blended[1] == pytest.approx(0.1)
+
+
+def test_a_prompt_the_series_cannot_show_grounds_nothing_and_leaves_the_head_alone():
+    runway = grounding.ground("an airport runway", embed_texts)
+    assert runway.share == 0 and not runway.parts and runway.to_dict()["facts"] == []
+    d = descriptors.compute(_cube(), SPEC)
+    assert not grounding.fact_score(d, runway).any()
+    head = np.array([0.1, 0.5, 0.9], np.float32)
+    assert np.array_equal(grounding.blend(head, grounding.fact_score(d, runway), runway), head)
+
+
+def test_zero_shot_ranking_counts_ties_half_and_weights_by_pixels():
+    scores = np.array([[1, 0], [1, 1], [0, 1], [0, 0.5]], dtype=np.float32)
+    y = np.array([0, 0, 1, 1])
+    r = grounding.ranking(scores, y)
+    assert r["per_class"][0] == {"top1": 0.5, "mean_rank": 1.25, "auc": 1.0, "pixels": 2}
+    assert r["per_class"][1] == {"top1": 1.0, "mean_rank": 1.0, "auc": 0.625, "pixels": 2}
+    assert (r["top1"], r["mean_rank"], r["auc_class_mean"]) == (0.75, 1.125, 0.8125)
+    figures = grounding.zero_shot_figures(scores, y, seed=3)
+    assert figures["heldout"] == r and set(figures["null"]) == set(r)

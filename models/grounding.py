@@ -13,6 +13,7 @@ rather than predicted, so no class label and no training is involved.
   descriptors can state (their own templates, with each month, season and level, and the same
   templates without an argument: "harvested", "bare soil"). A clause whose best cosine is at
   least `GROUND_THRESHOLD` grounds that fact, weighted by the cosine; other clauses ground nothing.
+  A month or season the clause does not name is dropped ("harvested every year": any month).
 - A pixel's score is the weighted share of grounded facts it holds. A month one away counts half
   (a season shifted by a few weeks is the same season); an argument-free fact counts whatever its
   month.
@@ -118,8 +119,23 @@ def ground(
     for clause, row in zip(cut, sims, strict=True):
         best = int(row.argmax())
         if row[best] >= threshold:
-            parts.append(Part(clause, phrases[best], facts[best], float(row[best])))
+            phrase, fact = phrases[best], facts[best]
+            if _unsaid(fact, clause):  # "harvested every year" names no month: any month
+                fact = (fact[0], ANY)
+                phrase = phrases[facts.index(fact)]  # its first wording without one
+            parts.append(Part(clause, phrase, fact, float(row[best])))
     return Grounding(prompt, len(cut), tuple(parts))
+
+
+def _unsaid(fact: tuple[str, ...], clause: str) -> bool:
+    """Whether the fact's month or season is one the clause does not name (a sentence encoder
+    matches "harvested every year" to a wording with some month; the month is then not meant)."""
+    if len(fact) < 2 or fact[1] == ANY:
+        return False
+    when = fact[1].split()[-1]
+    if when not in D.MONTHS and when not in D.SEASONS:
+        return False  # a level ("dark", "dense"): said in other words, not a date
+    return when.lower() not in clause.lower()
 
 
 def _month(argument: str) -> int | None:

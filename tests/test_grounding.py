@@ -78,3 +78,14 @@ def test_zero_shot_ranking_counts_ties_half_and_weights_by_pixels():
     assert (r["top1"], r["mean_rank"], r["auc_class_mean"]) == (0.75, 1.125, 0.8125)
     figures = grounding.zero_shot_figures(scores, y, seed=3)
     assert figures["heldout"] == r and set(figures["null"]) == set(r)
+
+
+def test_a_month_the_prompt_does_not_name_is_not_read_into_it():
+    every = grounding.ground("harvested every year", embed_texts)
+    assert [p.fact for p in every.parts] == [("harvest", grounding.ANY)]
+    assert every.parts[0].phrase == "harvested"  # shown as read, without a month
+    july = grounding.ground("harvested in July", embed_texts)
+    assert july.parts[0].fact[0] == "harvest" and july.parts[0].fact[1].endswith("July")
+    assert grounding.ground("very low radar backscatter", embed_texts).parts[0].fact == (
+        "radar", "dark",
+    )  # fmt: skip

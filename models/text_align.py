@@ -293,15 +293,11 @@ def class_similarity(head: AlignmentHead, emb: np.ndarray, protos: np.ndarray) -
 @torch.no_grad()
 def pixel_embeddings(model: nn.Module, x: Batches, batch_size: int = 4096) -> np.ndarray:
     """The frozen encoder's pooled embedding [N, D] (the classifier head's input)."""
+    from pivotmap.models.training import device_batches
+
     model.eval()
-    out = [
-        cast("Callable[[torch.Tensor], torch.Tensor]", model.embed)(
-            torch.from_numpy(x[s : s + batch_size])
-        )
-        .float()
-        .numpy()
-        for s in range(0, len(x), batch_size)
-    ]
+    embed = cast("Callable[[torch.Tensor], torch.Tensor]", model.embed)
+    out = [embed(xb).float().numpy() for xb in device_batches(x, batch_size)]
     if out:
         return np.concatenate(out)
     return np.zeros((0, cast("ModelSpec", model.spec).hidden), dtype=np.float32)

@@ -208,13 +208,18 @@ def fit(
     return FitResult(model=model, losses=losses)
 
 
+def device_batches(x: Batches, batch_size: int, device: str = "cpu") -> Iterator[torch.Tensor]:
+    """Rows of x, `batch_size` at a time, as contiguous tensors on `device`."""
+    for start in range(0, len(x), batch_size):
+        yield torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
+
+
 @torch.no_grad()
 def predict_proba(model: nn.Module, x: Batches, batch_size: int, device: str = "cpu") -> np.ndarray:
     """Softmax probabilities [N, K], batched; bf16 autocast on CUDA."""
     model.eval()
     out = []
-    for start in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
+    for xb in device_batches(x, batch_size, device):
         with autocast(device):
             logits = model(xb)
         out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
@@ -234,8 +239,7 @@ def predict_vote(
         return predict_proba(model, x, batch_size, device), None
     model.eval()
     probas, agreements = [], []
-    for start in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
+    for xb in device_batches(x, batch_size, device):
         with autocast(device):
             proba, agreement = vote(xb)
         probas.append(proba.float().cpu().numpy())

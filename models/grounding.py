@@ -13,7 +13,8 @@ rather than predicted, so no class label and no training is involved.
   descriptors can state (their own templates, with each month, season and level, and the same
   templates without an argument: "harvested", "bare soil"). A clause whose best cosine is at
   least `GROUND_THRESHOLD` grounds that fact, weighted by the cosine; other clauses ground nothing.
-  A month or season the clause does not name is dropped ("harvested every year": any month).
+  A month or season the clause does not name is dropped ("harvested every year": any month);
+  "before / until / by / after <month>" bounds a dated fact ("harvested before August").
 - A pixel's score is the weighted share of grounded facts it holds. A month one away counts half
   (a season shifted by a few weeks is the same season); an argument-free fact counts whatever its
   month.
@@ -120,11 +121,36 @@ def ground(
         best = int(row.argmax())
         if row[best] >= threshold:
             phrase, fact = phrases[best], facts[best]
-            if _unsaid(fact, clause):  # "harvested every year" names no month: any month
+            bound = _bound(clause)
+            if bound and fact[0] in _DATED:  # "harvested before August": any month before it
+                fact = (fact[0], bound)
+                phrase = f"{phrases[facts.index((fact[0], ANY))]} {_BOUND_WORDS[bound[0]]} "
+                phrase += D.MONTHS[int(bound[1:]) - 1]
+            elif _unsaid(fact, clause):  # "harvested every year" names no month: any month
                 fact = (fact[0], ANY)
                 phrase = phrases[facts.index(fact)]  # its first wording without one
             parts.append(Part(clause, phrase, fact, float(row[best])))
     return Grounding(prompt, len(cut), tuple(parts))
+
+
+_DATED = ("greenup", "peak", "senescence", "harvest")  # facts dated by a month
+_BOUND = re.compile(
+    r"\b(before|until|till|by|after)\s+(?:(?:early|mid|late|the end of|end of)\s+)?("
+    + "|".join(D.MONTHS) + r")\b", re.IGNORECASE,
+)  # fmt: skip
+_BOUND_WORDS = {"<": "before", ">": "after"}
+
+
+def _bound(clause: str) -> str | None:
+    """'<M' for "before / until / by <month>" (M: 1-12, the month itself included except for
+    "before"), '>M' for "after <month>"; None when the clause has no such bound."""
+    found = _BOUND.search(clause)
+    if not found:
+        return None
+    word, month = found.group(1).lower(), D.MONTHS.index(found.group(2).capitalize()) + 1
+    if word == "after":
+        return f">{month}"
+    return f"<{month if word == 'before' else month + 1}"
 
 
 def _unsaid(fact: tuple[str, ...], clause: str) -> bool:
@@ -151,6 +177,12 @@ def holds(fact: tuple[str, ...], pixel: Sequence[tuple[str, ...]]) -> float:
             continue
         if len(fact) == 1 or fact[1] == ANY or own[1:] == fact[1:]:
             return 1.0
+        if fact[1][0] in _BOUND_WORDS:  # before / after a month, within the calendar year
+            have = _month(own[1])
+            limit = int(fact[1][1:]) - 1  # 0-based month index
+            if have is not None and (have < limit if fact[1][0] == "<" else have > limit):
+                return 1.0
+            continue
         want, have = _month(fact[1]), _month(own[1])
         if want is not None and have is not None:
             apart = min(abs(want - have), 12 - abs(want - have))

@@ -89,3 +89,21 @@ def test_a_month_the_prompt_does_not_name_is_not_read_into_it():
     assert grounding.ground("very low radar backscatter", embed_texts).parts[0].fact == (
         "radar", "dark",
     )  # fmt: skip
+
+
+def test_before_until_and_after_a_month_bound_a_dated_fact():
+    before = grounding.ground("harvested before August", embed_texts)
+    assert before.parts[0].fact == ("harvest", "<8") and before.parts[0].phrase == (
+        "harvested before August"
+    )  # fmt: skip
+    assert grounding.holds(("harvest", "<8"), [("harvest", "late July")]) == 1.0
+    assert grounding.holds(("harvest", "<8"), [("harvest", "early August")]) == 0.0
+    assert grounding.holds(("harvest", "<8"), [("greenup", "March")]) == 0.0
+    until = grounding.ground("green until late May", embed_texts)
+    assert until.parts and until.parts[0].fact[1] == "<6"  # May itself included
+    after = grounding.ground("harvested after September", embed_texts)
+    assert after.parts[0].fact == ("harvest", ">9")
+    assert grounding.holds(("harvest", ">9"), [("harvest", "mid October")]) == 1.0
+    assert grounding.holds(("harvest", ">9"), [("harvest", "mid September")]) == 0.0
+    d = descriptors.compute(_cube(), SPEC)  # the crop is harvested in mid July
+    assert grounding.fact_score(d, before)[0] == 1 and grounding.fact_score(d, after)[0] == 0

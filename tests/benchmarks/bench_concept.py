@@ -290,6 +290,24 @@ def text_oracle(raw_te, y_te, spec, texts: Texts, k: int, seed: int, per_class: 
     }  # fmt: skip
 
 
+def grounded_attributes(d_test, texts: Texts) -> dict:
+    """Retrieval AUC of each attribute prompt read as descriptor facts. The rule and the facts
+    come from the same descriptors, so this checks how the words are read, not the sensors."""
+    from pivotmap.models import grounding
+
+    out = {}
+    facts = grounding.pixel_facts(d_test)
+    for prompt, (rule, _) in ATTRIBUTES.items():
+        read = grounding.ground(prompt, texts.embed)
+        score = grounding.fact_score(d_test, read, facts)
+        positive = np.asarray(rule(d_test), dtype=bool)
+        out[prompt] = {
+            "auc": auc(score, positive), "positives": int(positive.sum()),
+            "read_as": [p.phrase for p in read.parts],
+        }  # fmt: skip
+    return out
+
+
 def run_seed(data, tc, texts, seed: int, args) -> dict:
     from pivotmap.models import descriptors, grounding
     from pivotmap.models.datamodule import stratified_sample
@@ -331,7 +349,7 @@ def run_seed(data, tc, texts, seed: int, args) -> dict:
         "groundings": {texts.classes[c].name: g.to_dict() for c, g in enumerate(groundings)},
     }  # fmt: skip
     out["grounded/facts"] = grounding.zero_shot_figures(facts, y_te, seed + 1000)
-    out["grounded/facts"]["attributes"] = {}
+    out["grounded/facts"]["attributes"] = grounded_attributes(d_test, texts)
     print("grounded facts", json.dumps(_short(out["grounded/facts"])), flush=True)
     for name, (e_tr, e_te) in encoders.items():
         for text_arm in args.arms:

@@ -220,7 +220,7 @@ def blend(head: np.ndarray, score: np.ndarray, grounding: Grounding) -> np.ndarr
 # --- zero-shot figures ----------------------------------------------------------------------
 
 
-def _auc(score: np.ndarray, positive: np.ndarray) -> float | None:
+def auc(score: np.ndarray, positive: np.ndarray) -> float | None:
     """Mann-Whitney AUC of `score` for `positive` (ties count half); None without both kinds."""
     from scipy.stats import rankdata
 
@@ -245,7 +245,7 @@ def ranking(scores: np.ndarray, y: np.ndarray) -> dict:
         top1.append(float((rank == 1).mean()))
         ranks.append(float(rank.mean()))
         pixels.append(int(own.sum()))
-        area = _auc(scores[:, c], own)
+        area = auc(scores[:, c], own)
         if area is not None:
             aucs.append(area)
         rows[c] = {

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pivotmap.models.grounding import auc
+
 ATTRIBUTES = {  # prompt -> (descriptor rule, description of the rule)
     "harvested before August": (
         lambda d: (d["drop"] > 0.25) & (d["drop_doy"] < 213),
@@ -71,17 +73,6 @@ ARMS = {  # text arm -> (descriptor sentences?, weight of the class-phrasing ter
 
 def _get(d, key: str) -> np.ndarray:
     return np.nan_to_num(d[key], nan=0.0) if key in d.values else np.zeros(len(d))
-
-
-def auc(score: np.ndarray, positive: np.ndarray) -> float | None:
-    """Mann-Whitney AUC of `score` for `positive` pixels (None without both kinds)."""
-    from scipy.stats import rankdata
-
-    n1, n0 = int(positive.sum()), int((~positive).sum())
-    if not n1 or not n0:
-        return None
-    ranks = rankdata(score)
-    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def build_cube(config, out: Path) -> None:

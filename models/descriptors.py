@@ -225,83 +225,97 @@ def _radar(vv: np.ndarray, vh: np.ndarray | None, month: np.ndarray) -> dict:
 
 # --- facts and sentences --------------------------------------------------------------------
 
-
-def _part(doy: float) -> str:
-    """'early March', 'mid March', 'late March' of a day of year."""
-    m = int(_month(np.array([int(doy)]))[0])
-    start = int(np.cumsum([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30])[m - 1])
-    third = ("early", "mid", "late")[min(2, int((doy - start - 1) // 10.5))]
-    return f"{third} {MONTHS[m - 1]}"
+PARTS = tuple(f"{p} {m}" for m in MONTHS for p in ("early", "mid", "late"))  # 'early March'
+DATED = {"greenup": MONTHS, "peak": MONTHS, "harvest": PARTS, "senescence": MONTHS}
+_MONTH_STARTS = np.cumsum([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30])
 
 
-def _mon(doy: float) -> str:
-    return MONTHS[int(_month(np.array([int(doy)]))[0]) - 1]
+def _month_code(doy: np.ndarray) -> np.ndarray:
+    """Month index 0-11 of days of year, read from their whole day as `_month` reads it."""
+    return _month(np.trunc(np.clip(doy, 1, 365)).astype(np.int64)) - 1
 
 
-def _ok(value: float) -> bool:
-    return bool(np.isfinite(value))
+def _part_code(doy: np.ndarray) -> np.ndarray:
+    """Index into PARTS of days of year: 3 × month index + 0 early, 1 mid, 2 late (thirds of
+    10.5 days; a day before the month's first, day 0, wraps to 'late' as a negative index did)."""
+    month = _month_code(doy)
+    third = np.minimum(2, np.floor_divide(doy - _MONTH_STARTS[month] - 1, 10.5))
+    return 3 * month + third.astype(np.int64) % 3
+
+
+def _dated(held: np.ndarray, doy: np.ndarray, code) -> np.ndarray:
+    """`code` of the days where held and known, -1 elsewhere."""
+    held = held & np.isfinite(doy)
+    return np.where(held, code(np.where(held, doy, 1.0)), -1)
+
+
+def fact_columns(d: Descriptors) -> dict[tuple[str, ...], np.ndarray]:
+    """Every fact a pixel can hold, for all pixels at once and in the order `facts` states them:
+    a bool [N] per fact (('bare', 'winter'), ('radar', 'dark'), ...), and per dated kind
+    (('greenup',), ('peak',), ('harvest',), ('senescence',)) an int [N] index into its DATED
+    arguments, -1 where the pixel does not hold it. A descriptor absent from d is NaN, or the
+    value that states nothing (no drop, no water, unstable)."""
+    n = len(d)
+
+    def get(key: str, default: float = np.nan) -> np.ndarray:
+        v = d.values.get(key)
+        return np.full(n, default) if v is None else np.asarray(v, dtype=np.float64)
+
+    peak, low = get("ndvi_peak"), get("ndvi_min")
+    wet = get("water", 0) > 0.8  # open water: no soil, no crop, whatever NDVI says
+    veg = np.isfinite(peak) & ~wet
+    never, ever = veg & (peak < BARE_NDVI), veg & ~(peak < BARE_NDVI) & (low > GREEN_NDVI)
+    level, dense = veg & ~never & ~ever, peak > 0.7
+    with np.errstate(invalid="ignore"):
+        seasonal = veg & (peak - low > 0.25)
+    harvest = veg & (get("drop", 0) > DROP_NDVI) & np.isfinite(get("drop_doy"))
+    out = {
+        ("never_green",): never, ("evergreen",): ever,
+        ("peak_level", "dense"): level & dense, ("peak_level", "moderate"): level & ~dense,
+        ("greenup",): _dated(seasonal, get("greenup_doy"), _month_code),
+        ("peak",): _dated(seasonal, get("peak_doy"), _month_code),
+        ("harvest",): _dated(harvest, get("drop_doy"), _part_code),
+        ("senescence",): _dated(seasonal & ~harvest, get("senescence_doy"), _month_code),
+        ("mown",): veg & (get("drops", 0) >= 2) & (low > 0.35),
+    }  # fmt: skip
+    for season in SEASONS:
+        bare = get(f"bare_{season}", 0) > 0.6
+        green = get(f"green_{season}", 0) > 0.8
+        out["bare", season] = veg & bare
+        out["green_in", season] = veg & ~bare & green & ~(low > GREEN_NDVI)
+    out[("stable_optical",)] = veg & (get("ndvi_std", 1) < 0.05)
+    out[("water_always",)] = wet
+    for season in SEASONS:
+        out["flooded", season] = ~wet & (get(f"water_{season}", 0) > 0.5)
+    out[("snow",)] = ~wet & (get("snow", 0) > 0.05)
+    vv, change = get("vv_mean"), get("vv_seasonality")
+    radar = np.isfinite(vv)
+    bright, dark = radar & (vv > BRIGHT_VV), radar & (vv < DARK_VV)
+    out["radar", "bright"], out["radar", "dark"] = bright, dark
+    out["radar", "moderate"] = radar & ~bright & ~dark
+    stable = radar & (change < 2.0)
+    out["radar_change", "stable"] = stable
+    out["radar_change", "seasonal"] = radar & ~stable & (change > 4.0)
+    return out
+
+
+def fact_lists(d: Descriptors) -> list[list[tuple[str, ...]]]:
+    """Each pixel's quantised facts, e.g. ('greenup', 'March'), ('harvest', 'late July')."""
+    every: list[tuple[str, ...]] = []  # every fact a column states, and its index per pixel
+    ids = []
+    for key, column in fact_columns(d).items():
+        if len(key) == 1 and key[0] in DATED:
+            ids.append(np.where(column >= 0, len(every) + column, -1))
+            every += [(key[0], a) for a in DATED[key[0]]]
+        else:
+            ids.append(np.where(column, len(every), -1))
+            every.append(key)
+    return [[every[j] for j in row if j >= 0] for row in np.stack(ids, axis=1).tolist()]
 
 
 def facts(d: Descriptors, i: int) -> list[tuple[str, ...]]:
-    """Pixel i's quantised facts, e.g. ('greenup', 'March'), ('harvest', 'late July')."""
-    g = {k: float(v[i]) for k, v in d.values.items()}
-    out: list[tuple[str, ...]] = []
-    peak, low = g.get("ndvi_peak", np.nan), g.get("ndvi_min", np.nan)
-    if g.get("water", 0) > 0.8:  # open water: no soil, no crop, whatever NDVI says
-        return [("water_always",), *_radar_facts(g)]
-    if _ok(peak):
-        if peak < BARE_NDVI:
-            out.append(("never_green",))
-        elif low > GREEN_NDVI:
-            out.append(("evergreen",))
-        else:
-            out.append(("peak_level", "dense" if peak > 0.7 else "moderate"))
-        seasonal = peak - low > 0.25
-        if seasonal and _ok(g["greenup_doy"]):
-            out.append(("greenup", _mon(g["greenup_doy"])))
-        if seasonal and _ok(g["peak_doy"]):
-            out.append(("peak", _mon(g["peak_doy"])))
-        if g.get("drop", 0) > DROP_NDVI and _ok(g.get("drop_doy", np.nan)):
-            out.append(("harvest", _part(g["drop_doy"])))
-        elif seasonal and _ok(g["senescence_doy"]):
-            out.append(("senescence", _mon(g["senescence_doy"])))
-        if g.get("drops", 0) >= 2 and low > 0.35:
-            out.append(("mown",))
-        for season in SEASONS:
-            if g.get(f"bare_{season}", 0) > 0.6:
-                out.append(("bare", season))
-            elif g.get(f"green_{season}", 0) > 0.8 and not low > GREEN_NDVI:
-                out.append(("green_in", season))
-        if g.get("ndvi_std", 1) < 0.05:
-            out.append(("stable_optical",))
-    out += _water_facts(g)
-    out += _radar_facts(g)
-    return out
-
-
-def _water_facts(g: dict) -> list[tuple[str, ...]]:
-    out: list[tuple[str, ...]] = []
-    if g.get("water", 0) > 0.8:
-        out.append(("water_always",))
-    else:
-        for season in SEASONS:
-            if g.get(f"water_{season}", 0) > 0.5:
-                out.append(("flooded", season))
-    if g.get("snow", 0) > 0.05:
-        out.append(("snow",))
-    return out
-
-
-def _radar_facts(g: dict) -> list[tuple[str, ...]]:
-    vv, season = g.get("vv_mean", np.nan), g.get("vv_seasonality", np.nan)
-    if not _ok(vv):
-        return []
-    level = "bright" if vv > BRIGHT_VV else "dark" if vv < DARK_VV else "moderate"
-    change = "stable" if season < 2.0 else "seasonal" if season > 4.0 else None
-    out: list[tuple[str, ...]] = [("radar", level)]
-    if change:
-        out.append(("radar_change", change))
-    return out
+    """Pixel i's quantised facts (`fact_lists` for all pixels at once)."""
+    return fact_lists(d.subset(np.array([i])))[0]
 
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -353,7 +367,7 @@ def sentences(fs: Sequence[tuple[str, ...]], n: int, rng: np.random.Generator) -
 def describe(d: Descriptors, n: int = 6, seed: int = 0) -> list[list[str]]:
     """Up to n sentences per pixel (deterministic given the seed)."""
     rng = np.random.default_rng(seed)
-    return [sentences(facts(d, i), n, rng) for i in range(len(d))]
+    return [sentences(fs, n, rng) for fs in fact_lists(d)]
 
 
 def sentence_table(

@@ -42,8 +42,7 @@ MONTH_TOLERANCE = 1  # months: a fact one month off counts half
 
 _ARGUMENTS: dict[str, tuple[str, ...]] = {
     "peak_level": ("dense", "moderate"),
-    "greenup": D.MONTHS, "peak": D.MONTHS, "senescence": D.MONTHS,
-    "harvest": tuple(f"{p} {m}" for m in D.MONTHS for p in ("early", "mid", "late")),
+    **D.DATED,
     "bare": tuple(D.SEASONS), "green_in": tuple(D.SEASONS), "flooded": tuple(D.SEASONS),
     "radar": ("bright", "dark", "moderate"), "radar_change": ("stable", "seasonal"),
 }  # fmt: skip
@@ -190,13 +189,31 @@ def holds(fact: tuple[str, ...], pixel: Sequence[tuple[str, ...]]) -> float:
     return best
 
 
-def pixel_facts(d: D.Descriptors) -> list[list[tuple[str, ...]]]:
-    """Each pixel's facts (`descriptors.facts`), to score several prompts without redoing them."""
-    return [D.facts(d, i) for i in range(len(d))]
+def pixel_facts(d: D.Descriptors) -> dict[tuple[str, ...], np.ndarray]:
+    """Every pixel's facts as columns (`descriptors.fact_columns`), to score several prompts
+    without redoing them."""
+    return D.fact_columns(d)
+
+
+def _held(fact: tuple[str, ...], columns: dict[tuple[str, ...], np.ndarray], n: int) -> np.ndarray:
+    """[N] `holds(fact, pixel)` of every pixel: the best credit of the facts it holds, each
+    credit `holds` of that one fact, looked up by a dated fact's month code."""
+    out = np.zeros(n, dtype=np.float32)
+    for key, column in columns.items():
+        if key[0] != fact[0]:
+            continue
+        if len(key) == 1 and key[0] in D.DATED:
+            credit = [holds(fact, [(key[0], a)]) for a in D.DATED[key[0]]]
+            out = np.maximum(out, np.array([*credit, 0.0], dtype=np.float32)[column])  # -1: 0
+        elif credit := holds(fact, [key]):
+            out = np.maximum(out, np.where(column, credit, 0.0).astype(np.float32))
+    return out
 
 
 def fact_score(
-    d: D.Descriptors, grounding: Grounding, facts: Sequence[Sequence[tuple[str, ...]]] | None = None
+    d: D.Descriptors,
+    grounding: Grounding,
+    facts: dict[tuple[str, ...], np.ndarray] | None = None,
 ) -> np.ndarray:
     """[N] in [0, 1]: the cosine-weighted share of the grounded facts each pixel holds (0 where
     the prompt grounds nothing); `facts`: `pixel_facts(d)`, when already computed."""
@@ -204,10 +221,7 @@ def fact_score(
         return np.zeros(len(d), dtype=np.float32)
     facts = pixel_facts(d) if facts is None else facts
     weights = np.array([p.cosine for p in grounding.parts], dtype=np.float32)
-    wanted = [p.fact for p in grounding.parts]
-    held = np.array([[holds(f, own) for f in wanted] for own in facts], dtype=np.float32).reshape(
-        len(d), len(wanted)
-    )
+    held = np.stack([_held(p.fact, facts, len(d)) for p in grounding.parts], axis=1)
     return held @ weights / weights.sum()
 
 

@@ -86,6 +86,105 @@ def test_sentence_table_keeps_the_most_frequent():
     assert [i.tolist() for i in ids] == [[0, 1], [1], [1, 0], []]
 
 
+def _random_descriptors(n: int, seed: int, absent: tuple[str, ...] = ()) -> descriptors.Descriptors:
+    """n pixels of plausible descriptors: NaNs, open water, whole and fractional days (day 0 too),
+    values on the thresholds; the `absent` keys left out."""
+    rng = np.random.default_rng(seed)
+
+    def draw(lo, hi, nan=0.1, integer=False, edges=()):
+        v = rng.uniform(lo, hi, n)
+        v = np.where(rng.random(n) < 0.5, np.round(v), v) if integer else v
+        v = np.where(rng.random(n) < 0.05, rng.choice([lo, hi, *edges], n), v)
+        return np.where(rng.random(n) < nan, np.nan, v).astype(np.float32)
+
+    day = {"integer": True, "edges": (0.5, 1, 10.5, 11.5, 31, 32, 59, 60, 334, 335, 365)}
+    peak = draw(0, 0.95, edges=(0.3, 0.7))
+    v = {
+        "ndvi_peak": peak, "ndvi_min": (peak - draw(-0.05, 0.7, edges=(0.25,))).astype(np.float32),
+        "ndvi_std": draw(0, 0.15, edges=(0.05,)), "peak_doy": draw(0, 366, **day),
+        "greenup_doy": draw(-1, 366, **day), "senescence_doy": draw(0, 366, **day),
+        "drop": draw(0, 0.6, edges=(0.25,)), "drop_doy": draw(0, 366, **day),
+        "drops": draw(0, 4, integer=True),
+        "water": np.where(rng.random(n) < 0.15, draw(0.7, 1, edges=(0.8,)), draw(0, 0.2)),
+        "snow": draw(0, 0.1, edges=(0.05,)), "vv_mean": draw(-25, 2, edges=(-8, -17)),
+        "vv_seasonality": draw(0, 6, edges=(2, 4)),
+        **{f"{k}_{s}": draw(0, 1, edges=(0.5, 0.6, 0.8)) for k in ("bare", "green", "water")
+           for s in descriptors.SEASONS},
+    }  # fmt: skip
+    return descriptors.Descriptors({k: a for k, a in v.items() if k not in absent})
+
+
+def _reference_facts(d: descriptors.Descriptors, i: int) -> list[tuple[str, ...]]:
+    """Pixel i's facts as the per-pixel code stated them before they became columns."""
+
+    def ok(value):
+        return bool(np.isfinite(value))
+
+    def month(doy):
+        return int(descriptors._month(np.array([int(doy)]))[0])
+
+    def part(doy):
+        start = int(np.cumsum([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30])[month(doy) - 1])
+        third = ("early", "mid", "late")[min(2, int((doy - start - 1) // 10.5))]
+        return f"{third} {descriptors.MONTHS[month(doy) - 1]}"
+
+    g = {k: float(v[i]) for k, v in d.values.items()}
+    vv, change = g.get("vv_mean", np.nan), g.get("vv_seasonality", np.nan)
+    radar = []
+    if ok(vv):
+        radar = [("radar", "bright" if vv > -8 else "dark" if vv < -17 else "moderate")]
+        radar += [("radar_change", "stable")] if change < 2 else []
+        radar += [("radar_change", "seasonal")] if change > 4 else []
+    if g.get("water", 0) > 0.8:
+        return [("water_always",), *radar]
+    out: list[tuple[str, ...]] = []
+    peak, low = g.get("ndvi_peak", np.nan), g.get("ndvi_min", np.nan)
+    if ok(peak):
+        if peak < 0.3:
+            out.append(("never_green",))
+        elif low > 0.5:
+            out.append(("evergreen",))
+        else:
+            out.append(("peak_level", "dense" if peak > 0.7 else "moderate"))
+        seasonal = peak - low > 0.25
+        if seasonal and ok(g["greenup_doy"]):
+            out.append(("greenup", descriptors.MONTHS[month(g["greenup_doy"]) - 1]))
+        if seasonal and ok(g["peak_doy"]):
+            out.append(("peak", descriptors.MONTHS[month(g["peak_doy"]) - 1]))
+        if g.get("drop", 0) > 0.25 and ok(g.get("drop_doy", np.nan)):
+            out.append(("harvest", part(g["drop_doy"])))
+        elif seasonal and ok(g["senescence_doy"]):
+            out.append(("senescence", descriptors.MONTHS[month(g["senescence_doy"]) - 1]))
+        if g.get("drops", 0) >= 2 and low > 0.35:
+            out.append(("mown",))
+        for season in descriptors.SEASONS:
+            if g.get(f"bare_{season}", 0) > 0.6:
+                out.append(("bare", season))
+            elif g.get(f"green_{season}", 0) > 0.8 and not low > 0.5:
+                out.append(("green_in", season))
+        if g.get("ndvi_std", 1) < 0.05:
+            out.append(("stable_optical",))
+    out += [("flooded", s) for s in descriptors.SEASONS if g.get(f"water_{s}", 0) > 0.5]
+    out += [("snow",)] if g.get("snow", 0) > 0.05 else []
+    return out + radar
+
+
+ABSENT = (
+    (), ("vv_mean", "vv_seasonality", "water", "snow", "water_spring"),
+    ("drop", "drop_doy", "drops", "ndvi_std", "bare_winter", "green_summer", "ndvi_min"),
+    ("ndvi_peak", "ndvi_min"),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("absent", ABSENT)
+def test_fact_columns_state_what_the_per_pixel_rules_stated(absent):
+    d = _random_descriptors(3000, seed=len(absent), absent=absent)
+    assert descriptors.fact_lists(d) == [_reference_facts(d, i) for i in range(len(d))]
+    assert descriptors.facts(d, 7) == _reference_facts(d, 7)
+    columns = descriptors.fact_columns(d)
+    assert all(c.shape == (len(d),) for c in columns.values())
+
+
 @pytest.mark.slow
 def test_alignment_learns_descriptor_sentences_of_the_training_pixels(tmp_path):
     """build_alignment on a real (untrained) network: sentences embedded, learnt and saved."""

@@ -9,7 +9,7 @@ import pytest
 
 from pivotmap.models import descriptors, grounding
 from pivotmap.models.text_align import embed_texts
-from tests.test_descriptors import SPEC, _cube
+from tests.test_descriptors import ABSENT, SPEC, _cube, _random_descriptors, _reference_facts
 
 
 def test_vocabulary_states_every_fact_with_and_without_its_argument():
@@ -107,3 +107,49 @@ def test_before_until_and_after_a_month_bound_a_dated_fact():
     assert grounding.holds(("harvest", ">9"), [("harvest", "mid September")]) == 0.0
     d = descriptors.compute(_cube(), SPEC)  # the crop is harvested in mid July
     assert grounding.fact_score(d, before)[0] == 1 and grounding.fact_score(d, after)[0] == 0
+
+
+def _reference_score(pixels: list, g: grounding.Grounding) -> np.ndarray:
+    """`fact_score` as it was, pixel by pixel over each pixel's list of facts."""
+    weights = np.array([p.cosine for p in g.parts], dtype=np.float32)
+    held = [[grounding.holds(p.fact, own) for p in g.parts] for own in pixels]
+    return np.array(held, dtype=np.float32).reshape(len(pixels), -1) @ weights / weights.sum()
+
+
+@pytest.mark.parametrize("absent", ABSENT)
+def test_fact_columns_score_as_the_per_pixel_facts_did(absent):
+    d = _random_descriptors(3000, seed=len(absent), absent=absent)
+    pixels = [_reference_facts(d, i) for i in range(len(d))]
+    columns = grounding.pixel_facts(d)
+    rng = np.random.default_rng(0)
+
+    def read(*facts):
+        parts = [grounding.Part(str(f), str(f), f, float(rng.uniform(0.6, 1))) for f in facts]
+        return grounding.Grounding("", len(parts), tuple(parts))
+
+    bounds = [(k, f"{b}{m}") for k in grounding._DATED for b in "<>" for m in (1, 3, 8, 12, 13)]
+    single = [read(f) for f in {*grounding.vocabulary()[1], *bounds}]
+    prompts = [
+        read(("greenup", "March"), ("harvest", "mid July"), ("bare", "winter")),
+        read(("harvest", "<8"), ("greenup", ">2"), ("senescence", "<13"), ("radar", "dark")),
+        read(("harvest", grounding.ANY), ("peak", "June"), ("water_always",), ("snow",)),
+        read(("senescence", "December"), ("harvest", "early January"), ("peak", ">12")),
+        read(("peak_level", "dense"), ("green_in", grounding.ANY), ("flooded", "spring"),
+             ("mown",), ("radar_change", "seasonal"), ("stable_optical",)),
+    ]  # fmt: skip
+    for g in single + prompts:
+        want = _reference_score(pixels, g)
+        assert np.array_equal(grounding.fact_score(d, g, columns), want), g.parts
+    assert np.array_equal(grounding.fact_score(d, prompts[0]), _reference_score(pixels, prompts[0]))
+
+
+def test_grounded_prompts_score_as_the_per_pixel_facts_did():
+    d = _random_descriptors(2000, seed=5)
+    pixels = [_reference_facts(d, i) for i in range(len(d))]
+    for prompt in (
+        "green from March, harvested before August",
+        "bare until late May and harvested after September",
+        "open water all year with very low radar backscatter",
+    ):
+        g = grounding.ground(prompt, embed_texts)
+        assert g.parts and np.array_equal(grounding.fact_score(d, g), _reference_score(pixels, g))

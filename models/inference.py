@@ -21,7 +21,7 @@ import numpy as np
 
 from pivotmap.progress import track
 from pivotmap.results import ModelRef, PivotResult, PredictResult
-from pivotmap.runtime import kv, peak_rss_mb, run_logger
+from pivotmap.runtime import keep_freed_memory, kv, peak_rss_mb, run_logger
 from pivotmap.tasks import storage
 from pivotmap.tasks.cube import PivotReader, iter_windows
 from pivotmap.tasks.nomenclature import NODATA_CODE
@@ -226,6 +226,7 @@ def run_tile_job(job: TileJob) -> dict:
     """Classify one tile window by window and write classes + confidence."""
     import torch
 
+    keep_freed_memory()  # window after window re-uses the same memory (see its docstring)
     torch.set_num_threads(job.threads)
     started = time.perf_counter()
     model, spec = load_for_worker(job.model_url, job.device)

@@ -46,8 +46,12 @@ def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
     By default glibc serves every array over 32 MiB with a fresh mmap and unmaps it on free,
     so a worker that fills block after block faults in (and zeroes) all of its output again
     for every block; on VMs with free-page reporting (Firecracker, cloud hosts) each of those
-    pages is then a host fault too. Arrays up to `limit_bytes` are served from the heap and
-    the heap is never trimmed: the resident size stays at the peak the work needs anyway.
+    pages is then a host fault too. Dask's nanny makes it worse in every worker it starts:
+    its MALLOC_TRIM_THRESHOLD_=65536 pins that threshold at 128 KiB, so each window-sized array
+    is a fresh mmap (a predict tile took twice as long, with ten times the system time). Arrays
+    up to `limit_bytes` are served from the heap and the heap is never trimmed: the resident
+    size stays at the peak the work needs anyway. Job functions call it first, so it holds
+    however their worker was started.
     Linux/glibc only; returns False (and changes nothing) elsewhere.
     """
     import ctypes

@@ -277,3 +277,41 @@ def test_an_unreachable_scheduler_names_the_setting_to_fix():
         port = sock.getsockname()[1]
     with pytest.raises(ClusterError, match=r"tcp://127\.0\.0\.1:\d+.*`dask\.address`"):
         connect(f"tcp://127.0.0.1:{port}", timeout="1s")
+
+
+def _mmapped_bytes_of_a_window_array(keep: bool) -> int:
+    """Bytes glibc serves with mmap for one live 16 MiB array made in this process (mallinfo2's
+    hblkhd before and after): the whole array when it is a fresh mmap, 0 from the heap."""
+    import ctypes
+
+    import numpy as np
+
+    from pivotmap.runtime import keep_freed_memory
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost")]  # fmt: skip
+
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = MallInfo2
+    if keep:
+        keep_freed_memory()
+    before = mallinfo2().hblkhd
+    window = np.ones(4 << 20, dtype=np.float32)
+    grown = mallinfo2().hblkhd - before
+    del window
+    return int(grown)
+
+
+def test_workers_serve_window_arrays_from_the_heap_once_a_job_keeps_freed_memory():
+    """A worker of Dask's nanny (MALLOC_TRIM_THRESHOLD_=65536) gets every array over 128 KiB as
+    a fresh mmap, faulted in again each time; after `keep_freed_memory`, which predict's and
+    pivot's jobs call first, window-sized arrays come from the heap."""
+    from pivotmap.tasks.cluster import dask_client
+
+    with dask_client("local", workers=1) as client:
+        default = client.submit(_mmapped_bytes_of_a_window_array, False, pure=False).result()
+        kept = client.submit(_mmapped_bytes_of_a_window_array, True, pure=False).result()
+    assert default >= 16 << 20  # the nanny's setting: the array is its own mapping
+    assert kept == 0

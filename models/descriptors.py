@@ -237,10 +237,11 @@ def _month_code(doy: np.ndarray) -> np.ndarray:
 
 def _part_code(doy: np.ndarray) -> np.ndarray:
     """Index into PARTS of days of year: 3 × month index + 0 early, 1 mid, 2 late (thirds of
-    10.5 days; a day before the month's first, day 0, wraps to 'late' as a negative index did)."""
-    month = _month_code(doy)
-    third = np.minimum(2, np.floor_divide(doy - _MONTH_STARTS[month] - 1, 10.5))
-    return 3 * month + third.astype(np.int64) % 3
+    10.5 days). Day 0, the year's turn in the sin/cos day encoding, is early January."""
+    day = np.clip(doy, 1, 365)
+    month = _month_code(day)
+    third = np.minimum(2, np.floor_divide(day - _MONTH_STARTS[month] - 1, 10.5))
+    return 3 * month + third.astype(np.int64)
 
 
 def _dated(held: np.ndarray, doy: np.ndarray, code) -> np.ndarray:

@@ -124,6 +124,7 @@ def _reference_facts(d: descriptors.Descriptors, i: int) -> list[tuple[str, ...]
         return int(descriptors._month(np.array([int(doy)]))[0])
 
     def part(doy):
+        doy = min(max(doy, 1), 365)  # day 0 was 'late January' before the columns (a bug)
         start = int(np.cumsum([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30])[month(doy) - 1])
         third = ("early", "mid", "late")[min(2, int((doy - start - 1) // 10.5))]
         return f"{third} {descriptors.MONTHS[month(doy) - 1]}"
@@ -183,6 +184,13 @@ def test_fact_columns_state_what_the_per_pixel_rules_stated(absent):
     assert descriptors.facts(d, 7) == _reference_facts(d, 7)
     columns = descriptors.fact_columns(d)
     assert all(c.shape == (len(d),) for c in columns.values())
+
+
+def test_a_harvest_on_the_turn_of_the_year_is_early_january_and_the_last_day_late_december():
+    doy = np.array([0.0, 1.0, 12.0, 22.0, 365.0])
+    assert [descriptors.PARTS[c] for c in descriptors._part_code(doy)] == [
+        "early January", "early January", "mid January", "late January", "late December",
+    ]  # fmt: skip
 
 
 @pytest.mark.slow

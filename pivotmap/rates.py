@@ -1,7 +1,8 @@
 """Measured rates that `pivotmap plan` turns into cost estimates, each with where it came from.
 
 A plan is only as good as its rates, so every rate names its run: which benchmark, which region,
-which machine and when. The figures below were measured on 2026-12-01 by
+which machine and when. The figures below were measured on 2026-12-01 (pivot and predict on
+2026-12-02, after the changes named in their source) by
 `tests/benchmarks/bench_scale.py --sizes 1x128,4x128,8x128` on the 2 shared cores of the
 development machine (x86-64, 24 GB, no GPU), on synthetic regions made by
 `tasks/synthetic.generate_demo_region` (2023, S2 every 5 days = 73 dates, S1 every 6 = 61), with
@@ -39,6 +40,11 @@ _BENCH = (
     "settings but fast training), 2 shared cores, 2026-12-01"
 )
 _MARGINAL = _BENCH + ": marginal cost from 262k to 1M px (no start-up)"
+_MARGINAL_1202 = (
+    "tests/benchmarks/bench_scale.py --sizes 1x128,4x128,8x128 (synthetic, 365 days, default "
+    "settings but fast training), 2 shared cores, quiet, 2026-12-02 (pivot zstd level 3, predict "
+    "workers keeping freed memory): marginal cost from 262k to 1M px (no start-up)"
+)
 _TRAIN = _BENCH + ": 1M px, train.cpu_threads 1 (1 core)"
 _NONE = "not measured yet: run tests/benchmarks/gpu_check.sh on a GPU machine"
 
@@ -46,10 +52,10 @@ RATES: Mapping[str, Rate] = MappingProxyType(
     {
         # Throughput, per core-second (per GPU-second for the *_gpu rates).
         "ingest": Rate(1_713_527.0, "pixel-dates per core-second", _MARGINAL),
-        "pivot": Rate(1_915_439.0, "pixel-days per core-second", _MARGINAL),
+        "pivot": Rate(2_399_663.0, "pixel-days per core-second", _MARGINAL_1202),
         "sample": Rate(60_775.0, "pixels per core-second", _MARGINAL),
         "train": Rate(0.002391, "core-seconds per training pixel-epoch", _TRAIN),
-        "predict": Rate(2_086_102.0, "pixel-days per core-second", _MARGINAL),
+        "predict": Rate(4_274_087.0, "pixel-days per core-second", _MARGINAL_1202),
         "predict_kernel": Rate(
             6_233_470.0,
             "pixel-days per core-second",

@@ -203,8 +203,8 @@ def _held(fact: tuple[str, ...], columns: dict[tuple[str, ...], np.ndarray], n: 
         if key[0] != fact[0]:
             continue
         if len(key) == 1 and key[0] in D.DATED:
-            credit = [holds(fact, [(key[0], a)]) for a in D.DATED[key[0]]]
-            out = np.maximum(out, np.array([*credit, 0.0], dtype=np.float32)[column])  # -1: 0
+            credits = [holds(fact, [(key[0], a)]) for a in D.DATED[key[0]]]
+            out = np.maximum(out, np.array([*credits, 0.0], dtype=np.float32)[column])  # -1: 0
         elif credit := holds(fact, [key]):
             out = np.maximum(out, np.where(column, credit, 0.0).astype(np.float32))
     return out

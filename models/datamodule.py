@@ -239,8 +239,9 @@ def prepare_data(config: RunConfig, table: Table) -> TrainingData:
     if len(classes) < 2:
         raise TrainingDataError(f"the training table holds {len(classes)} class(es): two needed")
     base = ModelSpec(
-        classes=classes, step_days=tc.step_days, hidden=tc.hidden, modalities=tc.modalities
-    )
+        classes=classes, step_days=tc.step_days, hidden=tc.hidden, modalities=tc.modalities,
+        summary=tc.summary_token,
+    )  # fmt: skip
     is_test, trains = held_out(table, labelled, tc.holdout_table())
     if not is_test.any() or not trains.any():
         raise TrainingDataError(
@@ -250,7 +251,7 @@ def prepare_data(config: RunConfig, table: Table) -> TrainingData:
             else f"train.holdout {tc.holdout}: its table or the others have no labelled pixel"
         )
     spec = fit_table_normalisation(table, labelled[trains], base).replace(
-        n_steps=int(table.series.shape[1])
+        n_steps=int(table.series.shape[1]), season=table_season(table, tc.seed)
     )
     train_idx = np.flatnonzero(trains)
     train_idx = train_idx[label_subset(codes[train_idx], tc.label_fraction, tc.seed)]
@@ -282,6 +283,20 @@ def held_out(
         raise TrainingDataError("train.holdout: the training table does not say its rows' runs")
     held = table.source[labelled] == holdout
     return held, ~held & (split == "train")
+
+
+def table_season(table: Table, seed: int, pixels: int = 4096) -> tuple[float, ...]:
+    """The training region's season (`calendar.season_profile`) on up to `pixels` of the
+    table's unlabelled pixels (drawn at random over the region, as predict draws its own), or
+    of all its rows when it has too few; () without B04 and B08."""
+    from pivotmap.models.calendar import MIN_PIXELS, season_profile
+
+    names = tuple(c for c in ("B04", "B08") if c in table.channels)
+    rows = np.flatnonzero(table.split == "unlabelled")
+    rows = rows if len(rows) >= MIN_PIXELS else np.arange(len(table.codes))
+    rows = np.sort(np.random.default_rng(seed).permutation(rows)[:pixels])
+    profile = season_profile(table.decoded(names, rows), names) if len(names) == 2 else None
+    return () if profile is None else tuple(round(float(v), 5) for v in profile)
 
 
 def fit_table_normalisation(table: Table, rows: np.ndarray, spec: ModelSpec) -> ModelSpec:

@@ -56,9 +56,14 @@ def day_of_year(ds: xr.Dataset) -> np.ndarray:
     return pivot_series.day_of_year(ds.time.values)
 
 
-def window_inputs(ds: xr.Dataset, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
+def window_inputs(
+    ds: xr.Dataset, spec: ModelSpec, shift_steps: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Network inputs of the pixels with data in a window sampled every `spec.step_days`, and
-    that mask (flat, row-major): what predict, concept maps and explanations feed the model."""
+    that mask (flat, row-major): what predict, concept maps and explanations feed the model.
+    `shift_steps` moves the series that many steps later (`models.calendar.shift_series`)."""
+    from pivotmap.models.calendar import shift_series
+
     series = raw_series(ds, spec.channels[:-2])
     ok = has_data(series)
-    return network_input(series[ok], day_of_year(ds), spec), ok
+    return network_input(shift_series(series[ok], shift_steps), day_of_year(ds), spec), ok

@@ -28,6 +28,7 @@ from pivotmap.tasks.nomenclature import NODATA_CODE
 
 if TYPE_CHECKING:
     from pivotmap.config import RunConfig
+    from pivotmap.models.calendar import CalendarShift
     from pivotmap.models.registry import LoadedModel
     from pivotmap.tasks.grid import Tile
     from pivotmap.tasks.workspace import Workspace
@@ -49,9 +50,13 @@ class TileJob:
     window: int  # window edge in pixels: bounds the memory per worker
     device: str = "cpu"
     threads: int = 1
+    shift_steps: int = 0  # series moved this many steps later (`models.calendar`)
 
     def __dask_tokenize__(self):
-        return (type(self).__name__, self.tile_id, self.model_url, self.pivot_url, self.out_url)
+        return (
+            type(self).__name__, self.tile_id, self.model_url, self.pivot_url, self.out_url,
+            self.shift_steps,
+        )  # fmt: skip
 
 
 def predict(ws: Workspace, device: str | None = None, force: bool = False) -> PredictResult:
@@ -70,11 +75,14 @@ def predict(ws: Workspace, device: str | None = None, force: bool = False) -> Pr
         found.model, found.spec, ws.model_url(info["name"], info["version"])
     )
     save_nomenclature(ws, info, model_url)
+    shift = calendar_shift(ws, found.spec)
     key = f"{info['name']}/{info['version']}@{cube_version}"
+    key += f"+shift{shift.days}d" if shift.steps else ""
     tiles = ws.tiles()
     todo = [t for t in tiles if force or not ws.is_done("predict", t.id, key)]
     results = run_jobs(
-        tile_jobs(ws, model_url, dev, todo), config.dask.address or config.predict.dask,
+        tile_jobs(ws, model_url, dev, todo, shift.steps),
+        config.dask.address or config.predict.dask,
         config.predict.workers,
         on_done=lambda result: ws.mark_done("predict", result["tile"], key, result),
     )  # fmt: skip
@@ -82,16 +90,50 @@ def predict(ws: Workspace, device: str | None = None, force: bool = False) -> Pr
     pixels = sum(r["pixels"] for r in results)
     run_logger("predict").info(
         kv("predict", tiles_written=len(todo), tiles_skipped=len(tiles) - len(todo),
-           model=info["name"], model_version=info["version"], cache_key=key)
+           model=info["name"], model_version=info["version"], cache_key=key,
+           calendar_shift_days=shift.days)
     )  # fmt: skip
     result = PredictResult(
         model=ModelRef(**info), device=dev, tiles=results,
         tiles_already_done=[t.id for t in tiles if t not in todo], cache_key=key, pixels=pixels,
         px_per_s=round(pixels / elapsed, 1) if pixels else 0.0, duration_s=round(elapsed, 2),
         peak_rss_mb_per_worker=max((r["peak_rss_mb"] for r in results), default=0.0),
+        calendar_shift=shift.summary(),
     )  # fmt: skip
     ws.write_result(result)
     return result
+
+
+def calendar_shift(ws: Workspace, spec) -> CalendarShift:
+    """The shift predict applies (`predict.calendar_shift`): none, the configured days, or
+    estimated on a sample of this run's cube against the model's season (`models.calendar`).
+    An estimate that cannot be made (a model without a season, a cube of another length, too
+    few pixels) moves nothing and says why, in the log and the predict result."""
+    from pivotmap.models.calendar import (
+        CalendarError,
+        CalendarShift,
+        estimate_shift,
+        region_sample,
+    )
+
+    cfg = ws.config.predict
+    if cfg.calendar_shift != "auto":
+        steps = int(round(cfg.calendar_shift / spec.step_days))
+        return CalendarShift(steps, spec.step_days, "fixed" if steps else "none", {})
+    series = region_sample(ws.pivot_url, spec, cfg.calendar_pixels, ws.config.train.seed)
+    try:
+        shift = estimate_shift(
+            spec.season, series, spec.channels[:-2], spec.step_days, cfg.calendar_search_days
+        )
+    except CalendarError as err:
+        shift = CalendarShift(0, spec.step_days, "auto", {}, len(series), note=str(err))
+    run_logger("predict").info(
+        kv("calendar", shift_days=shift.days, pixels=shift.pixels,
+           distance_at_0=shift.distance.get(0), distance_chosen=shift.distance.get(shift.days))
+    )  # fmt: skip
+    if shift.note:
+        run_logger("predict").warning("calendar: %s", shift.note)
+    return shift
 
 
 def model_uri(config: RunConfig) -> str:
@@ -155,7 +197,9 @@ def save_nomenclature(ws: Workspace, info: dict[str, str], model_url: str) -> No
         storage.write_bytes(storage.join(model_url, NOMENCLATURE_FILE), files["nomenclature"])
 
 
-def tile_jobs(ws: Workspace, model_url: str, device: str, tiles: list[Tile]) -> list[TileJob]:
+def tile_jobs(
+    ws: Workspace, model_url: str, device: str, tiles: list[Tile], shift_steps: int = 0
+) -> list[TileJob]:
     """One job per tile, with the tile's span inside the cube (the extent of all tiles)."""
     extent = ws.extent(ws.tiles())
     cfg = ws.config.predict
@@ -167,6 +211,7 @@ def tile_jobs(ws: Workspace, model_url: str, device: str, tiles: list[Tile]) -> 
                 tile_id=tile.id, rows=(rows.start, rows.stop), cols=(cols.start, cols.stop),
                 pivot_url=ws.pivot_url, model_url=model_url, out_url=ws.map_url(tile.id),
                 batch_size=cfg.batch_size, window=cfg.window, device=device,
+                shift_steps=shift_steps,
             )
         )  # fmt: skip
     return jobs
@@ -243,7 +288,9 @@ def run_tile_job(job: TileJob) -> dict:
             slice(rows.start - job.rows[0], rows.stop - job.rows[0]),
             slice(cols.start - job.cols[0], cols.stop - job.cols[0]),
         )
-        classes[at], confidence[at] = classify(model, spec, window, job.batch_size, job.device)
+        classes[at], confidence[at] = classify(
+            model, spec, window, job.batch_size, job.device, job.shift_steps
+        )
     save_map(job.out_url, classes, confidence)
     total = time.perf_counter() - started
     return {
@@ -253,15 +300,17 @@ def run_tile_job(job: TileJob) -> dict:
     }  # fmt: skip
 
 
-def classify(model, spec, ds, batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+def classify(
+    model, spec, ds, batch_size: int, device: str, shift_steps: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Class codes and confidence (0–100: the class's probability, times the members'
-    agreement for an ensemble) of a window already sampled every `spec.step_days`; 255 where
-    the cube has no data."""
+    agreement for an ensemble) of a window already sampled every `spec.step_days`, its series
+    moved `shift_steps` later (`models.calendar`); 255 where the cube has no data."""
     from pivotmap.models.features import window_inputs
     from pivotmap.models.training import confidence_percent, predict_vote
 
     h, w = ds.sizes["y"], ds.sizes["x"]
-    x, ok = window_inputs(ds, spec)
+    x, ok = window_inputs(ds, spec, shift_steps)
     classes = np.full(h * w, NODATA_CODE, dtype=np.uint8)
     confidence = np.full(h * w, NODATA_CODE, dtype=np.uint8)
     if ok.any():

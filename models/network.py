@@ -24,7 +24,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from pivotmap.models.encoders import Block, ModalityEncoder
+from pivotmap.models.encoders import Block, ModalityEncoder, SummaryToken
 
 S2_BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
 S1_BANDS = ("VV", "VH")
@@ -61,6 +61,8 @@ class ModelSpec:
     modality_dropout: float = 0.15
     patch: int = 2
     members: int = 1  # > 1: an ensemble of that many networks (`EnsembleClassifier`)
+    summary: bool = False  # each modality adds a calendar-free `SummaryToken` to its tokens
+    season: tuple[float, ...] = ()  # mean NDVI per step of the training region (`calendar`)
 
     def __post_init__(self) -> None:
         unknown = set(self.modalities) - {"s2", "s1"}
@@ -86,7 +88,7 @@ class ModelSpec:
     def from_dict(cls, raw: dict) -> ModelSpec:
         raw = dict(raw)
         raw.setdefault("arch", LEGACY)  # specs written before `arch` existed
-        for key in ("classes", "s2_channels", "s1_channels", "modalities"):
+        for key in ("classes", "s2_channels", "s1_channels", "modalities", "season"):
             if key in raw:
                 raw[key] = tuple(raw[key])
         return cls(**raw)
@@ -112,6 +114,13 @@ class FusionClassifier(nn.Module):
                     widths[m] + 2, spec.hidden, spec.tokens, spec.layers, spec.heads, spec.patch
                 )
                 for m in spec.modalities
+            }
+        )
+        names = {"s2": spec.s2_channels, "s1": spec.s1_channels}
+        self.summaries = nn.ModuleDict(
+            {
+                m: SummaryToken(names[m], spec.norm_mean, spec.norm_std, spec.hidden)
+                for m in (spec.modalities if spec.summary else ())
             }
         )
         self.modality_embed = nn.Parameter(torch.zeros(len(spec.modalities), 1, spec.hidden))
@@ -144,14 +153,16 @@ class FusionClassifier(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused tokens [N, M*Q, D] and their mask [N, M*Q] (True = the modality is used)."""
         t = x[..., self.time_slice]
-        tokens = [
-            self.encoders[m](torch.cat([x[..., self.slices[m]], t], dim=-1))
-            + self.modality_embed[i]
-            for i, m in enumerate(self.spec.modalities)
-        ]
+        tokens = []
+        for i, m in enumerate(self.spec.modalities):
+            own = self.encoders[m](torch.cat([x[..., self.slices[m]], t], dim=-1))
+            if self.spec.summary:
+                own = torch.cat([own, self.summaries[m](x[..., self.slices[m]])], dim=1)
+            tokens.append(own + self.modality_embed[i])
         present = self._drop_modalities(self.present(x))
         present = present | ~present.any(1, keepdim=True)  # nothing known: use every modality
-        mask = present.repeat_interleave(self.spec.tokens, dim=1)
+        per_modality = self.spec.tokens + (1 if self.spec.summary else 0)
+        mask = present.repeat_interleave(per_modality, dim=1)
         h = torch.cat(tokens, dim=1)
         for block in self.fusion:
             h = block(h, mask)

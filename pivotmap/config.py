@@ -442,6 +442,12 @@ class TrainConfig(_Frozen):
         min_length=1,
         description="Modalities the network encodes (fused when both).",
     )
+    summary_token: bool = Field(
+        default=False,
+        description="Each modality also gives the fusion one calendar-free token: the "
+        "percentiles, mean and std of its clear observations per band and index, as the "
+        "percentile baseline sees them.",
+    )
     label_fraction: float = Field(
         default=1.0,
         gt=0,
@@ -624,6 +630,21 @@ class PredictConfig(_Frozen):
         default=64,
         ge=16,
         description="Tiles are read and classified in windows of this edge (pixels).",
+    )
+    calendar_shift: Literal["auto"] | int = Field(
+        default="auto",
+        description="Move every pixel's series this many days (rounded to the model's step) "
+        "before classifying. `auto`: the shift that aligns the region's season (mean NDVI per "
+        "step of a sample of its cube) with the one the model learnt, within "
+        "±`calendar_search_days`; 0 where they already agree, where the season matches poorly "
+        "at every shift or where the model keeps no season (the result says why). 0: the "
+        "series as they are.",
+    )
+    calendar_search_days: int = Field(
+        default=60, ge=0, le=180, description="`calendar_shift: auto` tries shifts up to this."
+    )
+    calendar_pixels: int = Field(
+        default=4096, ge=100, description="`calendar_shift: auto` estimates on this many pixels."
     )
 
     @field_validator("model_uri")

@@ -174,6 +174,7 @@ class PredictResult(StageResult):
     px_per_s: float
     duration_s: float
     peak_rss_mb_per_worker: float
+    calendar_shift: Row = {}  # `models.calendar.CalendarShift.summary()`
 
 
 # ---------------------------------------------------------------------------- concept, explain

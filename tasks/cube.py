@@ -265,6 +265,7 @@ class PivotReader:
         with quiet_zarr():
             self._raw = xr.open_zarr(url, consolidated=True, chunks=None, mask_and_scale=False)
         self.times: np.ndarray = self._raw.time.values
+        self.sizes: dict[str, int] = {str(k): int(v) for k, v in self._raw.sizes.items()}
 
     def window(
         self, rows: slice, cols: slice, step_days: int = 1, dtype: str = "float32"

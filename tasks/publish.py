@@ -90,6 +90,7 @@ class Provenance:
     software_version: str
     config_hash: str
     model_card: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # mlm:* fields
+    calendar_shift_days: int = 0  # predict moved every series this much (`models.calendar`)
 
     def stac_properties(self) -> dict[str, Any]:
         """Provenance as `pivotmap:*` STAC fields, on every Item and the Collection.
@@ -104,6 +105,7 @@ class Provenance:
         props["pivotmap:source_item_count"] = self.source_item_count
         props["pivotmap:source_collections"] = list(self.source_collections)
         props["pivotmap:config_hash"] = self.config_hash
+        props["pivotmap:calendar_shift_days"] = self.calendar_shift_days
         return props
 
     def lineage(self) -> str:
@@ -113,7 +115,13 @@ class Provenance:
             f"({stac_products.public_ref(self.model_uri)}, run {self.model_run_id}) from data "
             f"cube {stac_products.public_ref(self.cube_url)} "
             f"version {self.cube_version}, built from {self.source_item_count} items of "
-            f"{', '.join(self.source_collections)} between {self.period_start} and {self.period_end}."
+            f"{', '.join(self.source_collections)} between {self.period_start} and {self.period_end}"
+            + (
+                f", every pixel's series moved {self.calendar_shift_days} days to the calendar "
+                "the model learnt."
+                if self.calendar_shift_days
+                else "."
+            )
         )
 
     def run_metadata(self) -> stac_products.RunMetadata:
@@ -598,9 +606,10 @@ def publish(ws: Workspace) -> PublishResult:
         return PublishResult(published=False, quality=quality)
     predict = ws.read_result(PredictResult)
     pivot = ws.read_result(PivotResult)
-    version = product_version(predict.model.version, pivot.cube_version)
+    shift_days = int(predict.calendar_shift.get("days", 0))
+    version = product_version(predict.model.version, pivot.cube_version, shift_days)
     provenance = build_provenance(
-        ws.config, ws.read_result(IngestResult), pivot, predict.model, nomenclature
+        ws.config, ws.read_result(IngestResult), pivot, predict.model, nomenclature, shift_days
     )
     with tempfile.TemporaryDirectory(prefix="pivotmap-publish-") as tmp:
         folder = Path(tmp) if storage.is_remote(ws.root) else storage.local_path(ws.products_url)
@@ -685,9 +694,11 @@ def previous_shares(products_url: str) -> dict[str, float] | None:
     return {code: n / total for code, n in counts.items()}
 
 
-def product_version(model_version: str, cube_version: str) -> str:
-    """Same model on the same cube → same version, so re-publishing is idempotent."""
-    return f"m{model_version}-c{cube_version[:8]}"
+def product_version(model_version: str, cube_version: str, shift_days: int = 0) -> str:
+    """Same model on the same cube (and the same calendar shift) → same version, so
+    re-publishing is idempotent; maps made with the series moved say by how much (`-s-30d`)."""
+    shift = f"-s{shift_days}d" if shift_days else ""
+    return f"m{model_version}-c{cube_version[:8]}{shift}"
 
 
 def build_provenance(
@@ -696,6 +707,7 @@ def build_provenance(
     pivot: PivotResult,
     model: ModelRef,
     nomenclature: Nomenclature,
+    calendar_shift_days: int = 0,
 ) -> Provenance:
     """Where the maps came from: the model, the cube and the inputs of this run."""
     from pivotmap import __version__
@@ -714,6 +726,7 @@ def build_provenance(
         software_version=__version__,
         config_hash=config.config_hash(),
         model_card=model_card(config, model, nomenclature),
+        calendar_shift_days=calendar_shift_days,
     )
 
 

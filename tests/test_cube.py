@@ -249,3 +249,57 @@ def test_the_pivot_zstd_level_is_a_setting_that_rebuilds_nothing():
         return target_state(config, ingest, obs).version
 
     assert key(3) == key(5)  # an existing cube keeps its level: no rebuild
+
+
+def test_the_region_calendar_is_read_in_windows_and_a_missing_season_moves_nothing(tmp_path):
+    """`predict.calendar_shift: auto` (the default) samples the run's cube in windows; a model
+    that keeps no season, or one learnt on a period of another length, is not moved and the
+    result says why; the season of the cube itself is found at shift 0. A tile job with a
+    shift classifies its series moved (another map than without)."""
+    import io
+
+    import torch
+
+    from pivotmap.models.calendar import region_sample, season_profile
+    from pivotmap.models.inference import (
+        TileJob,
+        calendar_shift,
+        load_for_worker,
+        run_tile_job,
+        save_for_workers,
+    )
+    from pivotmap.models.network import ModelSpec, build_model
+    from pivotmap.tasks import storage
+    from pivotmap.tasks.pivot import build_pivot
+
+    ws = run_folder(str(tmp_path / "run"))
+    build_pivot(ws)
+    spec = ModelSpec(classes=(1, 2, 3), n_steps=12, step_days=5, hidden=16)
+    series = region_sample(ws.pivot_url, spec, 600)
+    assert series.shape[1:] == (12, len(spec.channels) - 2) and 500 <= len(series) <= 1024
+
+    none = calendar_shift(ws, spec)
+    assert (none.steps, none.method) == (0, "auto") and "records no season" in none.note
+    other = calendar_shift(ws, spec.replace(season=(0.5,) * 20))
+    assert other.steps == 0 and "gives 12 steps, the model's season 20" in other.note
+    own = tuple(season_profile(series, spec.channels[:-2]))
+    if np.std(own) >= 0.03:  # the test cube's made-up values may hold no season at all
+        assert calendar_shift(ws, spec.replace(season=own)).steps == 0
+
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    with torch.no_grad():  # an untrained head says 1/3 everywhere: make it say something
+        for p in model.parameters():
+            p.mul_(4)
+    model_url = save_for_workers(model, spec, ws.model_url("m", "1"))
+    maps = []
+    for shift in (0, 3):
+        job = TileJob(
+            "t", (0, 32), (0, 32), ws.pivot_url, model_url, ws.map_url("t"), 256, 16,
+            shift_steps=shift,
+        )  # fmt: skip
+        run_tile_job(job)
+        with np.load(io.BytesIO(storage.read_bytes(ws.map_url("t")))) as data:
+            maps.append(data["confidence"])
+    load_for_worker.cache_clear()
+    assert not np.array_equal(maps[0], maps[1])

@@ -191,6 +191,55 @@ def test_a_cube_gap_filled_otherwise_is_refused_before_any_map(region_b, tmp_pat
 
 
 @slow
+def test_a_region_is_mapped_on_the_calendar_the_model_learnt(region_b, tmp_path):
+    """`predict.calendar_shift`: `auto` scores every candidate shift on the region's own cube;
+    a fixed shift remaps every tile (another cache key) and the products say it: their version,
+    `pivotmap:calendar_shift_days` and lineage."""
+    out = tmp_path / "run"
+    shutil.copytree(region_b["out"], out)
+    for folder in ("maps", "models", "products", "state/predict", "reports/predict.json"):
+        path = out / folder
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def predict(shift) -> dict:
+        raw = json.loads(json.dumps(region_b["raw"]))
+        raw["predict"] = {**raw["predict"], "calendar_shift": shift}
+        config = _write(
+            region_b["config"].parent / f"b-shift-{shift}.yaml",
+            _relative(raw, "../inputs", "inputs"),
+        )
+        return _run(config, out, ("predict", "publish"))
+
+    auto = predict("auto")
+    found = auto["predict"]["calendar_shift"]
+    scores = {int(k): v for k, v in found["distance_by_shift_days"].items()}
+    assert found["method"] in ("auto",) and found["pixels"] > 100
+    assert sorted(scores) == list(range(-30, 31, 5))  # a quarter of the 4-month series each way
+    assert found["days"] == 0 or scores[found["days"]] == min(scores.values()) <= 1.0
+    # the same conditions in another place: nothing to move (a poor match says so)
+    assert found["days"] == 0, found
+    before = {p.name: np.load(p)["classes"] for p in (out / "maps").glob("*.npz")}
+
+    fixed = predict(-30)
+    assert fixed["predict"]["calendar_shift"]["days"] == -30
+    assert fixed["predict"]["calendar_shift"]["method"] == "fixed"
+    assert fixed["predict"]["cache_key"].endswith("+shift-30d")
+    assert len(fixed["predict"]["tiles"]) == TILES * TILES  # remapped, not skipped
+    after = {p.name: np.load(p)["classes"] for p in (out / "maps").glob("*.npz")}
+    if found["days"] != -30:
+        assert any(not np.array_equal(before[k], after[k]) for k in before)
+    assert fixed["publish"]["version"].endswith("-s-30d")
+    assert auto["publish"]["version"].endswith(f"-s{found['days']}d") == bool(found["days"])
+    collection = Path(fixed["publish"]["collection"])
+    items = [json.loads(p.read_text()) for p in collection.parent.rglob("*.json")]
+    items = [i for i in items if i.get("type") == "Feature"]
+    assert len(items) == TILES * TILES
+    for item in items:
+        assert item["properties"]["pivotmap:calendar_shift_days"] == -30
+        assert "moved -30 days" in item["properties"]["processing:lineage"]
+
+
+@slow
 def test_a_model_uri_that_does_not_resolve_is_named(region_a, region_b, tmp_path):
     raw = json.loads(json.dumps(region_b["raw"]))
     raw["predict"]["model_uri"] = "models:/no-such-model@champion"

@@ -3,6 +3,7 @@ the config chooses, and the calendar augmentation of training batches."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -214,3 +215,130 @@ def test_holdout_of_a_whole_run_tests_on_all_of_it_and_trains_on_the_others(tmp_
         TrainConfig(holdout="self")
     with pytest.raises(ValidationError, match="neither `self` nor one of train.include"):
         TrainConfig(include=(other,), holdout=str(tmp_path / "elsewhere"))
+
+
+# ---------------------------------------------------------------------------- calendar shift
+def _dated(n: int, rng: np.random.Generator, shift_steps: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """[n, T, 6] raw series of three classes told apart by *when* their NIR peaks (steps 8, 18
+    and 28, ±1, same height and width: a date-aware model's problem); `shift_steps` moves the
+    season later."""
+    y = np.arange(n) % 3
+    peak = np.array([8, 18, 28])[y] + rng.integers(-1, 2, n)
+    t = np.arange(T)[None, :] - shift_steps - peak[:, None]
+    bump = np.exp(-((t / 4.0) ** 2))
+    series = np.zeros((n, T, len(CHANNELS)), dtype=np.float32)
+    series[:, :, 0] = 0.08 - 0.04 * bump + rng.normal(0, 0.005, (n, T))
+    series[:, :, 1] = 0.2 + 0.3 * bump + rng.normal(0, 0.01, (n, T))
+    series[:, :, 2] = np.where(np.arange(T) % 3 == 0, 0, 5)[None, :]
+    series[:, :, 3] = -12 + 2 * bump + rng.normal(0, 0.5, (n, T))
+    series[:, :, 4] = -18 + 3 * bump + rng.normal(0, 0.5, (n, T))
+    series[:, :, 5] = 0
+    return series, y
+
+
+def test_shift_series_moves_the_steps_and_repeats_the_edge():
+    from pivotmap.models.calendar import shift_series
+
+    series = np.arange(2 * 6 * 1, dtype=np.float32).reshape(2, 6, 1)
+    later, earlier = shift_series(series, 2), shift_series(series, -2)
+    assert later[0, :, 0].tolist() == [0, 0, 0, 1, 2, 3]
+    assert earlier[1, :, 0].tolist() == [8, 9, 10, 11, 11, 11]
+    assert shift_series(series, 0) is series
+    with pytest.raises(ValueError, match="does not fit"):
+        shift_series(series, 6)
+
+
+def test_the_calendar_shift_of_a_later_region_is_found_without_labels():
+    """A network trained where the classes peak at steps 8/18/28 is given a region whose season
+    is 5 steps (25 days) later: classified as it is, it confuses the classes. The region's
+    season (median NDVI per step), aligned with the one the model keeps from training, gives
+    the shift back without a label, and moved by it the region is classified again. Where the
+    season is the training one, no shift is found."""
+    from pivotmap.models.calendar import CalendarError, estimate_shift, season_profile, shift_series
+    from pivotmap.models.features import fit_normalisation, network_input
+    from pivotmap.models.training import fit, predict_proba
+
+    rng = np.random.default_rng(0)
+    doy = np.arange(T) * 5 + 1
+    train, y = _dated(400, rng)
+    spec = fit_normalisation(train, ModelSpec(classes=(0, 1, 2), hidden=16, **_spec_kwargs()))
+    season = tuple(season_profile(train, CHANNELS))
+    spec = spec.replace(n_steps=T, season=season)
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec  # kept as JSON
+    model = fit(
+        network_input(train, doy, spec), y, spec, epochs=8, batch_size=32,
+        learning_rate=3e-3, seed=0,
+    ).model  # fmt: skip
+
+    def accuracy(series: np.ndarray, truth: np.ndarray) -> float:
+        proba = predict_proba(model, network_input(series, doy, spec), 512, "cpu")
+        return float((proba.argmax(1) == truth).mean())
+
+    here, y_here = _dated(300, rng)
+    later, y_later = _dated(300, rng, shift_steps=5)
+    later[::7, :, 1] = np.nan  # some pixels without NIR: their NDVI is unknown
+    later[:, 10] = np.nan  # a step with no value anywhere
+    assert accuracy(here, y_here) > 0.95
+    assert accuracy(later, y_later) < 0.8  # the calendar it learnt is off by 25 days
+
+    found = estimate_shift(season, later, CHANNELS, 5, search_days=40)
+    assert (found.steps, found.days, found.method, found.pixels) == (-5, -25, "auto", 300)
+    assert set(found.distance) == {5 * s for s in range(-8, 9)}
+    assert found.distance[-25] == min(found.distance.values()) < found.distance[0]
+    assert accuracy(shift_series(later, found.steps), y_later) > 0.95
+    assert estimate_shift(season, here, CHANNELS, 5, search_days=40).steps == 0  # none to undo
+    drier = here.copy()
+    drier[:, :, 1] = 0.2 + (drier[:, :, 1] - 0.2) * 0.5  # half the greenness, same calendar
+    assert estimate_shift(season, drier, CHANNELS, 5, search_days=40).steps == 0
+
+    noise = rng.uniform(0.05, 0.6, (2000, T, 6)).astype(np.float32)  # no season at all
+    flat = estimate_shift(season, noise, CHANNELS, 5, search_days=40)
+    assert flat.steps == 0 and "no season to align" in flat.note
+    ndvi = np.mean(season) - 3 * (np.asarray(season) - np.mean(season))  # green when it is bare
+    other = here.copy()
+    other[:, :, 0], other[:, :, 1] = 0.1, 0.1 * (1 + ndvi) / (1 - ndvi)
+    unlike = estimate_shift(season, other, CHANNELS, 5, search_days=40)
+    assert unlike.steps == 0 and "matches the model's poorly" in unlike.note, unlike
+    with pytest.raises(CalendarError, match="records no season"):
+        estimate_shift((), later, CHANNELS, 5, 40)
+    with pytest.raises(CalendarError, match="gives 20 steps, the model's season 40"):
+        estimate_shift(season, later[:, :20], CHANNELS, 5, 40)
+    with pytest.raises(CalendarError, match="50 sampled pixels"):
+        estimate_shift(season, later[:50], CHANNELS, 5, 40)
+
+
+def test_the_summary_token_sees_what_the_percentile_baseline_sees():
+    """`SummaryToken`'s statistics, before its MLP, are `percentile_features` of the same
+    pixels (bands given back from the network's normalised input; a pixel with nothing
+    known gives zeros), and a network with it exports."""
+    import torch
+
+    from pivotmap.models.encoders import SummaryToken
+    from pivotmap.models.features import fit_normalisation, network_input
+    from pivotmap.models.network import build_model
+
+    rng = np.random.default_rng(1)
+    series, _ = _series(12, rng)
+    series[3, :, :3] = np.nan  # no S2 at all
+    spec = fit_normalisation(series, ModelSpec(classes=(0, 1), hidden=8, **_spec_kwargs()))
+    spec = spec.replace(n_steps=T, summary=True)
+    x = torch.from_numpy(network_input(series, np.arange(T) * 5 + 1, spec))
+    token = SummaryToken(CHANNELS[3:], spec.norm_mean, spec.norm_std, 8)
+    seen: dict = {}
+    token.mlp[0].register_forward_hook(lambda _m, inputs, _o: seen.update(stats=inputs[0]))
+    token(x[:, :, 3:6])
+    stats = seen["stats"][:, 0].numpy().reshape(12, 7, 3)  # [N, statistic, VV / VH / ratio]
+    curves = percentile_features(series, CHANNELS).reshape(12, 6, 7)  # B04 B08 VV VH NDVI ratio
+    expected = curves[:, [2, 3, 5]]
+    for k, name in enumerate(("VV", "VH")):
+        m, s = spec.norm_mean[name], spec.norm_std[name]
+        values = np.concatenate([stats[:, :6, k] * s + m, stats[:, 6:, k] * s], axis=1)
+        assert np.allclose(values, expected[:, k], atol=1e-4)
+    assert np.allclose(stats[:, :, 2] * 10, expected[:, 2], atol=1e-4)  # VH - VV in dB, / 10
+    s2 = SummaryToken(CHANNELS[:3], spec.norm_mean, spec.norm_std, 8)
+    s2.mlp[0].register_forward_hook(lambda _m, inputs, _o: seen.update(stats=inputs[0]))
+    s2(x[:, :, :3])
+    assert torch.all(seen["stats"][3] == 0)  # nothing known: zeros, not NaN
+    model = build_model(spec).eval()
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("n")},))
+    assert torch.allclose(program.module()(x[:5]), model(x[:5]), atol=1e-5)

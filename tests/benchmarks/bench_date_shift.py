@@ -13,7 +13,11 @@ them down) on the unshifted training pixels, once per seed:
   configured);
 - `baseline`: the configured baseline (`train.baseline_model` on `train.baseline_features`);
 - `date_indexed_rf`: a random forest on date-indexed temporal features (the chain's former
-  baseline), for contrast.
+  baseline), for contrast;
+- `network_calendar`: the same network, the held-out pixels classified as predict's
+  `calendar_shift: auto` classifies a region: their series moved back by the shift
+  `models.calendar` finds between their season and the training table's (labels unused; the
+  shift found is printed).
 
     .venv/bin/python tests/benchmarks/bench_date_shift.py --out out/bench-flanders \
         --seeds 0,1,2 [--shifts -30,-15,0,15,30] [--config infra/configs/flanders.yaml]
@@ -74,6 +78,23 @@ def scores(truth: np.ndarray, predicted: np.ndarray, classes) -> dict:
     }
 
 
+def calendar_aligned(model, data, rows: np.ndarray, seed: int, pixels: int = 4096):
+    """`data` with its series moved by the shift `models.calendar.estimate_shift` finds on up
+    to `pixels` of the labelled pixels `rows` (labels unused), and that shift in days."""
+    from pivotmap.models.calendar import estimate_shift, shift_series
+
+    picked = np.sort(np.random.default_rng(seed).permutation(rows)[:pixels])
+    names, spec = model.spec.channels[:-2], model.spec
+    series = data.table.decoded(names, data.labelled[picked])
+    found = estimate_shift(spec.season, series, names, spec.step_days, 60)
+    table = replace(data.table, series=shift_series(data.table.series, found.steps))
+    aligned = replace(
+        data, table=table, x=replace(data.x, table=table),
+        x_unlabelled=replace(data.x_unlabelled, table=table),
+    )  # fmt: skip
+    return aligned, found.days
+
+
 def run_seed(data, tc, seed: int, shifts: list[int]) -> dict[str, dict[int, dict]]:
     """Each model's scores on the held-out pixels at each shift, for one seed."""
     from pivotmap.models.trainer import (
@@ -102,12 +123,22 @@ def run_seed(data, tc, seed: int, shifts: list[int]) -> dict[str, dict[int, dict
             fit_baseline(features[data.train_idx], data.codes[data.train_idx], btc),
             btc,
         )
-    out: dict[str, dict[int, dict]] = {"network": {}, "baseline": {}, "date_indexed_rf": {}}
+    out: dict[str, dict[int, dict]] = {
+        "network": {}, "baseline": {}, "date_indexed_rf": {}, "network_calendar": {}
+    }  # fmt: skip
+    classes = np.asarray(model.spec.classes)
     for days in shifts:
         moved, effective = shifted(data, days)
         proba = predict_proba(model, moved.x.subset(test), 8192, "cpu")
-        predicted = np.asarray(model.spec.classes)[proba.argmax(1)]
-        out["network"][days] = {**scores(truth, predicted, model.spec.classes), "days": effective}
+        out["network"][days] = {
+            **scores(truth, classes[proba.argmax(1)], model.spec.classes), "days": effective
+        }  # fmt: skip
+        back, found = calendar_aligned(model, moved, test, seed)
+        proba = predict_proba(model, back.x.subset(test), 8192, "cpu")
+        out["network_calendar"][days] = {
+            **scores(truth, classes[proba.argmax(1)], model.spec.classes), "days": effective,
+            "estimated_shift_days": found,
+        }  # fmt: skip
         for name, (forest, btc) in forests.items():
             features = baseline_features(moved, btc)[test]
             s = scores(truth, forest.predict(features), model.spec.classes)
@@ -139,6 +170,8 @@ def main(args: list[str] | None = None) -> list[dict]:
             runs = [r[model][days] for r in per_seed]
             line = {"config": config.name, "model": model, "shift_days": days,
                     "effective_days": runs[0]["days"], "seeds": seeds,
+                    **({"estimated_shift_days": [r["estimated_shift_days"] for r in runs]}
+                       if "estimated_shift_days" in runs[0] else {}),
                     "step_days": step_days(data.table.doy),
                     "n_test_pixels": int(data.is_test.sum())}  # fmt: skip
             for key in ("overall_accuracy", "macro_f1"):

@@ -13,6 +13,13 @@ train settings, cut down by the arguments below) and evaluated with A's normalis
     .venv/bin/python tests/benchmarks/bench_transfer.py --out out/bench-transfer
     # bigger: --tiles 3 --tile-size 64 --epochs 40 --seeds 0,1,2,3,4
 
+Models (`--models`): the fusion network as configured, without pretraining, with calendar
+augmentations, with a calendar-free summary token (`train.summary_token`), pretrained on B's
+unlabelled pixels too (`fusion_target_pretrain`), and as the production chain maps a region
+(`fusion_calendar`: each region's series moved by the shift predict's `calendar_shift: auto`
+finds on 4096 of its pixels, labels unused; the shifts are in the JSON lines); the forests and
+boosted trees on date-indexed or percentile features.
+
 `--scenario unseen` gives A none of B's sub-types (as a training site without the crop types
 of the mapped one); use another --out for each scenario.
 
@@ -147,19 +154,57 @@ def other_region(data, table):
     )  # fmt: skip
 
 
+def with_target(config, sample_a, sample_b):
+    """A's `TrainingData` whose pretraining pool also draws from every pixel of B's table,
+    labels unused (B's cube exists before B is mapped)."""
+    from pivotmap.models.datamodule import prepare_data, read_tables
+
+    table = read_tables([sample_a, sample_b])
+    split = np.where(table.source == 1, "unlabelled", table.split)
+    return prepare_data(config, replace(table, split=split))
+
+
 # ---------------------------------------------------------------------------- the models
-def network_scores(data_a, data_b, tc, pretrain: bool) -> tuple[dict, dict, float]:
+def network_scores(
+    data_a, data_b, tc, pretrain: bool, calendar: bool = False
+) -> tuple[dict, dict, float]:
     """Train the fusion network as `pivotmap train` does (pretraining first when `pretrain`);
-    its scores on A's held-out pixels and on B."""
+    its scores on A's held-out pixels and on B. With `calendar`, each region is classified as
+    `predict.calendar_shift: auto` classifies it: its series moved by the shift estimated on
+    4096 of its pixels, labels unused (the shifts are added to the scores)."""
     from pivotmap.models.trainer import evaluate, pretrain_encoder, train_classifier
     from pivotmap.models.training import cpu_threads
 
     started = time.monotonic()
+    data_a = replace(data_a, spec=data_a.spec.replace(summary=tc.summary_token))
     with cpu_threads("cpu", tc.cpu_threads or 1):
         init = pretrain_encoder(data_a, tc, "cpu")["state"] if pretrain else None
         model = train_classifier(data_a, tc, "cpu", init).model
+        if calendar:
+            data_a, shift_a = calendar_aligned(model, data_a, tc.seed)
+            data_b, shift_b = calendar_aligned(model, data_b, tc.seed)
         a, b = evaluate(model, data_a, "cpu"), evaluate(model, data_b, "cpu")
+    if calendar:
+        a["calendar_shift_days"], b["calendar_shift_days"] = shift_a, shift_b
     return a, b, time.monotonic() - started
+
+
+def calendar_aligned(model, data, seed: int, pixels: int = 4096):
+    """`data` with every table row's series moved by the shift `models.calendar` estimates on
+    `pixels` random rows of its table (as predict's `calendar_shift: auto`), and that shift."""
+    from pivotmap.models.calendar import estimate_shift, shift_series
+
+    table, names = data.table, model.spec.channels[:-2]
+    rows = np.sort(np.random.default_rng(seed).permutation(len(table.codes))[:pixels])
+    shift = estimate_shift(
+        model.spec.season, table.decoded(names, rows), names, model.spec.step_days, 60
+    )
+    moved = replace(table, series=shift_series(table.series, shift.steps))
+    aligned = replace(
+        data, table=moved, x=replace(data.x, table=moved),
+        x_unlabelled=replace(data.x_unlabelled, table=moved),
+    )  # fmt: skip
+    return aligned, shift.days
 
 
 def ensemble_scores(
@@ -220,6 +265,9 @@ MODELS = {
         {"augment_shift_days": 30, "augment_stretch": 0.15, "augment_dropout": 0.2},
     ),
     "fusion_shift_only": ("network", {"augment_shift_days": 30}),
+    "fusion_target_pretrain": ("network_target", {}),
+    "fusion_summary": ("network", {"summary_token": True}),
+    "fusion_calendar": ("network_calendar", {}),
     "rf_temporal": ("baseline", {"baseline_features": "temporal"}),
     "rf_percentiles": ("baseline", {"baseline_features": "percentiles"}),
     "gbt_percentiles": (
@@ -244,6 +292,8 @@ def summarise(model: str, split: str, runs: list[dict]) -> dict:
         c: round(float(np.mean([r["per_class_f1"][c] for r in runs])), 3) for c in codes
     }
     out["n_pixels"] = runs[0]["n_test_pixels"]
+    if "calendar_shift_days" in runs[0]:
+        out["calendar_shift_days"] = [r["calendar_shift_days"] for r in runs]
     out["train_s_mean"] = round(float(np.mean([r["train_s"] for r in runs])), 1)
     return out
 
@@ -266,6 +316,7 @@ def main(args: list[str] | None = None) -> list[dict]:
     p.add_argument("--pretrain-epochs", type=int, default=2)
     p.add_argument("--trees", type=int, default=100, help="baseline trees / boosting rounds")
     p.add_argument("--max-train-pixels", type=int, default=3000)
+    p.add_argument("--max-unlabelled-pixels", type=int, default=2000, help="pretraining pool")
     p.add_argument(
         "--models", default=",".join(MODELS), help=f"any of {', '.join(MODELS)} (or none: '')"
     )
@@ -295,6 +346,7 @@ def main(args: list[str] | None = None) -> list[dict]:
     train = {
         "epochs": a.epochs, "pretrain_epochs": a.pretrain_epochs, "baseline_trees": a.trees,
         "max_train_pixels": a.max_train_pixels, "cpu_threads": 1, "seed": 0,
+        "max_unlabelled_pixels": a.max_unlabelled_pixels,
     }  # fmt: skip
     every = {"max_train_pixels": 100_000, "max_test_pixels": 100_000}
     size = (a.tiles, a.tile_size)
@@ -306,6 +358,11 @@ def main(args: list[str] | None = None) -> list[dict]:
     )
     data_a = prepare_data(config_a, read_tables([sample_a]))
     data_b = other_region(data_a, read_tables([sample_b]))
+    data_target = (
+        with_target(config_a, sample_a, sample_b)
+        if any(MODELS[m][0] == "network_target" for m in models)
+        else None
+    )
     log(
         f"A: {len(data_a.train_idx)} training, {int(data_a.is_test.sum())} held-out pixels; "
         f"B: {len(data_b.codes)} labelled pixels; {data_a.spec.n_steps} steps"
@@ -323,6 +380,10 @@ def main(args: list[str] | None = None) -> list[dict]:
             tc = config_a.train.model_copy(update={**overrides, "seed": seed})
             if kind == "network":
                 sa, sb, took = network_scores(data_a, data_b, tc, tc.pretrain_epochs > 0)
+            elif kind == "network_calendar":
+                sa, sb, took = network_scores(data_a, data_b, tc, True, calendar=True)
+            elif kind == "network_target":
+                sa, sb, took = network_scores(data_target, data_b, tc, True)
             else:
                 sa, sb, took = baseline_scores(data_a, data_b, tc)
             for split, scores in (("A_heldout", sa), ("B_other_year", sb)):

@@ -47,20 +47,14 @@ def step_days(doy: np.ndarray) -> int:
 
 
 def shifted(data, days: int):
-    """`data` with every table row's series moved `days` later (earlier when negative); only the
-    held-out pixels are scored on it."""
+    """`data` with every table row's series moved `days` later (earlier when negative;
+    `models.calendar.shift_series`); only the held-out pixels are scored on it."""
+    from pivotmap.models.calendar import shift_series
+
     k = int(round(days / step_days(data.table.doy)))
-    series = data.table.series
     if k == 0:
         return data, 0
-    moved = np.empty_like(series)
-    if k > 0:
-        moved[:, k:] = series[:, :-k]
-        moved[:, :k] = series[:, :1]
-    else:
-        moved[:, :k] = series[:, -k:]
-        moved[:, k:] = series[:, -1:]
-    table = replace(data.table, series=moved)
+    table = replace(data.table, series=shift_series(data.table.series, k))
     out = replace(
         data, table=table, x=replace(data.x, table=table),
         x_unlabelled=replace(data.x_unlabelled, table=table),
@@ -81,18 +75,13 @@ def scores(truth: np.ndarray, predicted: np.ndarray, classes) -> dict:
 def calendar_aligned(model, data, rows: np.ndarray, seed: int, pixels: int = 4096):
     """`data` with its series moved by the shift `models.calendar.estimate_shift` finds on up
     to `pixels` of the labelled pixels `rows` (labels unused), and that shift in days."""
-    from pivotmap.models.calendar import estimate_shift, shift_series
+    from pivotmap.models.calendar import estimate_shift
 
     picked = np.sort(np.random.default_rng(seed).permutation(rows)[:pixels])
     names, spec = model.spec.channels[:-2], model.spec
     series = data.table.decoded(names, data.labelled[picked])
     found = estimate_shift(spec.season, series, names, spec.step_days, 60)
-    table = replace(data.table, series=shift_series(data.table.series, found.steps))
-    aligned = replace(
-        data, table=table, x=replace(data.x, table=table),
-        x_unlabelled=replace(data.x_unlabelled, table=table),
-    )  # fmt: skip
-    return aligned, found.days
+    return shifted(data, found.days)[0], found.days
 
 
 def run_seed(data, tc, seed: int, shifts: list[int]) -> dict[str, dict[int, dict]]:

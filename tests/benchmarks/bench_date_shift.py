@@ -73,13 +73,14 @@ def scores(truth: np.ndarray, predicted: np.ndarray, classes) -> dict:
 
 
 def calendar_aligned(model, data, rows: np.ndarray, seed: int, pixels: int = 4096):
-    """`data` with its series moved by the shift `models.calendar.estimate_shift` finds on up
-    to `pixels` of the labelled pixels `rows` (labels unused), and that shift in days."""
+    """`data` with every table row's series moved by the shift `models.calendar.estimate_shift`
+    finds on up to `pixels` of the table rows `rows` (labels unused), as predict's
+    `calendar_shift: auto` moves a region's; and that shift in days."""
     from pivotmap.models.calendar import estimate_shift
 
     picked = np.sort(np.random.default_rng(seed).permutation(rows)[:pixels])
     names, spec = model.spec.channels[:-2], model.spec
-    series = data.table.decoded(names, data.labelled[picked])
+    series = data.table.decoded(names, picked)
     found = estimate_shift(spec.season, series, names, spec.step_days, 60)
     return shifted(data, found.days)[0], found.days
 
@@ -122,7 +123,7 @@ def run_seed(data, tc, seed: int, shifts: list[int]) -> dict[str, dict[int, dict
         out["network"][days] = {
             **scores(truth, classes[proba.argmax(1)], model.spec.classes), "days": effective
         }  # fmt: skip
-        back, found = calendar_aligned(model, moved, test, seed)
+        back, found = calendar_aligned(model, moved, data.labelled[test], seed)
         proba = predict_proba(model, back.x.subset(test), 8192, "cpu")
         out["network_calendar"][days] = {
             **scores(truth, classes[proba.argmax(1)], model.spec.classes), "days": effective,

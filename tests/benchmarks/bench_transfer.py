@@ -51,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_date_shift's helpers
+
 YEAR_A, YEAR_B = 2022, 2023  # both 365 days: date-indexed features line up step for step
 SEED_A, SEED_B = 42, 1042  # another seed: another parcel layout (another place)
 SUBTYPES_A = {1: 0.1, 2: 0.1, 3: 0.2}  # A: mostly winter cereals, early maize, mown meadows
@@ -180,31 +182,16 @@ def network_scores(
     with cpu_threads("cpu", tc.cpu_threads or 1):
         init = pretrain_encoder(data_a, tc, "cpu")["state"] if pretrain else None
         model = train_classifier(data_a, tc, "cpu", init).model
-        if calendar:
-            data_a, shift_a = calendar_aligned(model, data_a, tc.seed)
-            data_b, shift_b = calendar_aligned(model, data_b, tc.seed)
+        if calendar:  # every row of each region's table is a candidate pixel
+            from bench_date_shift import calendar_aligned
+
+            every_a, every_b = (np.arange(len(d.table.codes)) for d in (data_a, data_b))
+            data_a, shift_a = calendar_aligned(model, data_a, every_a, tc.seed)
+            data_b, shift_b = calendar_aligned(model, data_b, every_b, tc.seed)
         a, b = evaluate(model, data_a, "cpu"), evaluate(model, data_b, "cpu")
     if calendar:
         a["calendar_shift_days"], b["calendar_shift_days"] = shift_a, shift_b
     return a, b, time.monotonic() - started
-
-
-def calendar_aligned(model, data, seed: int, pixels: int = 4096):
-    """`data` with every table row's series moved by the shift `models.calendar` estimates on
-    `pixels` random rows of its table (as predict's `calendar_shift: auto`), and that shift."""
-    from pivotmap.models.calendar import estimate_shift, shift_series
-
-    table, names = data.table, model.spec.channels[:-2]
-    rows = np.sort(np.random.default_rng(seed).permutation(len(table.codes))[:pixels])
-    shift = estimate_shift(
-        model.spec.season, table.decoded(names, rows), names, model.spec.step_days, 60
-    )
-    moved = replace(table, series=shift_series(table.series, shift.steps))
-    aligned = replace(
-        data, table=moved, x=replace(data.x, table=moved),
-        x_unlabelled=replace(data.x_unlabelled, table=moved),
-    )  # fmt: skip
-    return aligned, shift.days
 
 
 def ensemble_scores(

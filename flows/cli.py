@@ -311,7 +311,11 @@ def run(args: argparse.Namespace) -> dict:
                 file=sys.stderr,
             )
         if facts := summary["grounding"]["facts"]:  # how the series itself answers the prompt
-            read = "; ".join(f"'{f['clause']}' as '{f['reads_as']}'" for f in facts)
+            read = "; ".join(
+                f"'{f.get('via', f['clause'])}' as {'not ' if f.get('negated') else ''}"
+                f"'{f['reads_as']}'"
+                for f in facts
+            )
             print(
                 f"pivotmap: note: {summary['grounding']['share']:.0%} of the prompt is read from "
                 f"each pixel's own series: {read}",

@@ -178,8 +178,14 @@ def grounding_tag(g: grounding.Grounding) -> str:
     """How the cube's descriptors read a prompt, for the COG's metadata."""
     if not g.parts:
         return "none (no clause states a fact the series can show)"
-    facts = "; ".join(f"'{p.clause}' as '{p.phrase}' ({p.cosine:.2f})" for p in g.parts)
+    facts = "; ".join(_read_as(p) for p in g.parts)
     return f"{g.share:.0%} of the prompt: {facts}"
+
+
+def _read_as(p: grounding.Part) -> str:
+    if p.via is None:
+        return f"'{p.clause}' as '{p.phrase}' ({p.cosine:.2f})"
+    return f"'{p.via}' as {'not ' if p.negated else ''}'{p.phrase}' (land-cover lexicon)"
 
 
 def unknown_prompt_warning(prompt: str, similarity: float) -> str | None:

@@ -32,6 +32,7 @@ from functools import lru_cache
 import numpy as np
 
 from pivotmap.models import descriptors as D
+from pivotmap.models import lexicon
 
 # Calibrated on the demo nomenclature's descriptions with all-MiniLM-L6-v2 (0.5, 0.6 and 0.7
 # tried; 0.6 kept): a clause that restates a fact scores 0.86-1.00 ("harvested in July" →
@@ -81,12 +82,22 @@ class Part:
     phrase: str  # the fact wording it matched best
     fact: tuple[str, ...]
     cosine: float
+    weight: float | None = None  # its weight in the score: the cosine unless set
+    negated: bool = False  # counts where the pixel does NOT hold the fact
+    via: str | None = None  # the land-cover word (`models.lexicon`) it came from
+
+    @property
+    def share(self) -> float:
+        return self.cosine if self.weight is None else self.weight
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "clause": self.clause, "reads_as": self.phrase, "fact": list(self.fact),
             "cosine": round(self.cosine, 4),
         }  # fmt: skip
+        if self.via is not None:
+            out |= {"via": self.via, "negated": self.negated, "weight": round(self.share, 4)}
+        return out
 
 
 @dataclass(frozen=True)
@@ -96,11 +107,13 @@ class Grounding:
     prompt: str
     clauses: int
     parts: tuple[Part, ...] = field(default_factory=tuple)
+    named: tuple[str, ...] = ()  # clauses that name land cover the lexicon knows
 
     @property
     def share(self) -> float:
-        """Share of the prompt's clauses that grounded a fact (0: the cube checks none of it)."""
-        grounded = len({p.clause for p in self.parts})
+        """Share of the prompt's clauses that grounded a fact (0: the cube checks none of it),
+        directly or through a land-cover word (one read in an earlier clause too)."""
+        grounded = len({p.clause for p in self.parts} | set(self.named))
         return grounded / self.clauses if self.clauses else 0.0
 
     def to_dict(self) -> dict:
@@ -115,8 +128,15 @@ def ground(
     phrases, facts = vocabulary()
     cut = clauses(prompt)
     sims = embed(cut) @ embed(list(phrases)).T
-    parts = []
+    parts: list[Part] = []
+    named: set[tuple[str, bool]] = set()  # land-cover entries already read, and their sign
+    carried = False  # a "neither" in an earlier clause, its "nor" not reached yet
+    read = []
     for clause, row in zip(cut, sims, strict=True):
+        if lexicon.mentions(clause, carried):
+            read.append(clause)
+        parts += _lexicon_parts(clause, carried, named, phrases, facts)
+        carried = lexicon.negation_carries(clause) or (carried and "nor" not in clause.lower())
         best = int(row.argmax())
         if row[best] >= threshold:
             phrase, fact = phrases[best], facts[best]
@@ -129,7 +149,29 @@ def ground(
                 fact = (fact[0], ANY)
                 phrase = phrases[facts.index(fact)]  # its first wording without one
             parts.append(Part(clause, phrase, fact, float(row[best])))
-    return Grounding(prompt, len(cut), tuple(parts))
+    return Grounding(prompt, len(cut), tuple(parts), tuple(read))
+
+
+def _lexicon_parts(
+    clause: str,
+    carried: bool,
+    named: set[tuple[str, bool]],
+    phrases: tuple[str, ...],
+    facts: tuple[tuple[str, ...], ...],
+) -> list[Part]:
+    """The facts of the land-cover words a clause names (`models.lexicon`), each entry once
+    per prompt and sign; one word weighs as one fully matched fact, shared among its facts."""
+    out = []
+    for mention in lexicon.mentions(clause, carried):
+        key = (mention.entry.name, mention.negated)
+        if key in named:
+            continue
+        named.add(key)
+        weight = 1.0 / len(mention.entry.facts)
+        for wording in mention.entry.facts:
+            fact = facts[phrases.index(wording)]
+            out.append(Part(clause, wording, fact, 1.0, weight, mention.negated, mention.word))
+    return out
 
 
 _DATED = ("greenup", "peak", "senescence", "harvest")  # facts dated by a month
@@ -220,8 +262,10 @@ def fact_score(
     if not grounding.parts:
         return np.zeros(len(d), dtype=np.float32)
     facts = pixel_facts(d) if facts is None else facts
-    weights = np.array([p.cosine for p in grounding.parts], dtype=np.float32)
+    weights = np.array([p.share for p in grounding.parts], dtype=np.float32)
     held = np.stack([_held(p.fact, facts, len(d)) for p in grounding.parts], axis=1)
+    negated = np.array([p.negated for p in grounding.parts])
+    held[:, negated] = 1.0 - held[:, negated]
     return held @ weights / weights.sum()
 
 
@@ -242,6 +286,26 @@ def auc(score: np.ndarray, positive: np.ndarray) -> float | None:
     if not n1 or not n0:
         return None
     return float((rankdata(score)[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def sensor_text(g: Grounding) -> str:
+    """What a grounded prompt says the sensors see, in the descriptors' own wordings (its facts
+    that are not negated, each once): the text a head fitted on descriptor sentences can match
+    ('' where nothing grounded)."""
+    phrases = dict.fromkeys(p.phrase for p in g.parts if not p.negated)
+    return ", ".join(phrases)
+
+
+def calibrate(scores: np.ndarray) -> np.ndarray:
+    """[N, K] scores → each pixel's percentile within its column (ties share their mean rank),
+    so that descriptions of different lengths and wordings compare on one scale: a class is
+    ranked by how unusually well the pixel fits *its* description in this scene, not by which
+    description happens to score high everywhere. Monotone per column: AUCs are unchanged."""
+    from scipy.stats import rankdata
+
+    if not len(scores):
+        return scores.astype(np.float32)
+    return (rankdata(scores, axis=0) / len(scores)).astype(np.float32)
 
 
 def ranking(scores: np.ndarray, y: np.ndarray) -> dict:
@@ -286,8 +350,10 @@ def class_scores(
 
 def zero_shot_figures(scores: np.ndarray, y: np.ndarray, seed: int = 0) -> dict:
     """Zero-shot figures of fact scores [N, K] on labelled pixels y (class indices): no class
-    label and no training went into them, so every class is unseen. The null scores the same
-    descriptions against shuffled pixels (each pixel gets another's facts)."""
+    label and no training went into them, so every class is unseen. Classes are ranked on the
+    scores `calibrate`d within the scene. The null scores the same descriptions against
+    shuffled pixels (each pixel gets another's facts)."""
+    scores = calibrate(scores)
     null = scores[np.random.default_rng(seed).permutation(len(scores))]
     return {"heldout": ranking(scores, y), "null": ranking(null, y)}
 

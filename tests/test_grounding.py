@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pivotmap.models import descriptors, grounding
+from pivotmap.models import descriptors, grounding, lexicon
 from pivotmap.models.text_align import embed_texts
 from tests.test_descriptors import ABSENT, SPEC, _cube, _random_descriptors, _reference_facts
 
@@ -54,7 +54,7 @@ def test_a_prompt_is_read_as_the_facts_it_states_and_scores_the_pixels_that_hold
     town = grounding.ground("bright in radar, never green", embed_texts)
     assert grounding.fact_score(d, town).argmax() == 2
     # half the prompt states a fact: the head's probability keeps half the weight
-    half = grounding.ground("harvested in July, an old Roman road", embed_texts)
+    half = grounding.ground("harvested in July, near a famous monastery", embed_texts)
     assert half.share == 0.5 and len(half.parts) == 1
     blended = grounding.blend(np.full(3, 0.2, np.float32), grounding.fact_score(d, half), half)
     assert blended[0] == pytest.approx(0.6) and blended[1] == pytest.approx(0.1)
@@ -77,7 +77,29 @@ def test_zero_shot_ranking_counts_ties_half_and_weights_by_pixels():
     assert r["per_class"][1] == {"top1": 1.0, "mean_rank": 1.0, "auc": 0.625, "pixels": 2}
     assert (r["top1"], r["mean_rank"], r["auc_class_mean"]) == (0.75, 1.125, 0.8125)
     figures = grounding.zero_shot_figures(scores, y, seed=3)
-    assert figures["heldout"] == r and set(figures["null"]) == set(r)
+    assert figures["heldout"] == grounding.ranking(grounding.calibrate(scores), y)
+    assert set(figures["null"]) == set(r)
+
+
+def test_calibration_ranks_a_class_by_how_unusually_well_a_pixel_fits_its_description():
+    # description 0 states two facts every pixel half holds, description 1 one fact: in raw
+    # scores 0 wins everywhere; within the scene, the pixels that fit 1 best get class 1
+    scores = np.array([[0.5, 0.1], [0.5, 0.4], [0.6, 0.2], [0.4, 0.3]], dtype=np.float32)
+    y = np.array([0, 1, 0, 1])
+    assert grounding.ranking(scores, y)["per_class"][1]["top1"] == 0.0
+    calibrated = grounding.calibrate(scores)
+    assert calibrated[:, 1].tolist() == [0.25, 1.0, 0.5, 0.75]
+    assert calibrated[:, 0].tolist() == [0.625, 0.625, 1.0, 0.25]  # ties share their rank
+    assert grounding.ranking(calibrated, y)["top1"] == 1.0
+    assert (
+        grounding.ranking(calibrated, y)["auc_class_mean"]
+        == grounding.ranking(scores, y)["auc_class_mean"]
+    )  # monotone per column
+    # with no information, the null of the protocol sits at chance
+    rng = np.random.default_rng(0)
+    noise = rng.random((4000, 4)) * np.array([1.0, 0.2, 3.0, 0.5])  # scales differ a lot
+    null = grounding.zero_shot_figures(noise, rng.integers(0, 4, 4000), seed=1)["heldout"]
+    assert abs(null["mean_rank"] - 2.5) < 0.05 and abs(null["top1"] - 0.25) < 0.03
 
 
 def test_a_month_the_prompt_does_not_name_is_not_read_into_it():
@@ -111,8 +133,10 @@ def test_before_until_and_after_a_month_bound_a_dated_fact():
 
 def _reference_score(pixels: list, g: grounding.Grounding) -> np.ndarray:
     """`fact_score` as it was, pixel by pixel over each pixel's list of facts."""
-    weights = np.array([p.cosine for p in g.parts], dtype=np.float32)
-    held = [[grounding.holds(p.fact, own) for p in g.parts] for own in pixels]
+    weights = np.array([p.share for p in g.parts], dtype=np.float32)
+    held = [
+        [abs(p.negated - grounding.holds(p.fact, own)) for p in g.parts] for own in pixels
+    ]  # fmt: skip
     return np.array(held, dtype=np.float32).reshape(len(pixels), -1) @ weights / weights.sum()
 
 
@@ -150,6 +174,56 @@ def test_grounded_prompts_score_as_the_per_pixel_facts_did():
         "green from March, harvested before August",
         "bare until late May and harvested after September",
         "open water all year with very low radar backscatter",
+        "neither cropland nor grassland, such as trees and hedges",
     ):
         g = grounding.ground(prompt, embed_texts)
         assert g.parts and np.array_equal(grounding.fact_score(d, g), _reference_score(pixels, g))
+
+
+def test_the_lexicon_states_every_fact_in_the_descriptors_own_words():
+    phrases, _ = grounding.vocabulary()
+    for entry in lexicon.ENTRIES:
+        assert entry.facts and set(entry.facts) <= set(phrases), entry.name
+    words = [w for e in lexicon.ENTRIES for w in e.words]
+    assert len(words) == len(set(words))  # one entry per word
+
+
+def test_land_cover_words_are_found_whole_in_plural_and_under_negation():
+    said = lambda text, carried=False: [  # noqa: E731
+        (m.entry.name, m.negated) for m in lexicon.mentions(text, carried)
+    ]
+    assert said("Buildings, roads, farmyards and other sealed surfaces") == [
+        ("sealed surfaces", False)
+    ]  # one entry, once
+    assert said("potatoes and vegetables") == [("arable land", False)]
+    assert said("a meadow grazed by cattle") == [("grassland", False)]
+    assert said("Other non-cropland") == [("arable land", True)]
+    assert said("not a forest but a lake") == [("woodland", True), ("open water", True)]
+    assert said("grassy verges, watery") == []  # whole words only
+    assert said("grassland nor built-up", carried=True) == [
+        ("grassland", True), ("sealed surfaces", True),
+    ]  # fmt: skip
+    assert lexicon.negation_carries("Land that is neither cropland")
+    assert not lexicon.negation_carries("neither cropland nor grassland")
+
+
+def test_a_class_described_by_what_it_is_grounds_through_the_lexicon():
+    d = descriptors.compute(_cube(), SPEC)  # crop, lake, built-up
+    lake = grounding.ground("a lake", embed_texts)
+    assert lake.share == 1.0 and {p.via for p in lake.parts} == {"lake"}
+    assert {p.fact for p in lake.parts} == {("water_always",), ("radar", "dark")}
+    assert grounding.fact_score(d, lake).tolist() == [0.0, 1.0, 0.0]
+    town = grounding.ground("Buildings, roads, farmyards and other sealed surfaces", embed_texts)
+    assert town.share == 1.0 and len(town.parts) == 3  # the entry's facts once, weight 1/3 each
+    assert sum(p.share for p in town.parts) == pytest.approx(1.0)
+    assert grounding.fact_score(d, town).argmax() == 2
+    crops = grounding.ground("maize, cereals and potatoes", embed_texts)
+    assert grounding.fact_score(d, crops).argmax() == 0
+    rest = grounding.ground("Land that is neither cropland, water nor built-up", embed_texts)
+    assert all(p.negated for p in rest.parts) and rest.share == 1.0
+    dry = grounding.ground("anything but not water", embed_texts)
+    assert grounding.fact_score(d, dry).tolist() == [1.0, 0.0, 1.0]
+    assert grounding.fact_score(d, rest).argmin() == 1  # the lake holds all water's facts
+    said = grounding.sensor_text(town)
+    assert said == "never green, bright in radar, stable in radar through the year"
+    assert grounding.sensor_text(rest) == ""  # only what it is not

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pivotmap.models.grounding import auc
+from pivotmap.models.grounding import auc, calibrate
 
 ATTRIBUTES = {  # prompt -> (descriptor rule, description of the rule)
     "harvested before August": (
@@ -132,6 +132,17 @@ class Texts:
 
         return describe_pixels(x_train, spec, self.cache, per_pixel, seed, max_sentences)[0]
 
+    def expand(self) -> None:
+        """Each description's vector: the mean of its own and of its `sensor_text` (the facts
+        it grounds, through the land-cover lexicon too), where it grounds any."""
+        from pivotmap.models import grounding
+
+        for i, c in enumerate(self.classes):
+            said = grounding.sensor_text(grounding.ground(c.description, self.embed))
+            if said:
+                v = self.descriptions[i] + self.embed([said])[0]
+                self.descriptions[i] = v / np.linalg.norm(v)
+
     def load(self, path: Path) -> None:
         """Sentence embeddings of an earlier run (the encoder is the slow part on a CPU)."""
         if path.is_file():
@@ -149,7 +160,8 @@ def heldout_scores(heads: dict, emb_test, y_test, texts: Texts, k: int, grounded
     and the AUC of the concept probability of c's description against c's test pixels.
     With `grounded` (fact scores [N, K], each description's grounded share), both are of the
     blend the concept map uses: share × fact score + (1 - share) × the head's score (for the
-    rank, its cosine brought to 0-1)."""
+    rank, of both `calibrate`d within the test pixels: the fact scores of two descriptions
+    are on different scales)."""
     from pivotmap.models.text_align import (
         TextAlignment,
         class_similarity,
@@ -165,7 +177,7 @@ def heldout_scores(heads: dict, emb_test, y_test, texts: Texts, k: int, grounded
         every = class_similarity(head, emb_test, texts.descriptions)
         if grounded is not None:
             facts, share = grounded
-            every = share * facts + (1 - share) * (every + 1) / 2
+            every = share * calibrate(facts) + (1 - share) * calibrate(every)
         sim = every[own]
         rank = 1 + (sim > sim[:, [c]]).sum(1)
         seen = [o for o in range(k) if o != c]
@@ -445,6 +457,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="pixel encoders to compare ('none': the text oracle alone)",
     )  # fmt: skip
     parser.add_argument("--encoder-loo", action="store_true")
+    parser.add_argument(
+        "--expand", action="store_true",
+        help="match each description with what it says the sensors see added (lexicon facts)",
+    )  # fmt: skip
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -456,6 +472,8 @@ def main(argv: list[str] | None = None) -> dict:
     nomenclature = load_nomenclature(config.labels.nomenclature)
     texts = Texts(nomenclature, data.spec.classes)
     texts.load(out / "bench_concept_sentences.npz")
+    if args.expand:
+        texts.expand()
     k = len(data.spec.classes)
     torch.set_num_threads(args.threads)
     runs = []

@@ -79,7 +79,7 @@ def predict(ws: Workspace, device: str | None = None, force: bool = False) -> Pr
     key = f"{info['name']}/{info['version']}@{cube_version}"
     key += f"+shift{shift.days}d" if shift.steps else ""
     tiles = ws.tiles()
-    todo = [t for t in tiles if force or not ws.is_done("predict", t.id, key)]
+    todo = [t for t in tiles if force or not _mapped(ws, t.id, key)]
     results = run_jobs(
         tile_jobs(ws, model_url, dev, todo, shift.steps),
         config.dask.address or config.predict.dask,
@@ -195,6 +195,11 @@ def save_nomenclature(ws: Workspace, info: dict[str, str], model_url: str) -> No
     )  # fmt: skip
     if "nomenclature" in files:
         storage.write_bytes(storage.join(model_url, NOMENCLATURE_FILE), files["nomenclature"])
+
+
+def _mapped(ws: Workspace, tile_id: str, key: str) -> bool:
+    """Whether a tile's map is done with this key AND still there (a deleted map is redone)."""
+    return ws.is_done("predict", tile_id, key) and storage.exists(ws.map_url(tile_id))
 
 
 def tile_jobs(

@@ -335,3 +335,12 @@ def test_kill_during_predict_then_rerun_redoes_nothing_finished(base, load_run, 
         np.testing.assert_array_equal(resumed[tile][1], confidence, err_msg=tile)
     print(f"\ncrash predict: killed with {len(finished)}/100 tiles done; re-run did "
           f"{len(summary['tiles'])}; maps equal to the uninterrupted run")  # fmt: skip
+    # a map deleted behind predict's back is redone, though its marker still matches
+    lost = sorted((folder / "maps").glob("*.npz"))[0]
+    lost.unlink()
+    result = _run(args, base["env"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [t["tile"] for t in summary["tiles"]] == [lost.stem]
+    assert len(summary["tiles_already_done"]) == 99
+    np.testing.assert_array_equal(_maps(folder)[lost.stem][0], reference[lost.stem][0])

@@ -150,17 +150,20 @@ def load_aligned_model(ws: Workspace, predicted: ModelRef | None = None) -> Alig
 
 def concept_tile(
     aligned: AlignedModel, prompts: np.ndarray, reader: PivotReader, span: TileSpan,
-    predict: PredictConfig, groundings: Sequence[grounding.Grounding] = (),
+    predict: PredictConfig, groundings: Sequence[grounding.Grounding] = (), shift_steps: int = 0,
 ) -> np.ndarray:  # fmt: skip
     """[P, h, w] uint8 percent (255 = no data) of each prompt embedding over one tile; a prompt
-    with a grounding (same order) blends in the share of its facts each pixel's series holds."""
+    with a grounding (same order) blends in the share of its facts each pixel's series holds.
+    The network sees the series moved `shift_steps` (the calendar shift predict classified
+    with); the facts are read from the series as it is, in the region's own months."""
     out = np.full((len(prompts), *span.shape), 255, dtype=np.uint8)
     grounded = any(g.parts for g in groundings)
     for rows, cols in span.windows(predict.window):
         ds = reader.window(*span.absolute(rows, cols), step_days=aligned.spec.step_days)
-        x, ok = window_inputs(ds, aligned.spec)
+        x, ok = window_inputs(ds, aligned.spec, shift_steps)
         emb = pixel_embeddings(aligned.model, x, predict.batch_size)
-        d = descriptors.compute(x, aligned.spec) if grounded and ok.any() else None
+        own = window_inputs(ds, aligned.spec)[0] if shift_steps and grounded else x
+        d = descriptors.compute(own, aligned.spec) if grounded and ok.any() else None
         facts = grounding.pixel_facts(d) if d is not None else None
         for i, prompt in enumerate(prompts):
             flat = np.full(ok.size, 255, dtype=np.uint8)
@@ -172,6 +175,15 @@ def concept_tile(
                 flat[ok] = np.rint(p * 100).astype(np.uint8)
             out[i, rows, cols] = flat.reshape(ds.sizes["y"], ds.sizes["x"])
     return out
+
+
+def predict_shift_steps(ws: Workspace, ref: ModelRef, spec: ModelSpec) -> int:
+    """The calendar shift (steps) predict classified this run with, if it used this model;
+    else 0 (a model predict did not run cannot have chosen one)."""
+    found = ws.find_result(PredictResult)
+    if found is None or (found.model.name, found.model.version) != (ref.name, ref.version):
+        return 0
+    return int(round(found.calendar_shift.get("days", 0) / spec.step_days))
 
 
 def grounding_tag(g: grounding.Grounding) -> str:
@@ -217,16 +229,21 @@ def concept_map(
     embedding = aligned.alignment.embed([prompt])[0]
     reads_as = grounding.ground(prompt, aligned.alignment.embed)
     reader = PivotReader(ws.pivot_url)
+    shift = predict_shift_steps(ws, aligned.ref, aligned.spec)
     mosaic = np.full((extent.height, extent.width), 255, dtype=np.uint8)
     for tile in tiles:
         span = TileSpan.of(tile, extent)
-        maps = concept_tile(aligned, embedding[None], reader, span, config.predict, [reads_as])
+        maps = concept_tile(
+            aligned, embedding[None], reader, span, config.predict, [reads_as], shift
+        )
         mosaic[span.slices] = maps[0]
     ref = aligned.ref
     tags = {
         "prompt": prompt, "method": CALIBRATION, "model": f"{ref.name} v{ref.version}",
         "grounding": grounding_tag(reads_as),
     }  # fmt: skip
+    if shift:
+        tags["calendar_shift_days"] = str(shift * aligned.spec.step_days)
     if place is not None:
         mosaic, extent = clip_to_place(mosaic, extent, place, nodata=255)
         tags["place"] = f"{place.label} ({place.query!r})"
@@ -248,6 +265,7 @@ def concept_map(
         "model": ref.model_dump(), "zero_shot": aligned.alignment.zero_shot, "method": CALIBRATION,
         "text_model": aligned.alignment.text_model, "known_text_similarity": round(known, 4),
         "grounding": reads_as.to_dict(), **({"warning": warning} if warning else {}),
+        "calendar_shift_days": shift * aligned.spec.step_days,
         **({"place": {**place.to_dict(), "covered_share": round(covered, 4)}} if place else {}),
         "duration_s": round(time.monotonic() - started, 2),
     }  # fmt: skip
@@ -274,11 +292,14 @@ def concept_maps(ws: Workspace) -> ConceptResult:
         run_logger("concept").warning("%s", warning)
     tiles = ws.tiles()
     extent, reader = ws.extent(tiles), PivotReader(ws.pivot_url)
+    shift = predict_shift_steps(ws, aligned.ref, aligned.spec)
     layers: dict[str, list[dict]] = {}
     for tile in tiles:
         span = TileSpan.of(tile, extent)
         with cpu_threads("cpu", ws.config.train.cpu_threads):
-            maps = concept_tile(aligned, embeddings, reader, span, ws.config.predict, groundings)
+            maps = concept_tile(
+                aligned, embeddings, reader, span, ws.config.predict, groundings, shift
+            )
         for prompt, g, array in zip(prompts, groundings, maps, strict=True):
             layer = _save_concept_layer(
                 ws, tile, prompt, array, aligned.ref, warnings.get(prompt), grounding_tag(g)

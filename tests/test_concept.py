@@ -283,3 +283,59 @@ def test_published_items_carry_concept_and_explanation_assets(demo, schema_dir):
     assert abs(saliency["completeness_gap"]) < 0.05
     assert (out / "reports" / "explanations.png").stat().st_size > 10_000
     assert "## Explanations" in (out / "reports" / "run-report.md").read_text()
+
+
+def test_concept_maps_see_the_series_as_predict_classified_it(tmp_path):
+    """Where predict moved the region's calendar, concept maps feed the network the same moved
+    series (`predict_shift_steps`), while the facts are read in the region's own months."""
+    from pivotmap.config import PredictConfig
+    from pivotmap.models import grounding
+    from pivotmap.models.concept import AlignedModel, TileSpan, concept_tile, predict_shift_steps
+    from pivotmap.models.network import ModelSpec, build_model
+    from pivotmap.results import ModelRef, PredictResult
+    from pivotmap.tasks.cube import PivotReader
+    from pivotmap.tasks.pivot import build_pivot
+    from tests.pivot_data import run_folder
+
+    ws = run_folder(str(tmp_path / "run"))
+    build_pivot(ws)
+    spec = ModelSpec(classes=(1, 2, 3), n_steps=12, step_days=5, hidden=16)
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    with torch.no_grad():  # an untrained network embeds everything alike: spread it
+        for p in model.parameters():
+            p.mul_(4)
+    ref = ModelRef(name="m", version="1", run_id="r", uri="models:/m/1")
+    assert predict_shift_steps(ws, ref, spec) == 0  # predict has not run
+    result = dict(
+        model=ref, device="cpu", tiles=[], tiles_already_done=[], cache_key="k", pixels=0,
+        px_per_s=0.0, duration_s=0.0, peak_rss_mb_per_worker=0.0,
+        calendar_shift={"days": 15, "method": "auto"},
+    )  # fmt: skip
+    ws.write_result(PredictResult(**result))
+    assert predict_shift_steps(ws, ref, spec) == 3
+    other = ref.model_copy(update={"version": "2"})
+    assert predict_shift_steps(ws, other, spec) == 0  # the shift was found for another model
+
+    emb, y, text = _clusters(k=3)
+    alignment = TextAlignment(
+        head=fit_head(emb, y, text, range(3), steps=5), codes=(1, 2, 3), names=("a", "b", "c"),
+        protos=prototypes(text), phrasings={},
+    )  # fmt: skip
+    aligned = AlignedModel(model, spec, ref, alignment)
+    tiles = ws.tiles()
+    span = TileSpan.of(tiles[0], ws.extent(tiles))
+    prompt = text[0][:1]
+    maize = grounding.ground("maize", lambda t: np.eye(len(t), 384, dtype=np.float32))
+    assert maize.share == 1.0  # read through the lexicon alone: facts only, no head
+
+    def maps(shift: int) -> np.ndarray:
+        return concept_tile(
+            aligned, np.concatenate([prompt, prompt]), PivotReader(ws.pivot_url), span,
+            PredictConfig(window=16), [grounding.Grounding("", 1), maize], shift,
+        )  # fmt: skip
+
+    still, moved = maps(0), maps(3)
+    assert not np.array_equal(still[0], moved[0])  # the network saw the moved series
+    # the facts read the series as it is (read from the moved one, 27 % of these pixels differ)
+    assert np.array_equal(still[1], moved[1]) and still[1].any()

@@ -55,6 +55,19 @@ def shift_series(series: np.ndarray, steps: int) -> np.ndarray:
     return moved
 
 
+def unshift(values: np.ndarray, steps: int) -> np.ndarray:
+    """[N, T, C] per-step values of a series moved by `shift_series` (attributions, say) put
+    back on the steps they came from; a repeated first or last step's values add to it."""
+    if steps == 0:
+        return values
+    n_steps = values.shape[1]
+    source = np.clip(np.arange(n_steps) - steps, 0, n_steps - 1)
+    out = np.zeros_like(values)
+    for moved, own in enumerate(source):
+        out[:, own] += values[:, moved]
+    return out
+
+
 @dataclass(frozen=True)
 class CalendarShift:
     """The shift predict applies (steps of the model's `step_days`) and how it was found."""

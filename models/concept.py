@@ -20,7 +20,7 @@ from torch import nn
 from pivotmap.config import PredictConfig, RunConfig
 from pivotmap.models import descriptors, grounding
 from pivotmap.models.features import window_inputs
-from pivotmap.models.inference import load_for_worker
+from pivotmap.models.inference import load_for_worker, predict_shift_steps
 from pivotmap.models.network import ModelSpec
 from pivotmap.models.registry import load_champion, load_model_files, tracking_uri_for
 from pivotmap.models.text_align import (
@@ -175,15 +175,6 @@ def concept_tile(
                 flat[ok] = np.rint(p * 100).astype(np.uint8)
             out[i, rows, cols] = flat.reshape(ds.sizes["y"], ds.sizes["x"])
     return out
-
-
-def predict_shift_steps(ws: Workspace, ref: ModelRef, spec: ModelSpec) -> int:
-    """The calendar shift (steps) predict classified this run with, if it used this model;
-    else 0 (a model predict did not run cannot have chosen one)."""
-    found = ws.find_result(PredictResult)
-    if found is None or (found.model.name, found.model.version) != (ref.name, ref.version):
-        return 0
-    return int(round(found.calendar_shift.get("days", 0) / spec.step_days))
 
 
 def grounding_tag(g: grounding.Grounding) -> str:

@@ -29,9 +29,10 @@ import torch
 from odc.geo.geobox import GeoBox
 from torch import nn
 
+from pivotmap.models.calendar import unshift
 from pivotmap.models.concept import TileSpan
 from pivotmap.models.features import window_inputs
-from pivotmap.models.inference import load_for_worker
+from pivotmap.models.inference import load_for_worker, predict_shift_steps
 from pivotmap.models.network import ModelSpec
 from pivotmap.models.training import cpu_threads
 from pivotmap.results import ExplainResult, ModelRef, PredictResult
@@ -212,6 +213,14 @@ class Explainer:
     reader: PivotReader
     windows: Windows
     steps: int
+    shift_steps: int = 0  # the calendar shift predict classified with (`models.calendar`)
+
+    def attributions(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`integrated_gradients` of the network on x as predict fed it (moved by the
+        calendar shift), the attributions put back on the region's own dates."""
+        attr, target, gap = integrated_gradients(self.model, x, steps=self.steps)
+        attr[..., :-2] = unshift(attr[..., :-2], self.shift_steps)  # time channels stay
+        return attr, target, gap
 
     def tile(self, span: TileSpan, window: int, stride: int) -> tuple[np.ndarray, ClassAttribution]:
         """Explanation layer [2, ny, nx] of one tile on every `stride`-th pixel, and its sums."""
@@ -220,14 +229,14 @@ class Explainer:
         found = ClassAttribution()
         for rows, cols in span.windows(window):
             ds = self.reader.window(*span.absolute(rows, cols), step_days=self.spec.step_days)
-            x, ok = window_inputs(ds, self.spec)
+            x, ok = window_inputs(ds, self.spec, self.shift_steps)
             ww = ds.sizes["x"]
             picks = _grid_pixels(h, w, rows.start, cols.start, ds.sizes["y"], ww, stride)
             keep = picks[ok[picks]]
             if not keep.size:
                 continue
             rank = np.cumsum(ok) - 1  # flat window index -> row of x
-            attr, target, gap = integrated_gradients(self.model, x[rank[keep]], steps=self.steps)
+            attr, target, gap = self.attributions(x[rank[keep]])
             ly, lx = (rows.start + keep // ww) // stride, (cols.start + keep % ww) // stride
             layer[0, ly, lx], layer[1, ly, lx] = dominant_layers(attr, self.spec, self.windows)
             found.gaps.append(gap)
@@ -243,10 +252,10 @@ class Explainer:
         if not (0 <= row < extent.height and 0 <= col < extent.width):
             return entry | {"error": "outside the mapped region"}
         ds = self.reader.window(slice(row, row + 1), slice(col, col + 1), self.spec.step_days)
-        x, ok = window_inputs(ds, self.spec)
+        x, ok = window_inputs(ds, self.spec, self.shift_steps)
         if not ok.any():
             return entry | {"error": "no data in the cube at this pixel"}
-        attr, target, gap = integrated_gradients(self.model, x, steps=self.steps)
+        attr, target, gap = self.attributions(x)
         per_var, per_win = importance(attr, self.spec, self.windows)
         index, names = variable_channels(self.spec)
         return entry | {
@@ -266,7 +275,8 @@ def explain(ws: Workspace) -> ExplainResult:
     model, spec = load_for_worker(ws.model_url(ref.name, ref.version), "cpu")
     reader = PivotReader(ws.pivot_url)
     windows = Windows.monthly(reader.times[:: spec.step_days])
-    explainer = Explainer(model, spec, reader, windows, ec.steps)
+    shift = predict_shift_steps(ws, ref, spec)
+    explainer = Explainer(model, spec, reader, windows, ec.steps, shift)
     tiles = ws.tiles()
     extent = ws.extent(tiles)
     layers, total = {}, ClassAttribution()

@@ -197,6 +197,16 @@ def save_nomenclature(ws: Workspace, info: dict[str, str], model_url: str) -> No
         storage.write_bytes(storage.join(model_url, NOMENCLATURE_FILE), files["nomenclature"])
 
 
+def predict_shift_steps(ws: Workspace, ref: ModelRef, spec) -> int:
+    """The calendar shift (steps) predict classified this run with, if it used this model;
+    else 0 (a model predict did not run cannot have chosen one). Concept maps and
+    explanations feed the network the series as predict did."""
+    found = ws.find_result(PredictResult)
+    if found is None or (found.model.name, found.model.version) != (ref.name, ref.version):
+        return 0
+    return int(round(found.calendar_shift.get("days", 0) / spec.step_days))
+
+
 def _mapped(ws: Workspace, tile_id: str, key: str) -> bool:
     """Whether a tile's map is done with this key AND still there (a deleted map is redone)."""
     return ws.is_done("predict", tile_id, key) and storage.exists(ws.map_url(tile_id))

@@ -290,7 +290,8 @@ def test_concept_maps_see_the_series_as_predict_classified_it(tmp_path):
     series (`predict_shift_steps`), while the facts are read in the region's own months."""
     from pivotmap.config import PredictConfig
     from pivotmap.models import grounding
-    from pivotmap.models.concept import AlignedModel, TileSpan, concept_tile, predict_shift_steps
+    from pivotmap.models.concept import AlignedModel, TileSpan, concept_tile
+    from pivotmap.models.inference import predict_shift_steps
     from pivotmap.models.network import ModelSpec, build_model
     from pivotmap.results import ModelRef, PredictResult
     from pivotmap.tasks.cube import PivotReader

@@ -109,3 +109,35 @@ def test_explanation_layer_is_a_valid_cog_with_lookups(tmp_path):
     assert asset.extra_fields["pivotmap:variables"] == ["B02", "VV"]
     assert asset.extra_fields["pivotmap:model_version"] == "3"
     assert asset.extra_fields["file:checksum"].startswith("1220")
+
+
+def test_explanations_of_a_shifted_classification_credit_the_region_s_own_dates(tmp_path):
+    """Where predict moved the region's calendar, IG explains the network on the series as
+    predict fed it, and what it credits lands on the dates the values came from."""
+    from pivotmap.models.calendar import unshift
+    from pivotmap.models.explain import Explainer
+    from pivotmap.models.features import window_inputs
+    from pivotmap.tasks.cube import PivotReader
+    from pivotmap.tasks.pivot import build_pivot
+    from tests.pivot_data import run_folder
+
+    ws = run_folder(str(tmp_path / "run"))
+    build_pivot(ws)
+    torch.manual_seed(0)
+    spec = ModelSpec(classes=(1, 2, 3), n_steps=12, step_days=5, hidden=16)
+    model = build_model(spec).eval()
+    reader = PivotReader(ws.pivot_url)
+    windows = Windows.monthly(reader.times[:: spec.step_days])
+    still, moved = (Explainer(model, spec, reader, windows, 16, s) for s in (0, 3))
+    extent = ws.extent(ws.tiles())
+    x0, y0 = extent.affine * (20.5, 20.5)
+    a, b = still.pixel(extent, x0, y0), moved.pixel(extent, x0, y0)
+    assert a["dates"] == b["dates"] and len(b["dates"]) == 12
+    assert not np.allclose(a["attributions"], b["attributions"])
+    ds = reader.window(slice(20, 21), slice(20, 21), spec.step_days)
+    x, _ = window_inputs(ds, spec, 3)
+    attr, _, _ = integrated_gradients(model, x, steps=16)
+    index, _ = variable_channels(spec)
+    want = unshift(attr[..., :-2], 3)[0][:, index]
+    np.testing.assert_allclose(b["attributions"], np.round(want, 5), atol=1e-5)
+    assert np.sum(b["attributions"]) == pytest.approx(attr[0][:, index].sum(), abs=1e-3)

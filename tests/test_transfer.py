@@ -248,6 +248,26 @@ def test_shift_series_moves_the_steps_and_repeats_the_edge():
         shift_series(series, 6)
 
 
+def test_attributions_of_a_moved_series_go_back_to_the_region_s_own_dates():
+    """Explanations of a shifted classification: what the network credited at a moved step is
+    credited to the step the value came from (the repeated edge to the edge), nothing lost."""
+    from pivotmap.models.calendar import shift_series, unshift
+
+    series = np.arange(2 * 6 * 1, dtype=np.float32).reshape(2, 6, 1)
+    for steps in (2, -2):
+        moved = shift_series(series, steps)
+        # credit every moved step with the value it holds: back home, each own step is credited
+        # with its value times the number of moved steps holding it
+        back = unshift(moved, steps)
+        copies = np.array([(moved[0, :, 0] == v).sum() for v in series[0, :, 0]])
+        assert back[0, :, 0].tolist() == (series[0, :, 0] * copies).tolist()
+        assert back.sum() == pytest.approx(moved.sum())
+    attr = np.zeros((1, 6, 1), np.float32)
+    attr[0, 4] = 1.0  # the network looked at moved step 4: the region's step 2 (shift 2)
+    assert unshift(attr, 2)[0, :, 0].tolist() == [0, 0, 1, 0, 0, 0]
+    assert unshift(attr, 0) is attr
+
+
 def test_the_calendar_shift_of_a_later_region_is_found_without_labels():
     """A network trained where the classes peak at steps 8/18/28 is given a region whose season
     is 5 steps (25 days) later: classified as it is, it confuses the classes. The region's

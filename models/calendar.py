@@ -25,6 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pivotmap.models.pivot_series import shift_series  # travels with the registered model
+
+__all__ = ["shift_series"]  # re-exported: the calendar's one implementation of the move
+
 KEEP_ZERO = 0.9  # a shift must bring the distance below this share of no shift's to be taken
 # and below this: standardised profiles at distance d correlate at 1 - d / 2, so a shift is only
 # taken where the seasons, aligned, correlate at 0.5 or more (a short or cloudy period's
@@ -36,23 +40,6 @@ MIN_SEASON = 0.03  # NDVI: a profile whose standard deviation is below this has 
 
 class CalendarError(ValueError):
     """The region's calendar cannot be estimated: the message says why and what to set."""
-
-
-def shift_series(series: np.ndarray, steps: int) -> np.ndarray:
-    """[N, T, C] series moved `steps` steps later along T (earlier when negative), the first or
-    last step repeated into the gap it leaves; the days of year stay where they were."""
-    if steps == 0:
-        return series
-    if abs(steps) >= series.shape[1]:
-        raise ValueError(f"a shift of {steps} steps does not fit a series of {series.shape[1]}")
-    moved = np.empty_like(series)
-    if steps > 0:
-        moved[:, steps:] = series[:, :-steps]
-        moved[:, :steps] = series[:, :1]
-    else:
-        moved[:, :steps] = series[:, -steps:]
-        moved[:, steps:] = series[:, -1:]
-    return moved
 
 
 def unshift(values: np.ndarray, steps: int) -> np.ndarray:

@@ -18,6 +18,10 @@ For an ensemble (`members` > 1 in `spec.json`) the probabilities are the members
 confidence is the class's probability times the share of members that chose that class, as in
 pivotmap's maps.
 Pass `model_config={"device": "cuda"}` to `load_model` to predict on a GPU (default: CPU).
+Pass `params={"calendar_shift_days": d}` to `predict` to classify the series moved d days later
+(earlier when negative), as pivotmap's predict does where a region's season comes earlier or
+later than the model's: a product's STAC items say the shift it was made with
+(`pivotmap:calendar_shift_days`). It is rounded to whole steps of `step_days`; default 0.
 
 This file imports nothing of pivotmap.
 """
@@ -55,6 +59,8 @@ class PivotmapClassifier(PythonModel):
         """Class, confidence and probabilities of each pixel (rows in input order)."""
         dates, series = self._checked(model_input)
         ok = self.prep.has_data(series)
+        shift = round(int((params or {}).get("calendar_shift_days", 0)) / self.spec["step_days"])
+        series = self.prep.shift_series(series, shift)
         proba = np.full((len(series), len(self.codes)), np.nan, dtype=np.float32)
         agreement = None
         if ok.any():

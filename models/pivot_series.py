@@ -55,3 +55,22 @@ def network_input(
 def has_data(series: np.ndarray) -> np.ndarray:
     """Pixels with at least one finite value in any band: only those get a class."""
     return np.isfinite(series).any(axis=(1, 2))
+
+
+def shift_series(series: np.ndarray, steps: int) -> np.ndarray:
+    """[N, T, C] series moved `steps` steps later along T (earlier when negative), the first or
+    last step repeated into the gap it leaves; the days of year stay where they were. This is
+    how pivotmap's predict aligns a region's season with the model's (`models/calendar.py`),
+    and what the pyfunc's `calendar_shift_days` parameter applies."""
+    if steps == 0:
+        return series
+    if abs(steps) >= series.shape[1]:
+        raise ValueError(f"a shift of {steps} steps does not fit a series of {series.shape[1]}")
+    moved = np.empty_like(series)
+    if steps > 0:
+        moved[:, steps:] = series[:, :-steps]
+        moved[:, :steps] = series[:, :1]
+    else:
+        moved[:, :steps] = series[:, -steps:]
+        moved[:, steps:] = series[:, -1:]
+    return moved

@@ -522,7 +522,7 @@ def _signature(spec: ModelSpec):
     """Exact shapes: MLflow refuses a daily axis of another length before the model runs."""
     import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     days = spec.n_steps * spec.step_days
     f32 = np.dtype(np.float32)
@@ -530,7 +530,12 @@ def _signature(spec: ModelSpec):
     inputs += [TensorSpec(f32, (-1, days), name) for name in pyfunc_inputs(spec)[1:]]
     outputs = [ColSpec("integer", "class"), ColSpec("integer", "confidence")]
     outputs += [ColSpec("float", f"p_{code}") for code in spec.classes]
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))  # type: ignore[arg-type]
+    params = ParamSchema([ParamSpec("calendar_shift_days", "integer", 0)])
+    return ModelSignature(
+        inputs=Schema(inputs),  # type: ignore[arg-type]
+        outputs=Schema(outputs),  # type: ignore[arg-type]
+        params=params,
+    )
 
 
 def _input_example(spec: ModelSpec) -> dict[str, np.ndarray]:

@@ -128,6 +128,27 @@ def test_pyfunc_predicts_as_pivotmap_from_raw_daily_series(registered, cube) -> 
     assert np.isnan(proba[~mapped]).all()
 
 
+def test_pyfunc_moves_the_season_by_the_calendar_shift_as_pivotmap_does(registered, cube) -> None:
+    """`params={"calendar_shift_days": d}`: the classes pivotmap's predict maps with that shift
+    (a product's `pivotmap:calendar_shift_days`), from the same raw daily series."""
+    import mlflow
+
+    spec = registered["spec"]
+    with _using_tracking_uri(registered["uri"]):
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    inputs = model_inputs(registered, cube)
+    plain = model.predict(inputs)
+    moved = model.predict(inputs, params={"calendar_shift_days": 3 * spec.step_days})
+    classes, confidence = classify(
+        registered["net"], spec, cube.window(*WINDOW, STEP), 4096, "cpu", shift_steps=3
+    )
+    np.testing.assert_array_equal(moved["class"].to_numpy(), classes.ravel())
+    np.testing.assert_array_equal(moved["confidence"].to_numpy(), confidence.ravel())
+    assert not np.array_equal(moved["confidence"].to_numpy(), plain["confidence"].to_numpy())
+    again = model.predict(inputs, params={"calendar_shift_days": 0})
+    np.testing.assert_array_equal(again["confidence"].to_numpy(), plain["confidence"].to_numpy())
+
+
 def test_wrong_time_length_is_refused_with_the_expected_length(registered, cube) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException

@@ -15,6 +15,10 @@ rather than predicted, so no class label and no training is involved.
   least `GROUND_THRESHOLD` grounds that fact, weighted by the cosine; other clauses ground nothing.
   A month or season the clause does not name is dropped ("harvested every year": any month);
   "before / until / by / after <month>" bounds a dated fact ("harvested before August").
+- Land-cover words ("buildings", "pasture", "maize", "a lake") ground the facts typical of them
+  (`models.lexicon`), each word as one fully matched fact shared among its facts; under a
+  negation ("neither cropland nor grassland", "non-cropland") a pixel scores where it does NOT
+  hold them.
 - A pixel's score is the weighted share of grounded facts it holds. A month one away counts half
   (a season shifted by a few weeks is the same season); an argument-free fact counts whatever its
   month.
@@ -87,7 +91,8 @@ class Part:
     via: str | None = None  # the land-cover word (`models.lexicon`) it came from
 
     @property
-    def share(self) -> float:
+    def strength(self) -> float:
+        """Its weight in the prompt's score: the cosine of its match, unless set."""
         return self.cosine if self.weight is None else self.weight
 
     def to_dict(self) -> dict:
@@ -96,7 +101,7 @@ class Part:
             "cosine": round(self.cosine, 4),
         }  # fmt: skip
         if self.via is not None:
-            out |= {"via": self.via, "negated": self.negated, "weight": round(self.share, 4)}
+            out |= {"via": self.via, "negated": self.negated, "weight": round(self.strength, 4)}
         return out
 
 
@@ -136,7 +141,7 @@ def ground(
         if lexicon.mentions(clause, carried):
             read.append(clause)
         parts += _lexicon_parts(clause, carried, named, phrases, facts)
-        carried = lexicon.negation_carries(clause) or (carried and "nor" not in clause.lower())
+        carried = lexicon.negation_carries(clause, carried)
         best = int(row.argmax())
         if row[best] >= threshold:
             phrase, fact = phrases[best], facts[best]
@@ -262,7 +267,7 @@ def fact_score(
     if not grounding.parts:
         return np.zeros(len(d), dtype=np.float32)
     facts = pixel_facts(d) if facts is None else facts
-    weights = np.array([p.share for p in grounding.parts], dtype=np.float32)
+    weights = np.array([p.strength for p in grounding.parts], dtype=np.float32)
     held = np.stack([_held(p.fact, facts, len(d)) for p in grounding.parts], axis=1)
     negated = np.array([p.negated for p in grounding.parts])
     held[:, negated] = 1.0 - held[:, negated]

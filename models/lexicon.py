@@ -178,7 +178,12 @@ def mentions(clause: str, negated: bool = False) -> list[Mention]:
     return list(out.values())
 
 
-def negation_carries(clause: str) -> bool:
-    """Whether a "neither" in this clause reaches into the next ones (until a "nor")."""
-    lowered = clause.lower()
-    return "neither" in lowered and "nor" not in lowered.split("neither", 1)[1]
+_NEITHER, _NOR = re.compile(r"\bneither\b", re.I), re.compile(r"\bnor\b", re.I)
+
+
+def negation_carries(clause: str, carried: bool = False) -> bool:
+    """Whether a negation reaches past this clause into the next ones: a "neither" here with
+    no "nor" after it, or one `carried` from an earlier clause that this one does not end."""
+    if found := _NEITHER.search(clause):
+        return not _NOR.search(clause, found.end())
+    return carried and not _NOR.search(clause)

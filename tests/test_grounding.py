@@ -133,7 +133,7 @@ def test_before_until_and_after_a_month_bound_a_dated_fact():
 
 def _reference_score(pixels: list, g: grounding.Grounding) -> np.ndarray:
     """`fact_score` as it was, pixel by pixel over each pixel's list of facts."""
-    weights = np.array([p.share for p in g.parts], dtype=np.float32)
+    weights = np.array([p.strength for p in g.parts], dtype=np.float32)
     held = [
         [abs(p.negated - grounding.holds(p.fact, own)) for p in g.parts] for own in pixels
     ]  # fmt: skip
@@ -205,6 +205,9 @@ def test_land_cover_words_are_found_whole_in_plural_and_under_negation():
     ]  # fmt: skip
     assert lexicon.negation_carries("Land that is neither cropland")
     assert not lexicon.negation_carries("neither cropland nor grassland")
+    assert lexicon.negation_carries("normally wet", carried=True)  # "nor" as a word only
+    assert not lexicon.negation_carries("grassland nor built-up", carried=True)
+    assert not lexicon.negation_carries("such as trees")
 
 
 def test_a_class_described_by_what_it_is_grounds_through_the_lexicon():
@@ -215,7 +218,7 @@ def test_a_class_described_by_what_it_is_grounds_through_the_lexicon():
     assert grounding.fact_score(d, lake).tolist() == [0.0, 1.0, 0.0]
     town = grounding.ground("Buildings, roads, farmyards and other sealed surfaces", embed_texts)
     assert town.share == 1.0 and len(town.parts) == 3  # the entry's facts once, weight 1/3 each
-    assert sum(p.share for p in town.parts) == pytest.approx(1.0)
+    assert sum(p.strength for p in town.parts) == pytest.approx(1.0)
     assert grounding.fact_score(d, town).argmax() == 2
     crops = grounding.ground("maize, cereals and potatoes", embed_texts)
     assert grounding.fact_score(d, crops).argmax() == 0

@@ -16,9 +16,10 @@ rather than predicted, so no class label and no training is involved.
   A month or season the clause does not name is dropped ("harvested every year": any month);
   "before / until / by / after <month>" bounds a dated fact ("harvested before August").
 - Land-cover words ("buildings", "pasture", "maize", "a lake") ground the facts typical of them
-  (`models.lexicon`), each word as one fully matched fact shared among its facts; under a
-  negation ("neither cropland nor grassland", "non-cropland") a pixel scores where it does NOT
-  hold them.
+  (`models.lexicon`). The words a prompt lists are alternatives (a pixel is one land cover):
+  the pixel fits the list as well as it fits its best word, and the list weighs as one fully
+  matched fact. Under a negation ("neither cropland nor grassland", "non-cropland") the list
+  is a NOR: a pixel scores where it fits none of the words.
 - A pixel's score is the weighted share of grounded facts it holds. A month one away counts half
   (a season shifted by a few weeks is the same season); an argument-free fact counts whatever its
   month.
@@ -165,7 +166,8 @@ def _lexicon_parts(
     facts: tuple[tuple[str, ...], ...],
 ) -> list[Part]:
     """The facts of the land-cover words a clause names (`models.lexicon`), each entry once
-    per prompt and sign; one word weighs as one fully matched fact, shared among its facts."""
+    per prompt and sign, its facts sharing a weight of 1 (`combine` reads the words as
+    alternatives)."""
     out = []
     for mention in lexicon.mentions(clause, carried):
         key = (mention.entry.name, mention.negated)
@@ -262,16 +264,44 @@ def fact_score(
     grounding: Grounding,
     facts: dict[tuple[str, ...], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """[N] in [0, 1]: the cosine-weighted share of the grounded facts each pixel holds (0 where
-    the prompt grounds nothing); `facts`: `pixel_facts(d)`, when already computed."""
+    """[N] in [0, 1]: the cosine-weighted share of the grounded facts each pixel holds, its
+    land-cover words read as alternatives (`combine`); 0 where the prompt grounds nothing.
+    `facts`: `pixel_facts(d)`, when already computed."""
     if not grounding.parts:
         return np.zeros(len(d), dtype=np.float32)
     facts = pixel_facts(d) if facts is None else facts
-    weights = np.array([p.strength for p in grounding.parts], dtype=np.float32)
     held = np.stack([_held(p.fact, facts, len(d)) for p in grounding.parts], axis=1)
-    negated = np.array([p.negated for p in grounding.parts])
-    held[:, negated] = 1.0 - held[:, negated]
-    return held @ weights / weights.sum()
+    return combine(held, grounding.parts)
+
+
+def combine(held: np.ndarray, parts: Sequence[Part]) -> np.ndarray:
+    """[N] score from [N, P] `holds` of each part: the weighted mean of the facts a prompt
+    states and of its land-cover words read as alternatives. A pixel is one land cover, so the
+    words a prompt lists ("trees, hedges, gardens and water") are an OR: the pixel fits them as
+    well as it fits the best of them (each word: the weighted share of its facts it holds), and
+    the list weighs as one fully matched fact. Under a negation it is a NOR ("neither cropland,
+    grassland nor built-up" = not (cropland or grassland or built-up)): one minus that."""
+    terms: list[np.ndarray] = []
+    weights: list[float] = []
+    words: dict[tuple[bool, str], list[int]] = {}  # (negated, word) → its parts
+    for i, part in enumerate(parts):
+        if part.via is None:
+            terms.append(held[:, i])
+            weights.append(part.strength)
+        else:
+            words.setdefault((part.negated, part.via), []).append(i)
+    for negated in (False, True):
+        fits = []
+        for (sign, _), ids in words.items():
+            if sign == negated:
+                w = np.array([parts[i].strength for i in ids], dtype=np.float32)
+                fits.append(held[:, ids] @ w / w.sum())
+        if fits:
+            best = np.max(fits, axis=0)
+            terms.append(1.0 - best if negated else best)
+            weights.append(1.0)
+    w = np.array(weights, dtype=np.float32)
+    return (np.stack(terms, axis=1) @ w / w.sum()).astype(np.float32)
 
 
 def blend(head: np.ndarray, score: np.ndarray, grounding: Grounding) -> np.ndarray:

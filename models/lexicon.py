@@ -20,8 +20,10 @@ C-band radar time series, not fitted to any labels:
 
 Entries carry no dates: a crop's months depend on the region's calendar, which a description
 should state itself ("harvested in July"). Words are matched whole, singular or plural, and
-case-insensitively; a word under a negation ("neither cropland, grassland nor built-up", "not
-forest", "non-irrigated") counts against its facts. What the lexicon has no word for grounds
+case-insensitively. The words of one prompt are alternatives (`grounding.combine`): a pixel is
+one land cover, so it fits "trees, hedges and water" as well as it fits the best of them; under
+a negation ("neither cropland, grassland nor built-up", "not forest", "non-irrigated") a pixel
+fits where it fits none of them. What the lexicon has no word for grounds
 nothing, and the concept map then leans on the alignment head as before.
 """
 

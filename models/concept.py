@@ -187,7 +187,7 @@ def grounding_tag(g: grounding.Grounding) -> str:
 
 def _read_as(p: grounding.Part) -> str:
     if p.via is None:
-        return f"'{p.clause}' as '{p.phrase}' ({p.cosine:.2f})"
+        return f"'{p.clause}' as {'not ' if p.negated else ''}'{p.phrase}' ({p.cosine:.2f})"
     return f"'{p.via}' as {'not ' if p.negated else ''}'{p.phrase}' (land-cover lexicon)"
 
 

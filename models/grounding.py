@@ -20,6 +20,8 @@ rather than predicted, so no class label and no training is involved.
   the pixel fits the list as well as it fits its best word, and the list weighs as one fully
   matched fact. Under a negation ("neither cropland nor grassland", "non-cropland") the list
   is a NOR: a pixel scores where it fits none of the words.
+- A clause that says "not", "no", "never", "without" ("not mown", "no snow in winter") counts
+  against the fact it matched, unless that fact's wording says it already ("never bare").
 - A pixel's score is the weighted share of grounded facts it holds. A month one away counts half
   (a season shifted by a few weeks is the same season); an argument-free fact counts whatever its
   month.
@@ -103,6 +105,8 @@ class Part:
         }  # fmt: skip
         if self.via is not None:
             out |= {"via": self.via, "negated": self.negated, "weight": round(self.strength, 4)}
+        elif self.negated:
+            out["negated"] = True
         return out
 
 
@@ -142,7 +146,7 @@ def ground(
         if lexicon.mentions(clause, carried):
             read.append(clause)
         parts += _lexicon_parts(clause, carried, named, phrases, facts)
-        carried = lexicon.negation_carries(clause, carried)
+        carried_in, carried = carried, lexicon.negation_carries(clause, carried)
         best = int(row.argmax())
         if row[best] >= threshold:
             phrase, fact = phrases[best], facts[best]
@@ -154,7 +158,10 @@ def ground(
             elif _unsaid(fact, clause):  # "harvested every year" names no month: any month
                 fact = (fact[0], ANY)
                 phrase = phrases[facts.index(fact)]  # its first wording without one
-            parts.append(Part(clause, phrase, fact, float(row[best])))
+            # A sentence encoder reads "not mown" much as "mown": the negation is ours to see.
+            # A wording that is itself negative ("never bare", "no crop cover") cancels it.
+            negated = (carried_in or _negative(clause)) != _negative(phrase)
+            parts.append(Part(clause, phrase, fact, float(row[best]), negated=negated))
     return Grounding(prompt, len(cut), tuple(parts), tuple(read))
 
 
@@ -179,6 +186,16 @@ def _lexicon_parts(
             fact = facts[phrases.index(wording)]
             out.append(Part(clause, wording, fact, 1.0, weight, mention.negated, mention.word))
     return out
+
+
+_NEGATIVE = re.compile(
+    r"\b(never|neither|nor|not|no|non|without|except|other than|excluding)\b", re.IGNORECASE
+)
+
+
+def _negative(text: str) -> bool:
+    """Whether a clause or fact wording says "not" ("not mown", "never bare", "no snow")."""
+    return bool(_NEGATIVE.search(text))
 
 
 _DATED = ("greenup", "peak", "senescence", "harvest")  # facts dated by a month
@@ -286,7 +303,7 @@ def combine(held: np.ndarray, parts: Sequence[Part]) -> np.ndarray:
     words: dict[tuple[bool, str], list[int]] = {}  # (negated, word) → its parts
     for i, part in enumerate(parts):
         if part.via is None:
-            terms.append(held[:, i])
+            terms.append(1.0 - held[:, i] if part.negated else held[:, i])
             weights.append(part.strength)
         else:
             words.setdefault((part.negated, part.via), []).append(i)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pivotmap.models import descriptors, grounding, lexicon
+from pivotmap.models import concept, descriptors, grounding, lexicon
 from pivotmap.models.text_align import embed_texts
 from tests.test_descriptors import ABSENT, SPEC, _cube, _random_descriptors, _reference_facts
 
@@ -58,6 +58,24 @@ def test_a_prompt_is_read_as_the_facts_it_states_and_scores_the_pixels_that_hold
     assert half.share == 0.5 and len(half.parts) == 1
     blended = grounding.blend(np.full(3, 0.2, np.float32), grounding.fact_score(d, half), half)
     assert blended[0] == pytest.approx(0.6) and blended[1] == pytest.approx(0.1)
+
+
+def test_a_negated_clause_counts_against_its_fact_unless_the_wording_is_negative_itself():
+    d = descriptors.compute(_cube(), SPEC)  # crop (harvested mid July), lake, built-up
+    said = grounding.ground("harvested in July", embed_texts)
+    unsaid = grounding.ground("not harvested in July", embed_texts)
+    assert [p.fact[0] for p in unsaid.parts] == ["harvest"] and unsaid.parts[0].negated
+    assert unsaid.to_dict()["facts"][0]["negated"] is True
+    assert grounding.fact_score(d, said).tolist() == [1.0, 0.0, 0.0]
+    assert grounding.fact_score(d, unsaid).tolist() == [0.0, 1.0, 1.0]  # not a silent "harvested"
+    assert grounding.fact_score(d, grounding.ground("without a harvest", embed_texts))[0] == 0
+    # "never green" is a fact wording of its own: read as it is, not as "not never green"
+    never = grounding.ground("never green", embed_texts)
+    assert not never.parts[0].negated and grounding.fact_score(d, never).argmax() == 2
+    # a negation carried from "neither" reaches the facts of the clauses it spans
+    carried = grounding.ground("neither bright in radar, nor harvested", embed_texts)
+    assert [p.negated for p in carried.parts] == [True, True]
+    assert "not 'harvested" in concept.grounding_tag(unsaid)
 
 
 def test_a_prompt_the_series_cannot_show_grounds_nothing_and_leaves_the_head_alone():
@@ -139,7 +157,7 @@ def _reference_score(pixels: list, g: grounding.Grounding) -> np.ndarray:
         terms, weights, fits = [], [], {}
         for p in g.parts:
             if p.via is None:
-                terms.append(grounding.holds(p.fact, own))
+                terms.append(abs(p.negated - grounding.holds(p.fact, own)))
                 weights.append(p.strength)
             else:
                 held, total = fits.get((p.negated, p.via), (0.0, 0.0))

@@ -246,14 +246,14 @@ def _color_table(colormap: Colormap) -> ET.Element:
 
 
 def _simple_source(
-    href: str, shape: tuple[int, int], offset: tuple[int, int], factor: int = 1
+    href: str, shape: tuple[int, int], offset: tuple[int, int], factor: int = 1, band: int = 1
 ) -> ET.Element:
-    """One tile placed at `offset` (row, col) in the mosaic, read 1:1 (or `factor` times coarser,
-    in an overview VRT, where GDAL then reads the tile COG's own overview)."""
+    """Band `band` of one tile placed at `offset` (row, col) in the mosaic, read 1:1 (or `factor`
+    times coarser, in an overview VRT, where GDAL then reads the tile COG's own overview)."""
     (rows, cols), (row, col) = shape, offset
     source = ET.Element("SimpleSource")
     ET.SubElement(source, "SourceFilename", relativeToVRT="1").text = href
-    ET.SubElement(source, "SourceBand").text = "1"
+    ET.SubElement(source, "SourceBand").text = str(band)
     ET.SubElement(source, "SrcRect", xOff="0", yOff="0", xSize=str(cols), ySize=str(rows))
     dst = {"xOff": col, "yOff": row, "xSize": cols, "ySize": rows}
     ET.SubElement(source, "DstRect", {k: f"{v / factor:g}" for k, v in dst.items()})
@@ -268,13 +268,33 @@ def _band_metadata(names: ClassNames) -> ET.Element:
     return metadata
 
 
+@dataclass(frozen=True)
+class MosaicBands:
+    """What the tiles of a mosaic hold: `count` bands of `dtype`, `nodata`, a colour table on
+    band 1 (`colormap`, codes without a colour transparent) and band 1's description."""
+
+    count: int = 1
+    dtype: str = "uint8"
+    nodata: float | None = NODATA_CODE
+    colormap: Colormap | None = None
+    description: str | None = None
+
+
+_GDAL_TYPES = {
+    "uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32",
+    "float32": "Float32", "float64": "Float64",
+}  # fmt: skip
+
+
 def write_mosaic_vrt(
     path: Path,
     sources: Sequence[tuple[Path, GeoBox]],
-    colormap: Colormap,
+    colormap: Colormap | None = None,
     names: ClassNames | None = None,
+    bands: MosaicBands | None = None,
 ) -> Path:
-    """A GDAL VRT mosaicking single-band uint8 COGs, referenced by paths relative to the VRT.
+    """A GDAL VRT mosaicking COGs on one pixel grid, referenced by paths relative to the VRT:
+    a class map (single-band uint8 with `colormap`) unless `bands` says otherwise.
 
     With `names`, the band carries category names and an attribute table (standard VRT elements).
     GDAL gives a VRT its sources' overviews only when the band has a single source, so a mosaic
@@ -282,45 +302,51 @@ def write_mosaic_vrt(
     256 px): the same tiles at 2, 4, … times the pixel size, which GDAL reads from each tile
     COG's own overviews (QGIS zoomed out reads kilobytes, not every tile at full resolution).
     """
+    if bands is None:
+        bands = MosaicBands(colormap=colormap, description=CLASS_BAND)
     layout = mosaic_layout([gb for _, gb in sources])
     hrefs = [Path(os.path.relpath(tif, path.parent)).as_posix() for tif, _ in sources]
     overviews = []
     factor = 2
     while len(sources) > 1 and max(layout.width, layout.height) / factor >= 256:
         overview = path.with_name(f"{path.stem}.x{factor}.vrt")
-        _mosaic_xml(overview, sources, hrefs, layout, colormap, None, factor, [])
+        _mosaic_xml(overview, sources, hrefs, layout, bands, None, factor, [])
         overviews.append(overview.name)
         factor *= 2
-    return _mosaic_xml(path, sources, hrefs, layout, colormap, names, 1, overviews)
+    return _mosaic_xml(path, sources, hrefs, layout, bands, names, 1, overviews)
 
 
 def _mosaic_xml(
     path: Path, sources: Sequence[tuple[Path, GeoBox]], hrefs: list[str], layout: MosaicLayout,
-    colormap: Colormap, names: ClassNames | None, factor: int, overviews: list[str],
+    bands: MosaicBands, names: ClassNames | None, factor: int, overviews: list[str],
 ) -> Path:  # fmt: skip
     """The mosaic VRT `factor` times coarser than the tiles (1: full resolution)."""
     width, height = -(-layout.width // factor), -(-layout.height // factor)
     root = ET.Element("VRTDataset", rasterXSize=str(width), rasterYSize=str(height))
     ET.SubElement(root, "SRS").text = layout.crs  # GDAL assumes x,y (GIS) axis order
-    transform = layout.transform * Affine.scale(factor)
+    transform = layout.transform @ Affine.scale(factor)
     ET.SubElement(root, "GeoTransform").text = ", ".join(
         repr(float(v)) for v in transform.to_gdal()
     )
-    band = ET.SubElement(root, "VRTRasterBand", dataType="Byte", band="1")
-    ET.SubElement(band, "Description").text = CLASS_BAND
-    if names:
-        band.append(_band_metadata(names))
-    ET.SubElement(band, "NoDataValue").text = str(NODATA_CODE)
-    ET.SubElement(band, "ColorInterp").text = "Palette"
-    band.append(_color_table(colormap))
-    if names:
-        band.extend([category_names(names), attribute_table(names, colormap)])
-    for name in overviews:
-        overview = ET.SubElement(band, "Overview")
-        ET.SubElement(overview, "SourceFilename", relativeToVRT="1").text = name
-        ET.SubElement(overview, "SourceBand").text = "1"
-    for href, (_, gb), offset in zip(hrefs, sources, layout.offsets, strict=True):
-        band.append(_simple_source(href, (gb.height, gb.width), offset, factor))
+    for b in range(1, bands.count + 1):
+        band = ET.SubElement(root, "VRTRasterBand", dataType=_GDAL_TYPES[bands.dtype], band=str(b))
+        if b == 1 and bands.description:
+            ET.SubElement(band, "Description").text = bands.description
+        if b == 1 and names:
+            band.append(_band_metadata(names))
+        if bands.nodata is not None:
+            ET.SubElement(band, "NoDataValue").text = f"{bands.nodata:g}"
+        if b == 1 and bands.colormap is not None:
+            ET.SubElement(band, "ColorInterp").text = "Palette"
+            band.append(_color_table(bands.colormap))
+        if b == 1 and names and bands.colormap is not None:
+            band.extend([category_names(names), attribute_table(names, bands.colormap)])
+        for name in overviews:
+            overview = ET.SubElement(band, "Overview")
+            ET.SubElement(overview, "SourceFilename", relativeToVRT="1").text = name
+            ET.SubElement(overview, "SourceBand").text = str(b)
+        for href, (_, gb), offset in zip(hrefs, sources, layout.offsets, strict=True):
+            band.append(_simple_source(href, (gb.height, gb.width), offset, factor, b))
     return _write_xml(path, root)
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import rasterio
+from odc.geo.geobox import GeoBox
+
+from pivotmap.tasks.cog import MosaicBands, write_mosaic_vrt
 
 # Assets drawn as layers: (key prefix, kind). 'classes' keeps the COG's colour table; 'ramp'
 # scales 0–100 % through a colour ramp; 'explanation' draws its first band (dominant variable).
@@ -151,76 +153,19 @@ def read_versions(products: Path, base_url: str) -> list[ServedVersion]:
 
 
 def write_vrt(files: tuple[Path, ...], out: Path) -> Path:
-    """A VRT mosaic of single-CRS tiles (the first one's colour table and nodata kept), so the
-    tiler reads a version's layer as one dataset.
-
-    GDAL gives a VRT its sources' overviews only when each band has a single source, so a
-    mosaic of several tiles would read every tile at full resolution for a low zoom. The mosaic
-    therefore names overview VRTs (`<stem>.x2.vrt`, `.x4`, … down to under 256 px): the same
-    tiles at 2, 4, … times the pixel size, which GDAL reads from the COGs' own overviews."""
-    metas = []
+    """A VRT mosaic of a layer's tiles (`cog.write_mosaic_vrt`, with the first tile's bands,
+    nodata and colour table), so the tiler reads a version's layer as one dataset, and a low
+    zoom reads the COGs' own overviews."""
+    sources, bands = [], None
     for f in files:
         with rasterio.open(f) as src:
-            cmap = src.colormap(1) if src.colorinterp[0].name == "palette" else None
-            metas.append((f, src.bounds, src.res, src.width, src.height, src.count, src.crs,
-                          src.nodata, src.dtypes[0], cmap))  # fmt: skip
-    res = min(m[2][0] for m in metas)
-    left, top = min(m[1].left for m in metas), max(m[1].top for m in metas)
-    right, bottom = max(m[1].right for m in metas), min(m[1].bottom for m in metas)
-    width, height = round((right - left) / res), round((top - bottom) / res)
-    overviews = []
-    factor = 2
-    while max(width, height) / factor >= 256:
-        path = out.with_name(f"{out.stem}.x{factor}.vrt")
-        size = (max(1, round(width / factor)), max(1, round(height / factor)))
-        _write_vrt_xml(metas, res * factor, (left, top), size, path, [])
-        overviews.append(path)
-        factor *= 2
-    return _write_vrt_xml(metas, res, (left, top), (width, height), out, overviews)
-
-
-def _write_vrt_xml(
-    metas: list[tuple], res: float, origin: tuple[float, float], size: tuple[int, int],
-    out: Path, overviews: list[Path],
-) -> Path:  # fmt: skip
-    (left, top), (width, height), first = origin, size, metas[0]
-    dtype = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "float32": "Float32"}[first[8]]
-    bands = []
-    for b in range(1, first[5] + 1):
-        parts = [f'<VRTRasterBand dataType="{dtype}" band="{b}">']
-        if first[7] is not None:
-            parts.append(f"<NoDataValue>{first[7]:g}</NoDataValue>")
-        if first[9] and b == 1:
-            entries = "".join(
-                f'<Entry c1="{r}" c2="{g}" c3="{bl}" c4="{a}"/>'
-                for _, (r, g, bl, a) in sorted(first[9].items())
-            )
-            parts.append(f"<ColorInterp>Palette</ColorInterp><ColorTable>{entries}</ColorTable>")
-        for f, bounds, src_res, w, h, *_ in metas:
-            xoff, yoff = (bounds.left - left) / res, (top - bounds.top) / res
-            xs, ys = w * src_res[0] / res, h * src_res[1] / res
-            parts.append(
-                f'<ComplexSource><SourceFilename relativeToVRT="0">{escape(str(f))}'
-                f"</SourceFilename><SourceBand>{b}</SourceBand>"
-                f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
-                f'<DstRect xOff="{xoff:g}" yOff="{yoff:g}" xSize="{xs:g}" ySize="{ys:g}"/>'
-                + (f"<NODATA>{first[7]:g}</NODATA>" if first[7] is not None else "")
-                + "</ComplexSource>"
-            )
-        for overview in overviews:
-            parts.append(
-                f'<Overview><SourceFilename relativeToVRT="0">{escape(str(overview))}'
-                f"</SourceFilename><SourceBand>{b}</SourceBand></Overview>"
-            )
-        bands.append("".join(parts) + "</VRTRasterBand>")
-    out.write_text(
-        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">'
-        f"<SRS>{escape(first[6].to_wkt())}</SRS>"
-        f"<GeoTransform>{left!r}, {res!r}, 0, {top!r}, 0, {-res!r}</GeoTransform>"
-        + "".join(bands)
-        + "</VRTDataset>\n"
-    )
-    return out
+            sources.append((f, GeoBox((src.height, src.width), src.transform, src.crs)))
+            if bands is None:
+                palette = src.colorinterp[0].name == "palette"
+                bands = MosaicBands(
+                    src.count, src.dtypes[0], src.nodata, src.colormap(1) if palette else None
+                )
+    return write_mosaic_vrt(out, sources, bands=bands)
 
 
 def build_mosaics(versions: list[ServedVersion], folder: Path) -> dict[tuple[str, str], Path]:

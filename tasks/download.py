@@ -161,7 +161,8 @@ def _get_json(url: str) -> dict:
     return doc
 
 
-def _is_api(doc: dict) -> bool:
+def is_stac_api(doc: dict) -> bool:
+    """Whether a landing page is a STAC API's (item search), not a static catalogue's."""
     conforms = " ".join(doc.get("conformsTo", []))
     links = {ln.get("rel") for ln in doc.get("links", [])}
     return "item-search" in conforms or "search" in links
@@ -178,7 +179,7 @@ def _find_http(
         if url.endswith(".json"):
             raise
         doc, url = _catalog_json_in(url, first)
-    if _is_api(doc):
+    if is_stac_api(doc):
         return _search_api(url, bbox, version)
     if doc.get("type") not in ("Catalog", "Collection") and not url.endswith(".json"):
         doc, url = _catalog_json_in(url, None)

@@ -245,6 +245,8 @@ def _refuse_stac_api(url: str) -> None:
     """A STAC API (its landing page conforms to item-search) is not a products folder."""
     import urllib.request
 
+    from pivotmap.tasks.download import is_stac_api
+
     if url.endswith(".json"):
         return
     try:
@@ -252,7 +254,7 @@ def _refuse_stac_api(url: str) -> None:
             doc = json.loads(answer.read())
     except (OSError, ValueError):
         return  # a folder over http: no index page; catalog.json is tried next
-    if isinstance(doc, dict) and "item-search" in " ".join(doc.get("conformsTo", [])):
+    if isinstance(doc, dict) and is_stac_api(doc):
         raise CatalogueError(
             f"{url} is a STAC API, which serves its maps already: `pivotmap serve` serves a "
             "published catalogue (a folder, s3://… or http(s)://…/catalog.json); to fetch maps "

@@ -60,17 +60,43 @@ def dask_client(address: str, workers: int | None = None) -> Iterator:
     # The scheduler serves its HTTP routes (health, metrics) even without a dashboard, on 8787
     # unless told otherwise: a free port, so a second cluster on the machine neither collides
     # nor warns.
-    if gpu_count():
-        from dask_cuda import LocalCUDACluster  # the `gpu` extra; one worker per GPU
+    with _driver_environ() as saved:
+        if gpu_count():
+            from dask_cuda import LocalCUDACluster  # the `gpu` extra; one worker per GPU
 
-        cluster = LocalCUDACluster(dashboard_address=":0")
-    else:
-        n = workers or max(1, min(4, (os.cpu_count() or 2)))
-        cluster = LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"
-        )
-    with cluster, Client(cluster) as client:
-        yield client
+            cluster = LocalCUDACluster(dashboard_address=":0")
+        else:
+            n = workers or max(1, min(4, (os.cpu_count() or 2)))
+            cluster = LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"
+            )
+        with cluster, Client(cluster) as client:
+            _restore_environ(saved)  # the workers have theirs; the driver keeps its own
+            yield client
+
+
+@contextmanager
+def _driver_environ() -> Iterator[dict[str, str | None]]:
+    """Keep this process's environment as it was: Dask's nanny sets its
+    `distributed.nanny.pre-spawn-environ` (MALLOC_TRIM_THRESHOLD_=65536, OMP_NUM_THREADS=1, …)
+    in the process that starts the workers, where every process started later (training's
+    child, a server) would inherit them too. Yields the saved values (None: unset)."""
+    import dask
+
+    keys = dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        yield saved
+    finally:
+        _restore_environ(saved)  # a worker restarted by its nanny set them again
+
+
+def _restore_environ(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def worker_device() -> str:

@@ -315,3 +315,22 @@ def test_workers_serve_window_arrays_from_the_heap_once_a_job_keeps_freed_memory
         kept = client.submit(_mmapped_bytes_of_a_window_array, True, pure=False).result()
     assert default >= 16 << 20  # the nanny's setting: the array is its own mapping
     assert kept == 0
+
+
+def _environ(keys: tuple[str, ...]) -> dict:
+    return {k: os.environ.get(k) for k in keys}
+
+
+def test_the_nannys_worker_environment_stays_out_of_the_driver(monkeypatch):
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_ and OMP_NUM_THREADS=1 in the process that starts
+    its workers; a local cluster's driver keeps its own, for the processes it starts later."""
+    from pivotmap.tasks.cluster import dask_client
+
+    keys = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    with dask_client("local", workers=1) as client:
+        inside = _environ(keys)
+        worker = client.submit(_environ, keys, pure=False).result()
+    assert worker == {"MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    assert inside == _environ(keys) == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": None}

@@ -100,34 +100,43 @@ def data_folder(preferred: Path | None) -> tuple[Path, bool]:
     return folder, False
 
 
-class Postgres:
-    """A throw-away PostgreSQL cluster on 127.0.0.1 (`start`, `stop`, `remove`)."""
+class Cluster:
+    """A PostgreSQL cluster in `folder/pgdata` (with `postgres.log` beside it), listening on
+    127.0.0.1:`port` with trust authentication, its binaries run as the server's user; `error`:
+    what a failed command raises."""
 
-    def __init__(self, folder: Path | None = None, port: int | None = None) -> None:
-        bindir = pg_bin_dir()
-        if bindir is None:
-            raise DatabaseError(missing_server() or "no PostgreSQL")
+    error: type[Exception] = DatabaseError
+
+    def __init__(self, bindir: Path, folder: Path | None, port: int) -> None:
+        self.bin, self.port = bindir, port
         self.user, self._as_user = _server_user()
         self.folder, self.in_place = data_folder(folder)
-        self.bin, self.port = bindir, port or free_port()
         self.data, self.log = self.folder / "pgdata", self.folder / "postgres.log"
-        if (pid := self._live_server()) is not None:
-            raise DatabaseError(
-                f"a PostgreSQL server (pid {pid}) already runs in {self.data}: another "
-                "`pivotmap serve` of this run? Stop it first"
-            )
-        shutil.rmtree(self.data, ignore_errors=True)  # left by a killed run: start afresh
-        try:
-            self._run(
-                [str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, "-A", "trust",
-                 "-E", "UTF8", "--no-sync"]
-            )  # fmt: skip
-        except DatabaseError:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            raise
 
-    def _live_server(self) -> int | None:
-        """The pid of a server running in `data` (None when there is none or it is gone)."""
+    def _run(self, args: list[str]) -> None:
+        # Its own session: a Ctrl-C in the terminal reaches pivotmap, which stops the server.
+        done = subprocess.run(
+            self._as_user + args, capture_output=True, text=True, start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        if done.returncode:
+            tail = self.log.read_text(errors="replace")[-1500:] if self.log.exists() else ""
+            raise self.error(
+                f"PostgreSQL's {Path(args[0]).name} failed in {self.folder}: "
+                f"{(done.stdout + done.stderr).strip()[-800:]}\n{tail}"
+            )
+
+    def initdb(self) -> None:
+        self._run(
+            [str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, "-A", "trust",
+             "-E", "UTF8", "--no-sync"]
+        )  # fmt: skip
+
+    def initialised(self) -> bool:
+        return (self.data / "PG_VERSION").exists()
+
+    def pid(self) -> int | None:
+        """The pid of the server running in `data` (None when there is none or it is gone)."""
         try:
             pid = int((self.data / "postmaster.pid").read_text().split()[0])
             stat = Path(f"/proc/{pid}/stat").read_text()
@@ -137,16 +146,39 @@ class Postgres:
         state = stat.rsplit(")", 1)[-1].split()[0]  # Z: exited, not yet reaped
         return pid if state != "Z" and b"postgres" in cmdline else None
 
-    def _run(self, args: list[str]) -> None:
-        # Its own session: a Ctrl-C in the terminal reaches pivotmap, which stops the server.
-        done = subprocess.run(
-            self._as_user + args, capture_output=True, text=True, start_new_session=True
-        )
-        if done.returncode:
-            tail = self.log.read_text(errors="replace")[-1500:] if self.log.exists() else ""
+    def start(self, timeout: float = 60, options: str = "") -> None:
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.folder} {options}".strip()
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                   "-o", opts, "-w", "-t", str(int(timeout)), "start"])  # fmt: skip
+
+    def stop(self) -> None:
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
+
+    def dsn(self, db: str = DB, driver: str = "") -> str:
+        scheme = f"postgresql+{driver}" if driver else "postgresql"
+        return f"{scheme}://{self.user}@127.0.0.1:{self.port}/{db}"
+
+
+class Postgres(Cluster):
+    """A throw-away PostgreSQL cluster with PostGIS on 127.0.0.1 (`start`, `stop`, `remove`):
+    initdb'd afresh, without fsync."""
+
+    def __init__(self, folder: Path | None = None, port: int | None = None) -> None:
+        bindir = pg_bin_dir()
+        if bindir is None:
+            raise DatabaseError(missing_server() or "no PostgreSQL")
+        super().__init__(bindir, folder, port or free_port())
+        if (pid := self.pid()) is not None:
             raise DatabaseError(
-                f"{Path(args[0]).name} failed in {self.folder}: {done.stdout}{done.stderr}{tail}"
+                f"a PostgreSQL server (pid {pid}) already runs in {self.data}: another "
+                "`pivotmap serve` of this run? Stop it first"
             )
+        shutil.rmtree(self.data, ignore_errors=True)  # left by a killed run: start afresh
+        try:
+            self.initdb()
+        except DatabaseError:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
 
     def env(self) -> dict[str, str]:
         return {
@@ -154,23 +186,15 @@ class Postgres:
             "PGPASSWORD": "unused", "PGDATABASE": DB,
         }  # fmt: skip
 
-    def dsn(self, db: str = DB) -> str:
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{db}"
-
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 60, options: str = "") -> None:
         if port_in_use(self.port):
             raise DatabaseError(
                 f"port {self.port} on 127.0.0.1 is in use: choose another (serve: --db-port)"
             )
-        opts = f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off -c full_page_writes=off"
-        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                   "-o", opts, "-w", "-t", str(int(timeout)), "start"])  # fmt: skip
+        super().start(timeout, f"-c fsync=off -c full_page_writes=off {options}".strip())
 
     def running(self) -> bool:
         return (self.data / "postmaster.pid").exists()
-
-    def stop(self) -> None:
-        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
 
     def remove(self) -> None:
         """Stop the server (if running) and delete its folder."""

@@ -26,13 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pivotmap.tasks.pgstac_server import (
-    _server_user,
-    data_folder,
-    free_port,
-    pg_bin_dir,
-    port_in_use,
-)
+from pivotmap.tasks.pgstac_server import Cluster, free_port, pg_bin_dir, port_in_use
 
 __all__ = ["free_port", "port_in_use"]
 
@@ -208,9 +202,11 @@ def stop_services(
 # ---------------------------------------------------------------------------- PostgreSQL
 
 
-class StackPostgres:
+class StackPostgres(Cluster):
     """A PostgreSQL cluster kept in `folder/pgdata` (initdb'd on first use, data kept across
     stops), listening on 127.0.0.1:`port` with trust authentication."""
+
+    error = StackError
 
     def __init__(self, folder: Path, port: int) -> None:
         bindir = pg_bin_dir(postgis=False)
@@ -219,61 +215,23 @@ class StackPostgres:
                 "PostgreSQL's server is not installed: apt-get install postgresql "
                 "(Debian's binaries under /usr/lib/postgresql/NN/bin)"
             )
-        self.bin, self.port = bindir, port
-        self.user, self._as_user = _server_user()
-        self.folder, _ = data_folder(folder)
-        self.data, self.log = self.folder / "pgdata", self.folder / "postgres.log"
+        super().__init__(bindir, folder, port)
 
-    def _run(self, args: list[str], what: str) -> None:
-        done = subprocess.run(
-            self._as_user + args, capture_output=True, text=True, start_new_session=True,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        if done.returncode:
-            raise StackError(
-                f"PostgreSQL {what} failed in {self.folder}: "
-                f"{(done.stdout + done.stderr).strip()[-800:]}\n{log_tail(self.log, 800)}"
-            )
-
-    def initialised(self) -> bool:
-        return (self.data / "PG_VERSION").exists()
-
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 60, options: str = "") -> None:
         if not self.initialised():
-            self._run(
-                [str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, "-A", "trust",
-                 "-E", "UTF8", "--no-sync"], "initdb",
-            )  # fmt: skip
-        opts = f"-h 127.0.0.1 -p {self.port} -k {self.folder}"
-        self._run(
-            [str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts,
-             "-w", "-t", str(int(timeout)), "start"], "start",
-        )  # fmt: skip
-
-    def pid(self) -> int | None:
-        try:
-            pid = int((self.data / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid if _alive(pid) else None
+            self.initdb()
+        super().start(timeout, options)
 
     def stop(self) -> None:
         if self.pid() is not None:
-            self._run(
-                [str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
-                "stop",
-            )
+            super().stop()
 
     def restart(self, timeout: float = 60) -> None:
         """Stop (fast: open connections are cut) and start again with the same options."""
         self._run(
             [str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-m", "fast",
-             "-w", "-t", str(int(timeout)), "restart"], "restart",
+             "-w", "-t", str(int(timeout)), "restart"]
         )  # fmt: skip
-
-    def dsn(self, db: str, driver: str = "") -> str:
-        scheme = f"postgresql+{driver}" if driver else "postgresql"
-        return f"{scheme}://{self.user}@127.0.0.1:{self.port}/{db}"
 
     def ensure_databases(self, names: list[str]) -> None:
         import psycopg

@@ -16,6 +16,7 @@ import xarray as xr
 
 from pivotmap.config import RunConfig
 from pivotmap.results import IngestResult
+from pivotmap.runtime import run_logger
 from pivotmap.tasks.grid import GridSpec
 from pivotmap.tasks.ingest import batches, blocks, ingest, one_orbit_per_day
 from pivotmap.tasks.load import by_day, dilate, load_s2
@@ -96,7 +97,18 @@ def _period():
     return dt.date(2017, 8, 1), dt.date(2017, 9, 30)
 
 
-def test_corrupt_or_missing_cog_skips_that_item_and_names_it(catalogue, tmp_path, capfd):
+@pytest.fixture
+def prefect_logging():
+    """Prefect sets up its logging at the first `get_run_logger` (a first `run_logger`): it puts
+    a console handler bound to the `sys.stderr` of that moment on the root logger and drops the
+    handlers there. Done before the test, pytest's capture of the test's own records stays in
+    place whichever test runs first (capfd only saw the lines when this test ran alone)."""
+    run_logger("ingest")
+
+
+def test_corrupt_or_missing_cog_skips_that_item_and_names_it(
+    catalogue, tmp_path, prefect_logging, caplog
+):
     s2_dir = catalogue / "sentinel-2-l2a"
     corrupt, missing = "S2X_31UDS_20170814_0_L2A", "S2X_31UDS_20170903_0_L2A"
     (s2_dir / corrupt / "B04.tif").write_bytes(b"II*\x00 this is not a COG")
@@ -106,7 +118,7 @@ def test_corrupt_or_missing_cog_skips_that_item_and_names_it(catalogue, tmp_path
     assert set(reasons) == {corrupt, missing}
     assert all(r.startswith("cannot read COG") for r in reasons.values())
     assert summary.tiles_written[0]["read_failures"]
-    failed = [line for line in capfd.readouterr().err.splitlines() if "ingest.read_failed" in line]
+    failed = [r.getMessage() for r in caplog.records if "ingest.read_failed" in r.getMessage()]
     assert len(failed) == 2 and all(f"item={i}" in " ".join(failed) for i in (corrupt, missing))
     obs = _obs(tmp_path / "out", "s2")
     assert obs.B04.sel(time="2017-08-14").isnull().all()

@@ -188,9 +188,7 @@ def _lexicon_parts(
     return out
 
 
-_NEGATIVE = re.compile(
-    r"\b(never|neither|nor|not|no|non|without|except|other than|excluding)\b", re.IGNORECASE
-)
+_NEGATIVE = re.compile(rf"\b({'|'.join(('never', *lexicon.NEGATION_WORDS))})\b", re.I)
 
 
 def _negative(text: str) -> bool:

@@ -140,7 +140,19 @@ ENTRIES = (
     Entry("snow and ice", ("snow", "glacier", "ice"), ("snow-covered in winter",)),
 )
 
-_NEGATION = re.compile(r"\b(neither|nor|not|no|non|without|except|other than|excluding)\b", re.I)
+# Words that put what follows them under a negation (`grounding` adds "never" for facts).
+NEGATION_WORDS = (
+    "neither",
+    "nor",
+    "not",
+    "no",
+    "non",
+    "without",
+    "except",
+    "other than",
+    "excluding",
+)
+_NEGATION = re.compile(rf"\b({'|'.join(NEGATION_WORDS)})\b", re.I)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import pystac
 
 from pivotmap.progress import track
 from pivotmap.results import IngestResult, ModalityIngest
-from pivotmap.runtime import keep_freed_memory, kv, request_slot, run_logger
+from pivotmap.runtime import kv, request_slot, run_logger
 from pivotmap.tasks import cube
 from pivotmap.tasks.grid import GridSpec, Tile
 from pivotmap.tasks.item_checks import NO_SCL, ItemRules, check_items
@@ -69,7 +69,6 @@ class IngestIO:
 def ingest(ws: Workspace, force: bool = False) -> IngestResult:
     """Search each configured modality, check its items and write each tile's observations."""
     started = time.monotonic()
-    keep_freed_memory()  # batch after batch re-uses the same memory (see its docstring)
     config, tiles = ws.config, ws.tiles()
     collections = {"s2": config.source.s2_collection, "s1": config.source.s1_collection}
     drafts: dict[str, dict] = {}

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pivotmap.results import PivotResult, SampleResult
-from pivotmap.runtime import keep_freed_memory, run_logger
+from pivotmap.runtime import run_logger
 from pivotmap.tasks import storage
 from pivotmap.tasks.cube import FILL, VARIABLES, PivotReader
 from pivotmap.tasks.sensors import S1_VARIABLES, S2_VARIABLES
@@ -96,7 +96,6 @@ def count_tile(job: tuple[RunConfig, Tile]) -> TileCounts:
     """Pass 1 for one tile: labelled pixels per (group, class)."""
     from pivotmap.tasks.labels import UNKNOWN
 
-    keep_freed_memory()  # tile after tile re-uses the same memory (see its docstring)
     config, tile = job
     lab = _tile_labels(config, tile)
     keep = lab.codes != UNKNOWN
@@ -256,7 +255,6 @@ def sample_tile(job: SampleJob) -> dict:
     """Pass 2 for one tile: draw its pixels, read their series, write its Parquet file."""
     from pivotmap.tasks.labels import UNKNOWN
 
-    keep_freed_memory()
     config, tile, plan, tc = job.config, job.tile, job.plan, job.config.train
     lab = _tile_labels(config, tile)
     codes = lab.codes.ravel()

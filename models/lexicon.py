@@ -9,8 +9,14 @@ one resolves to exactly one fact. It is the class-attribute matrix of attribute-
 (Lampert et al. 2009), written from general knowledge of how land cover looks in optical and
 C-band radar time series, not fitted to any labels:
 
-- sealed surfaces carry little or no vegetation, and double bounce off walls makes them bright
-  and steady in radar whatever the season;
+- sealed surfaces are bare in every season, and double bounce off walls makes them bright and
+  steady in radar whatever the season. "Never green" (NDVI below 0.3 all year) would be the
+  literal reading, but at 10 m a sealed pixel's yearly NDVI peak is rarely that low (edges,
+  verges, a leftover cloud: on the Flanders patch no built-up reference pixel holds it), while
+  "bare" in a season (below 0.3 for most of its clear dates) holds for it in every season, in
+  either hemisphere, and for no crop or grass all year;
+- houses with gardens (a village, a suburb) mix roofs, lawns and trees within a 10 m pixel: a
+  moderate canopy at its peak, and the walls' bright, steady radar;
 - grassland stays green through the year and is cut or grazed several times;
 - arable land is bare for part of the year, dense at its peak, harvested, and its radar follows
   the crop's growth;
@@ -41,7 +47,13 @@ class Entry:
     facts: tuple[str, ...]  # wordings from `descriptors.TEMPLATES`, one fact each
 
 
-SEALED = ("never green", "bright in radar", "stable in radar through the year")
+SEALED = (
+    "bare in winter", "bare in spring", "bare in summer", "bare in autumn",
+    "bright in radar", "stable in radar through the year",
+)  # fmt: skip
+GARDENS = (
+    "moderate green vegetation at its peak", "bright in radar", "stable in radar through the year",
+)  # fmt: skip
 GRASS = ("green all year", "mown several times", "green in spring", "green in autumn")
 ARABLE = (
     "bare soil", "dense green vegetation at its peak", "harvested",
@@ -70,7 +82,6 @@ ENTRIES = (
             "urban",
             "town",
             "city",
-            "village",
             "farmyard",
             "car park",
             "parking",
@@ -79,6 +90,7 @@ ENTRIES = (
         ),
         SEALED,
     ),
+    Entry("houses with gardens", ("garden", "village", "suburb", "residential"), GARDENS),
     Entry(
         "grassland",
         ("grassland", "grass", "pasture", "meadow", "lawn", "grazed", "grazing", "hay"),

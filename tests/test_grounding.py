@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 
 from pivotmap.models import concept, descriptors, grounding, lexicon
+from pivotmap.models.features import network_input
 from pivotmap.models.text_align import embed_texts
-from tests.test_descriptors import ABSENT, SPEC, _cube, _random_descriptors, _reference_facts
+from tests.test_descriptors import (
+    ABSENT,
+    DOY,
+    SPEC,
+    _cube,
+    _pixel,
+    _random_descriptors,
+    _reference_facts,
+)
 
 
 def test_vocabulary_states_every_fact_with_and_without_its_argument():
@@ -224,6 +233,34 @@ def test_the_lexicon_states_every_fact_in_the_descriptors_own_words():
     assert len(words) == len(set(words))  # one entry per word
 
 
+def test_sealed_ground_and_houses_with_gardens_are_told_apart():
+    """At 10 m a sealed pixel is bare in every season though its yearly NDVI peak is not below
+    "never green"'s 0.3, and a village pixel mixes roofs and gardens: a moderate canopy with the
+    walls' bright, steady radar. Sealed words rank the sealed pixel above the village, garden
+    words fit the village fully, and neither fits grass."""
+    sealed = np.full(len(DOY), 0.12)
+    sealed[::9] = 0.45  # a verge or a leftover cloud now and then: "never green" fails
+    village = np.interp(DOY, [1, 90, 160, 250, 365], [0.35, 0.45, 0.6, 0.5, 0.35])
+    grass = np.interp(DOY, [1, 120, 160, 175, 240, 365], [0.6, 0.8, 0.85, 0.5, 0.8, 0.65])
+    x = network_input(
+        np.stack([_pixel(sealed, -3.0), _pixel(village, -5.0), _pixel(grass, -11.0, vv_swing=3)]),
+        DOY, SPEC,
+    )  # fmt: skip
+    d = descriptors.compute(x, SPEC)
+    assert not grounding.pixel_facts(d)[("never_green",)].any()
+
+    def scores(prompt: str) -> np.ndarray:
+        return grounding.fact_score(d, grounding.ground(prompt, embed_texts))
+
+    concrete, gardens = scores("concrete and asphalt"), scores("houses with gardens in a village")
+    assert concrete.tolist() == [1.0, pytest.approx(1 / 3), 0.0]  # bright and stable only
+    assert gardens.tolist() == [1.0, 1.0, 0.0]  # "houses" fits the sealed pixel: alternatives
+    # the verges lift the sealed pixel's peak into "moderate", as gardens do: only the sealed
+    # entry's bare seasons tell the two apart
+    assert scores("a suburb with gardens").tolist() == [1.0, 1.0, 0.0]
+    assert scores("grassland").argmax() == 2
+
+
 def test_land_cover_words_are_found_whole_in_plural_and_under_negation():
     said = lambda text, carried=False: [  # noqa: E731
         (m.entry.name, m.negated) for m in lexicon.mentions(text, carried)
@@ -253,7 +290,7 @@ def test_a_class_described_by_what_it_is_grounds_through_the_lexicon():
     assert {p.fact for p in lake.parts} == {("water_always",), ("radar", "dark")}
     assert grounding.fact_score(d, lake).tolist() == [0.0, 1.0, 0.0]
     town = grounding.ground("Buildings, roads, farmyards and other sealed surfaces", embed_texts)
-    assert town.share == 1.0 and len(town.parts) == 3  # the entry's facts once, weight 1/3 each
+    assert town.share == 1.0 and len(town.parts) == len(lexicon.SEALED)  # the entry's facts once
     assert sum(p.strength for p in town.parts) == pytest.approx(1.0)
     assert grounding.fact_score(d, town).argmax() == 2
     crops = grounding.ground("maize, cereals and potatoes", embed_texts)
@@ -279,5 +316,8 @@ def test_a_class_described_by_what_it_is_grounds_through_the_lexicon():
     neither = grounding.fact_score(d, grounding.ground("neither trees nor water", embed_texts))
     assert neither.tolist() == (1.0 - either).tolist()
     said = grounding.sensor_text(town)
-    assert said == "never green, bright in radar, stable in radar through the year"
+    assert said == (
+        "bare in winter, bare in spring, bare in summer, bare in autumn, bright in radar, "
+        "stable in radar through the year"
+    )
     assert grounding.sensor_text(rest) == ""  # only what it is not

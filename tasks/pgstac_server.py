@@ -194,7 +194,8 @@ class Postgres(Cluster):
         super().start(timeout, f"-c fsync=off -c full_page_writes=off {options}".strip())
 
     def running(self) -> bool:
-        return (self.data / "postmaster.pid").exists()
+        """A live server in `data` (a pid file that a killed server left does not count)."""
+        return self.pid() is not None
 
     def remove(self) -> None:
         """Stop the server (if running) and delete its folder."""

@@ -248,6 +248,7 @@ def test_a_second_server_on_the_same_run_is_refused_and_a_stale_one_replaced():
         pid = int((first.data / "postmaster.pid").read_text().split()[0])
         first.stop()
         (first.data / "postmaster.pid").write_text(f"{pid}\n")  # as a killed server leaves it
+        assert not first.running()  # the pid file alone: no server
         again = pgstac_server.Postgres(run / "postgres")  # stale: replaced
         again.start()
         again.remove()

@@ -361,7 +361,8 @@ def calibrate(scores: np.ndarray) -> np.ndarray:
 def ranking(scores: np.ndarray, y: np.ndarray) -> dict:
     """Per class index c with pixels: top-1 and mean rank (ties count half) of c's description
     among all K for c's pixels, and the AUC of c's score over all pixels; then their
-    pixel-weighted top-1 and mean rank and the class-mean AUC."""
+    pixel-weighted top-1 and mean rank, the class-mean AUC, and the class-mean mean rank (each
+    held-out class counts once, as in the AUC, however many pixels it has)."""
     rows: dict[int, dict] = {}
     top1, ranks, pixels, aucs = [], [], [], []
     for c in range(scores.shape[1]):
@@ -385,6 +386,7 @@ def ranking(scores: np.ndarray, y: np.ndarray) -> dict:
         "top1": round(float(weights @ np.array(top1)), 4) if rows else None,
         "mean_rank": round(float(weights @ np.array(ranks)), 3) if rows else None,
         "auc_class_mean": round(float(np.mean(aucs)), 4) if aucs else None,
+        "mean_rank_class_mean": round(float(np.mean(ranks)), 3) if rows else None,
         "per_class": rows,
     }
 

@@ -521,6 +521,7 @@ def grounded_figures(
         "shuffled among them",
         "test_pixels": len(pick), "top1": figures["heldout"]["top1"],
         "mean_rank": figures["heldout"]["mean_rank"],
+        "mean_rank_class_mean": figures["heldout"]["mean_rank_class_mean"],
         "auc_class_mean": figures["heldout"]["auc_class_mean"],
         "null_top1": figures["null"]["top1"], "null_mean_rank": figures["null"]["mean_rank"],
         "null_auc_class_mean": figures["null"]["auc_class_mean"],

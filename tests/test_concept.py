@@ -201,6 +201,9 @@ def test_demo_reports_zero_shot_figures(demo):
     grounded = zs["grounded"]
     assert grounded["mean_rank"] < zs["chance_mean_rank"] - 1 and grounded["auc_class_mean"] > 0.75
     assert abs(grounded["null_auc_class_mean"] - 0.5) < 0.1 and grounded["test_pixels"] > 500
+    full = train["text_alignment"]["grounded"]
+    per_class = [row["mean_rank"] for row in full["per_class"].values()]
+    assert full["mean_rank_class_mean"] == pytest.approx(np.mean(per_class), abs=1e-3)
     assert train["text_alignment"]["grounded"]["per_class"]["2"]["grounded_share"] == 1  # maize
 
 

@@ -103,6 +103,10 @@ def test_zero_shot_ranking_counts_ties_half_and_weights_by_pixels():
     assert r["per_class"][0] == {"top1": 0.5, "mean_rank": 1.25, "auc": 1.0, "pixels": 2}
     assert r["per_class"][1] == {"top1": 1.0, "mean_rank": 1.0, "auc": 0.625, "pixels": 2}
     assert (r["top1"], r["mean_rank"], r["auc_class_mean"]) == (0.75, 1.125, 0.8125)
+    assert r["mean_rank_class_mean"] == 1.125  # two pixels each: the same
+    # unequal classes: the pixel-weighted rank leans to the larger, the class mean does not
+    r = grounding.ranking(np.array([[1, 0], [0, 1], [0, 1]], np.float32), np.array([0, 0, 1]))
+    assert (r["mean_rank"], r["mean_rank_class_mean"]) == (1.333, 1.25)
     figures = grounding.zero_shot_figures(scores, y, seed=3)
     assert figures["heldout"] == grounding.ranking(grounding.calibrate(scores), y)
     assert set(figures["null"]) == set(r)

@@ -156,7 +156,8 @@ class Texts:
 
 
 def heldout_scores(heads: dict, emb_test, y_test, texts: Texts, k: int, grounded=None) -> dict:
-    """Per held-out class c (head c never saw it): top-1 / mean rank among all K descriptions,
+    """Per held-out class c (head c never saw it): top-1 / mean rank (ties count half, as in
+    `grounding.ranking`) among all K descriptions,
     and the AUC of the concept probability of c's description against c's test pixels.
     With `grounded` (fact scores [N, K], each description's grounded share), both are of the
     blend the concept map uses: share × fact score + (1 - share) × the head's score (for the
@@ -179,7 +180,7 @@ def heldout_scores(heads: dict, emb_test, y_test, texts: Texts, k: int, grounded
             facts, share = grounded
             every = share * calibrate(facts) + (1 - share) * calibrate(every)
         sim = every[own]
-        rank = 1 + (sim > sim[:, [c]]).sum(1)
+        rank = 1 + (sim > sim[:, [c]]).sum(1) + 0.5 * ((sim == sim[:, [c]]).sum(1) - 1)
         seen = [o for o in range(k) if o != c]
         known = TextAlignment(
             head=head, codes=tuple(seen), names=tuple(str(o) for o in seen),
@@ -201,6 +202,7 @@ def summarise(rows: dict) -> dict:
     return {
         "top1": round(sum(r["top1"] * r["pixels"] for r in rows.values()) / n, 4),
         "mean_rank": round(sum(r["mean_rank"] * r["pixels"] for r in rows.values()) / n, 3),
+        "mean_rank_class_mean": round(float(np.mean([r["mean_rank"] for r in rows.values()])), 3),
         "auc_class_mean": round(float(np.mean(aucs)), 4) if aucs else None,
         "per_class": {int(c): {k: (round(v, 4) if isinstance(v, float) else v)
                                for k, v in r.items()} for c, r in rows.items()},
@@ -401,7 +403,7 @@ def encoder_loo(data, tc, texts, sentences, train, test, args) -> dict:
 
 
 def _short(result: dict) -> dict:
-    keep = ("top1", "mean_rank", "auc_class_mean")
+    keep = ("top1", "mean_rank", "mean_rank_class_mean", "auc_class_mean")
     return {
         part: {k: result[part][k] for k in keep if k in result[part]}
         for part in ("heldout", "null")
@@ -421,7 +423,7 @@ def mean_over_seeds(runs: list[dict]) -> dict:
             continue
         row = {}
         for part in ("heldout", "null"):
-            for metric in ("top1", "mean_rank", "auc_class_mean"):
+            for metric in ("top1", "mean_rank", "mean_rank_class_mean", "auc_class_mean"):
                 values = [r[key][part].get(metric) for r in runs if part in r[key]]
                 values = [v for v in values if v is not None]
                 if values:

@@ -358,6 +358,13 @@ def calibrate(scores: np.ndarray) -> np.ndarray:
     return (rankdata(scores, axis=0) / len(scores)).astype(np.float32)
 
 
+def rank_of(scores: np.ndarray, c: int) -> np.ndarray:
+    """[N] rank (1 = first) of column c among the K columns of each row of scores [N, K]:
+    the columns above it, and ties counted half."""
+    mine = scores[:, [c]]
+    return 1 + (scores > mine).sum(1) + 0.5 * ((scores == mine).sum(1) - 1)
+
+
 def ranking(scores: np.ndarray, y: np.ndarray) -> dict:
     """Per class index c with pixels: top-1 and mean rank (ties count half) of c's description
     among all K for c's pixels, and the AUC of c's score over all pixels; then their
@@ -369,8 +376,7 @@ def ranking(scores: np.ndarray, y: np.ndarray) -> dict:
         own = y == c
         if not own.any():
             continue
-        mine = scores[own, c][:, None]
-        rank = 1 + (scores[own] > mine).sum(1) + 0.5 * ((scores[own] == mine).sum(1) - 1)
+        rank = rank_of(scores[own], c)
         top1.append(float((rank == 1).mean()))
         ranks.append(float(rank.mean()))
         pixels.append(int(own.sum()))

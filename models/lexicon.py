@@ -47,22 +47,15 @@ class Entry:
     facts: tuple[str, ...]  # wordings from `descriptors.TEMPLATES`, one fact each
 
 
-SEALED = (
-    "bare in winter", "bare in spring", "bare in summer", "bare in autumn",
-    "bright in radar", "stable in radar through the year",
-)  # fmt: skip
-GARDENS = (
-    "moderate green vegetation at its peak", "bright in radar", "stable in radar through the year",
-)  # fmt: skip
+STEADY_BRIGHT = ("bright in radar", "stable in radar through the year")  # walls, trunks
+SEALED = ("bare in winter", "bare in spring", "bare in summer", "bare in autumn", *STEADY_BRIGHT)
+GARDENS = ("moderate green vegetation at its peak", *STEADY_BRIGHT)
 GRASS = ("green all year", "mown several times", "green in spring", "green in autumn")
 ARABLE = (
     "bare soil", "dense green vegetation at its peak", "harvested",
     "seasonal in radar through the year",
 )  # fmt: skip
-WOODLAND = (
-    "dense green vegetation at its peak", "leaves fall", "bright in radar",
-    "stable in radar through the year",
-)  # fmt: skip
+WOODLAND = ("dense green vegetation at its peak", "leaves fall", *STEADY_BRIGHT)
 WATER = ("open water all year", "dark in radar")
 
 ENTRIES = (

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pivotmap.models.grounding import auc, calibrate
+from pivotmap.models.grounding import auc, calibrate, rank_of
 
 ATTRIBUTES = {  # prompt -> (descriptor rule, description of the rule)
     "harvested before August": (
@@ -156,9 +156,9 @@ class Texts:
 
 
 def heldout_scores(heads: dict, emb_test, y_test, texts: Texts, k: int, grounded=None) -> dict:
-    """Per held-out class c (head c never saw it): top-1 / mean rank (ties count half, as in
-    `grounding.ranking`) among all K descriptions,
-    and the AUC of the concept probability of c's description against c's test pixels.
+    """Per held-out class c (head c never saw it): top-1 / mean rank (ties count half:
+    `grounding.rank_of`) among all K descriptions, and the AUC of the concept probability of
+    c's description against c's test pixels.
     With `grounded` (fact scores [N, K], each description's grounded share), both are of the
     blend the concept map uses: share × fact score + (1 - share) × the head's score (for the
     rank, of both `calibrate`d within the test pixels: the fact scores of two descriptions
@@ -179,8 +179,7 @@ def heldout_scores(heads: dict, emb_test, y_test, texts: Texts, k: int, grounded
         if grounded is not None:
             facts, share = grounded
             every = share * calibrate(facts) + (1 - share) * calibrate(every)
-        sim = every[own]
-        rank = 1 + (sim > sim[:, [c]]).sum(1) + 0.5 * ((sim == sim[:, [c]]).sum(1) - 1)
+        rank = rank_of(every[own], c)
         seen = [o for o in range(k) if o != c]
         known = TextAlignment(
             head=head, codes=tuple(seen), names=tuple(str(o) for o in seen),

@@ -2,11 +2,12 @@
 
 From the network's own input (days × channels, `ModelSpec.channels`) each pixel gets interpretable
 descriptors a person would use: NDVI green-up, peak and senescence day and level, bare-soil
-periods per season, abrupt NDVI drops (harvest, mowing), water persistence (NDWI > 0), snow,
-radar brightness and seasonality (VV in dB), stability across the year. A sentence generator
-turns them into many varied sentences ("green from March, harvested in late July", "bare in
-winter", "bright and stable in radar all year"): quantised facts (months, seasons, levels) and
-templates with synonyms, so the set of sentences is finite and a seed makes it reproducible.
+periods per season, abrupt NDVI drops (a harvest: one that lasts; mowing), water persistence
+(NDWI > 0), snow, radar brightness and seasonality (VV in dB), stability across the year. A
+sentence generator turns them into many varied sentences ("green from March, harvested in late
+July", "bare in winter", "bright and stable in radar all year"): quantised facts (months,
+seasons, levels) and templates with synonyms, so the set of sentences is finite and a seed
+makes it reproducible.
 
 These sentences are the text the alignment head is trained on besides the class phrasings
 (`text_align.fit_heads`), so that a prompt can combine attributes that no class names.
@@ -120,16 +121,31 @@ def _season_share(condition: np.ndarray, known: np.ndarray, month: np.ndarray) -
 
 
 def _drops(ndvi: np.ndarray, doy: np.ndarray, step_days: int) -> tuple[np.ndarray, ...]:
-    """Largest NDVI fall within DROP_DAYS, the day it ends, and the number of mowing-size falls."""
-    lag = max(1, DROP_DAYS // max(step_days, 1))
+    """Largest lasting NDVI fall, the day it ends, and the number of mowing-size falls.
+
+    A fall is measured from the highest NDVI of the DROP_DAYS before a step, to the highest NDVI
+    of the DROP_DAYS from that step on: a harvest (or a cut for hay) leaves the field bare or in
+    stubble for weeks, so the fall lasts. A leftover cloud or shadow dips NDVI for one
+    acquisition and recovers, so it is not a harvest, nor is a fall in the series' last
+    DROP_DAYS, which cannot be told from one. Falls of mowing size (> MOW_NDVI) are counted
+    whether they last or not."""
+    step = max(step_days, 1)
+    lag = max(1, DROP_DAYS // step)
     n, t = ndvi.shape
-    drop = np.zeros((n, t), dtype=np.float32)
+    before = np.full((n, t), np.nan, dtype=np.float32)  # the highest NDVI of the DROP_DAYS before
     for k in range(1, lag + 1):
-        d = np.zeros((n, t), dtype=np.float32)
-        d[:, k:] = np.nan_to_num(ndvi[:, :-k] - ndvi[:, k:], nan=0.0)
-        drop = np.maximum(drop, d)
-    size = drop.max(1)
-    day = np.where(size > 0, doy[np.arange(n), drop.argmax(1)], np.nan).astype(np.float32)
+        before[:, k:] = np.fmax(before[:, k:], ndvi[:, :-k])
+    with np.errstate(invalid="ignore"):
+        drop = np.nan_to_num(before - ndvi, nan=0.0)
+    after = np.where(np.isfinite(ndvi), ndvi, -np.inf)  # the highest NDVI of the DROP_DAYS
+    for k in range(1, lag + 1):
+        later = np.full((n, t), np.inf, dtype=np.float32)  # past the end: not confirmed
+        later[:, :-k] = np.where(np.isfinite(ndvi[:, k:]), ndvi[:, k:], -np.inf)
+        after = np.maximum(after, later)
+    with np.errstate(invalid="ignore"):
+        lasting = np.nan_to_num(np.maximum(before - after, 0.0), nan=0.0, neginf=0.0, posinf=0.0)
+    size = lasting.max(1)
+    day = np.where(size > 0, doy[np.arange(n), lasting.argmax(1)], np.nan).astype(np.float32)
     event = drop > MOW_NDVI
     starts = event[:, 1:] & ~event[:, :-1]
     return size, day, (starts.sum(1) + event[:, 0]).astype(np.float32)

@@ -222,3 +222,20 @@ def test_alignment_learns_descriptor_sentences_of_the_training_pixels(tmp_path):
         files["text_align"].read_bytes(), files["text_align_meta"].read_text()
     )
     assert again.sentences == alignment.sentences and set(again.sentences) <= set(again.cache)
+
+
+def test_a_harvest_is_a_fall_that_lasts_not_a_cloud_dip_that_recovers():
+    """A leftover cloud drops NDVI for one acquisition; a harvest leaves the field bare for
+    weeks. Only the lasting fall is a harvest, and a fall in the series' last days cannot be
+    told from a dip, so it is not one either."""
+    green = np.interp(DOY, [1, 90, 150, 365], [0.3, 0.6, 0.85, 0.8])
+    dipped = green.copy()
+    dipped[np.searchsorted(DOY, 200)] = 0.2  # one acquisition under a thin cloud, in July
+    late = green.copy()
+    late[-2:] = 0.2  # falls in the last 10 days of the series
+    series = np.stack([_pixel(s, -11.0) for s in (_crop(), dipped, late)])
+    d = descriptors.compute(network_input(series, DOY, SPEC), SPEC)
+    harvested = descriptors.fact_columns(d)[("harvest",)] >= 0
+    assert harvested.tolist() == [True, False, False]
+    assert d["drop"][0] > 0.4 and d["drop"][1] < 0.1 and d["drop"][2] < 0.1
+    assert d["drops"][1] >= 1  # the dip still counts as a fall of mowing size

@@ -47,7 +47,7 @@ from pivotmap.models.grounding import auc, calibrate, rank_of
 ATTRIBUTES = {  # prompt -> (descriptor rule, description of the rule)
     "harvested before August": (
         lambda d: (d["drop"] > 0.25) & (d["drop_doy"] < 213),
-        "NDVI drop > 0.25 before day 213",
+        "lasting NDVI fall > 0.25 before day 213",
     ),
     "flooded in winter": (lambda d: _get(d, "water_winter") > 0.5, "NDWI > 0 on > 50 % of winter"),
     "open water all year": (lambda d: _get(d, "water") > 0.8, "NDWI > 0 on > 80 % of days"),

@@ -120,7 +120,9 @@ class Cluster:
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
         if done.returncode:
-            tail = self.log.read_text(errors="replace")[-1500:] if self.log.exists() else ""
+            from pivotmap.tasks.stack_services import log_tail  # it imports this module
+
+            tail = log_tail(self.log)
             raise self.error(
                 f"PostgreSQL's {Path(args[0]).name} failed in {self.folder}: "
                 f"{(done.stdout + done.stderr).strip()[-800:]}\n{tail}"

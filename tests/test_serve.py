@@ -247,6 +247,9 @@ def test_a_second_server_on_the_same_run_is_refused_and_a_stale_one_replaced():
         assert first.running()
         pid = int((first.data / "postmaster.pid").read_text().split()[0])
         first.stop()
+        with pytest.raises(pgstac_server.DatabaseError, match="pg_ctl failed") as failed:
+            first._run([str(first.bin / "pg_ctl"), "-D", str(first.data), "status"])
+        assert "shut down" in str(failed.value)  # the server log's tail comes with the error
         (first.data / "postmaster.pid").write_text(f"{pid}\n")  # as a killed server leaves it
         assert not first.running()  # the pid file alone: no server
         again = pgstac_server.Postgres(run / "postgres")  # stale: replaced

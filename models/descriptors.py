@@ -129,21 +129,18 @@ def _drops(ndvi: np.ndarray, doy: np.ndarray, step_days: int) -> tuple[np.ndarra
     acquisition and recovers, so it is not a harvest, nor is a fall in the series' last
     DROP_DAYS, which cannot be told from one. Falls of mowing size (> MOW_NDVI) are counted
     whether they last or not."""
-    step = max(step_days, 1)
-    lag = max(1, DROP_DAYS // step)
+    lag = max(1, DROP_DAYS // max(step_days, 1))
     n, t = ndvi.shape
-    before = np.full((n, t), np.nan, dtype=np.float32)  # the highest NDVI of the DROP_DAYS before
+    known = np.where(np.isfinite(ndvi), ndvi, -np.inf).astype(np.float32)
+    before = np.full((n, t), -np.inf, dtype=np.float32)  # the highest NDVI of the DROP_DAYS before
+    after = known.copy()  # the highest of the DROP_DAYS from the step on
     for k in range(1, lag + 1):
-        before[:, k:] = np.fmax(before[:, k:], ndvi[:, :-k])
-    with np.errstate(invalid="ignore"):
+        before[:, k:] = np.maximum(before[:, k:], known[:, :-k])
+        after[:, :-k] = np.maximum(after[:, :-k], known[:, k:])
+    after[:, max(t - lag, 0) :] = np.inf  # past the series' end: not confirmed
+    with np.errstate(invalid="ignore"):  # -inf - -inf: nothing known, no fall
         drop = np.nan_to_num(before - ndvi, nan=0.0)
-    after = np.where(np.isfinite(ndvi), ndvi, -np.inf)  # the highest NDVI of the DROP_DAYS
-    for k in range(1, lag + 1):
-        later = np.full((n, t), np.inf, dtype=np.float32)  # past the end: not confirmed
-        later[:, :-k] = np.where(np.isfinite(ndvi[:, k:]), ndvi[:, k:], -np.inf)
-        after = np.maximum(after, later)
-    with np.errstate(invalid="ignore"):
-        lasting = np.nan_to_num(np.maximum(before - after, 0.0), nan=0.0, neginf=0.0, posinf=0.0)
+        lasting = np.nan_to_num(before - after, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
     size = lasting.max(1)
     day = np.where(size > 0, doy[np.arange(n), lasting.argmax(1)], np.nan).astype(np.float32)
     event = drop > MOW_NDVI

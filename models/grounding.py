@@ -367,33 +367,42 @@ def rank_of(scores: np.ndarray, c: int) -> np.ndarray:
 
 def ranking(scores: np.ndarray, y: np.ndarray) -> dict:
     """Per class index c with pixels: top-1 and mean rank (ties count half) of c's description
-    among all K for c's pixels, and the AUC of c's score over all pixels; then their
-    pixel-weighted top-1 and mean rank, the class-mean AUC, and the class-mean mean rank (each
-    held-out class counts once, as in the AUC, however many pixels it has)."""
+    among all K for c's pixels, and the AUC of c's score over all pixels; then `summarise`d."""
     rows: dict[int, dict] = {}
-    top1, ranks, pixels, aucs = [], [], [], []
     for c in range(scores.shape[1]):
         own = y == c
-        if not own.any():
-            continue
-        rank = rank_of(scores[own], c)
-        top1.append(float((rank == 1).mean()))
-        ranks.append(float(rank.mean()))
-        pixels.append(int(own.sum()))
-        area = auc(scores[:, c], own)
-        if area is not None:
-            aucs.append(area)
-        rows[c] = {
-            "top1": round(top1[-1], 4), "mean_rank": round(ranks[-1], 3),
-            "auc": None if area is None else round(area, 4), "pixels": pixels[-1],
-        }  # fmt: skip
-    weights = np.array(pixels, dtype=float) / max(sum(pixels), 1)
+        if own.any():
+            rank = rank_of(scores[own], c)
+            rows[c] = {
+                "top1": float((rank == 1).mean()), "mean_rank": float(rank.mean()),
+                "auc": auc(scores[:, c], own), "pixels": int(own.sum()),
+            }  # fmt: skip
+    return summarise(rows)
+
+
+def summarise(rows: dict[int, dict]) -> dict:
+    """Figures over classes from per-class rows (top1, mean_rank, auc or None, pixels): the
+    pixel-weighted top-1 and mean rank, the class-mean AUC, and the class-mean mean rank (each
+    held-out class counts once, as in the AUC, however many pixels it has); rows rounded."""
+    weights = np.array([r["pixels"] for r in rows.values()], dtype=float)
+    weights /= max(weights.sum(), 1)
+    top1 = np.array([r["top1"] for r in rows.values()])
+    ranks = np.array([r["mean_rank"] for r in rows.values()])
+    aucs = [r["auc"] for r in rows.values() if r["auc"] is not None]
     return {
-        "top1": round(float(weights @ np.array(top1)), 4) if rows else None,
-        "mean_rank": round(float(weights @ np.array(ranks)), 3) if rows else None,
+        "top1": round(float(weights @ top1), 4) if rows else None,
+        "mean_rank": round(float(weights @ ranks), 3) if rows else None,
         "auc_class_mean": round(float(np.mean(aucs)), 4) if aucs else None,
         "mean_rank_class_mean": round(float(np.mean(ranks)), 3) if rows else None,
-        "per_class": rows,
+        "per_class": {
+            int(c): {
+                "top1": round(r["top1"], 4),
+                "mean_rank": round(r["mean_rank"], 3),
+                "auc": None if r["auc"] is None else round(r["auc"], 4),
+                "pixels": r["pixels"],
+            }  # fmt: skip
+            for c, r in rows.items()
+        },
     }
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pivotmap.models.grounding import auc, calibrate, rank_of
+from pivotmap.models.grounding import auc, calibrate, rank_of, summarise
 
 ATTRIBUTES = {  # prompt -> (descriptor rule, description of the rule)
     "harvested before August": (
@@ -193,19 +193,6 @@ def heldout_scores(heads: dict, emb_test, y_test, texts: Texts, k: int, grounded
             "auc": auc(p, own), "pixels": int(own.sum()),
         }  # fmt: skip
     return rows
-
-
-def summarise(rows: dict) -> dict:
-    n = sum(r["pixels"] for r in rows.values())
-    aucs = [r["auc"] for r in rows.values() if r["auc"] is not None]
-    return {
-        "top1": round(sum(r["top1"] * r["pixels"] for r in rows.values()) / n, 4),
-        "mean_rank": round(sum(r["mean_rank"] * r["pixels"] for r in rows.values()) / n, 3),
-        "mean_rank_class_mean": round(float(np.mean([r["mean_rank"] for r in rows.values()])), 3),
-        "auc_class_mean": round(float(np.mean(aucs)), 4) if aucs else None,
-        "per_class": {int(c): {k: (round(v, 4) if isinstance(v, float) else v)
-                               for k, v in r.items()} for c, r in rows.items()},
-    }  # fmt: skip
 
 
 def arm(

@@ -382,8 +382,10 @@ def ranking(scores: np.ndarray, y: np.ndarray) -> dict:
 
 def summarise(rows: dict[int, dict]) -> dict:
     """Figures over classes from per-class rows (top1, mean_rank, auc or None, pixels): the
-    pixel-weighted top-1 and mean rank, the class-mean AUC, and the class-mean mean rank (each
-    held-out class counts once, as in the AUC, however many pixels it has); rows rounded."""
+    pixel-weighted top-1 and mean rank, and their class means with the AUC's (each held-out
+    class counts once, however many pixels it has: zero-shot learning's per-class averaged
+    accuracy, Xian et al., CVPR 2017, so that a class covering most of a scene does not stand
+    for the rest); rows rounded."""
     weights = np.array([r["pixels"] for r in rows.values()], dtype=float)
     weights /= max(weights.sum(), 1)
     top1 = np.array([r["top1"] for r in rows.values()])
@@ -392,6 +394,7 @@ def summarise(rows: dict[int, dict]) -> dict:
     return {
         "top1": round(float(weights @ top1), 4) if rows else None,
         "mean_rank": round(float(weights @ ranks), 3) if rows else None,
+        "top1_class_mean": round(float(np.mean(top1)), 4) if rows else None,
         "auc_class_mean": round(float(np.mean(aucs)), 4) if aucs else None,
         "mean_rank_class_mean": round(float(np.mean(ranks)), 3) if rows else None,
         "per_class": {

@@ -520,6 +520,7 @@ def grounded_figures(
         "holds; no label and no training, so every class is unseen; null: the pixels' facts "
         "shuffled among them",
         "test_pixels": len(pick), "top1": figures["heldout"]["top1"],
+        "top1_class_mean": figures["heldout"]["top1_class_mean"],
         "mean_rank": figures["heldout"]["mean_rank"],
         "mean_rank_class_mean": figures["heldout"]["mean_rank_class_mean"],
         "auc_class_mean": figures["heldout"]["auc_class_mean"],

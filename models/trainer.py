@@ -439,8 +439,8 @@ def alignment_metrics(alignment) -> dict:
     out = {f"zs_{k}": alignment.zero_shot[k] for k in keys}
     grounded = alignment.zero_shot.get("grounded") or {}
     for k in (
-        "top1", "mean_rank", "mean_rank_class_mean", "auc_class_mean", "null_top1",
-        "null_auc_class_mean",
+        "top1", "top1_class_mean", "mean_rank", "mean_rank_class_mean", "auc_class_mean",
+        "null_top1", "null_auc_class_mean",
     ):  # fmt: skip
         if grounded.get(k) is not None:
             out[f"zs_grounded_{k}"] = grounded[k]

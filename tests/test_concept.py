@@ -200,10 +200,13 @@ def test_demo_reports_zero_shot_figures(demo):
     # descriptions read as facts of the pixels' own series: no label, no training (issue 19)
     grounded = zs["grounded"]
     assert grounded["mean_rank"] < zs["chance_mean_rank"] - 1 and grounded["auc_class_mean"] > 0.75
+    assert grounded["mean_rank_class_mean"] < zs["chance_mean_rank"] - 1
     assert abs(grounded["null_auc_class_mean"] - 0.5) < 0.1 and grounded["test_pixels"] > 500
     full = train["text_alignment"]["grounded"]
     per_class = [row["mean_rank"] for row in full["per_class"].values()]
     assert full["mean_rank_class_mean"] == pytest.approx(np.mean(per_class), abs=1e-3)
+    top1 = [row["top1"] for row in full["per_class"].values()]
+    assert full["top1_class_mean"] == pytest.approx(np.mean(top1), abs=1e-4)
     assert full["per_class"]["2"]["grounded_share"] == 1  # maize
 
 

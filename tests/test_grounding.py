@@ -107,6 +107,7 @@ def test_zero_shot_ranking_counts_ties_half_and_weights_by_pixels():
     # unequal classes: the pixel-weighted rank leans to the larger, the class mean does not
     r = grounding.ranking(np.array([[1, 0], [0, 1], [0, 1]], np.float32), np.array([0, 0, 1]))
     assert (r["mean_rank"], r["mean_rank_class_mean"]) == (1.333, 1.25)
+    assert (r["top1"], r["top1_class_mean"]) == (0.6667, 0.75)
     figures = grounding.zero_shot_figures(scores, y, seed=3)
     assert figures["heldout"] == grounding.ranking(grounding.calibrate(scores), y)
     assert set(figures["null"]) == set(r)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pivotmap.models.grounding import auc, calibrate, rank_of, summarise
+from pivotmap.models.grounding import auc, calibrate, rank_of, ranking, summarise
 
 ATTRIBUTES = {  # prompt -> (descriptor rule, description of the rule)
     "harvested before August": (
@@ -63,6 +63,8 @@ ATTRIBUTES = {  # prompt -> (descriptor rule, description of the rule)
     ),
 }
 
+
+_FIGURES = ("top1", "top1_class_mean", "mean_rank", "mean_rank_class_mean", "auc_class_mean")
 
 ARMS = {  # text arm -> (descriptor sentences?, weight of the class-phrasing term)
     "classes": (False, 1.0),
@@ -269,16 +271,7 @@ def text_oracle(raw_te, y_te, spec, texts: Texts, k: int, seed: int, per_class: 
         np.mean([texts.cache[t] for t in ss], axis=0) if ss else np.zeros(384) for ss in per
     ])  # fmt: skip
     sim = mean[has] @ texts.descriptions.T
-    y = y_te[pick][has]
-    rank = 1 + (sim > sim[np.arange(len(y)), y][:, None]).sum(1)
-    aucs = [auc(sim[:, c], y == c) for c in range(k)]
-    return {
-        "pixels": int(has.sum()), "top1": round(float((rank == 1).mean()), 4),
-        "mean_rank": round(float(rank.mean()), 3),
-        "per_class_mean_rank": {c: round(float(rank[y == c].mean()), 2) for c in range(k)},
-        "auc_per_class": [a and round(a, 4) for a in aucs],
-        "auc_class_mean": round(float(np.mean([a for a in aucs if a is not None])), 4),
-    }  # fmt: skip
+    return {"pixels": int(has.sum()), **ranking(sim, y_te[pick][has])}
 
 
 def grounded_attributes(d_test, texts: Texts) -> dict:
@@ -389,9 +382,8 @@ def encoder_loo(data, tc, texts, sentences, train, test, args) -> dict:
 
 
 def _short(result: dict) -> dict:
-    keep = ("top1", "mean_rank", "mean_rank_class_mean", "auc_class_mean")
     return {
-        part: {k: result[part][k] for k in keep if k in result[part]}
+        part: {k: result[part][k] for k in _FIGURES if k in result[part]}
         for part in ("heldout", "null")
         if part in result
     } | {"attr": {p: a["auc"] and round(a["auc"], 3) for p, a in result["attributes"].items()}}
@@ -409,7 +401,7 @@ def mean_over_seeds(runs: list[dict]) -> dict:
             continue
         row = {}
         for part in ("heldout", "null"):
-            for metric in ("top1", "mean_rank", "mean_rank_class_mean", "auc_class_mean"):
+            for metric in _FIGURES:
                 values = [r[key][part].get(metric) for r in runs if part in r[key]]
                 values = [v for v in values if v is not None]
                 if values:

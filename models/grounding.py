@@ -380,6 +380,10 @@ def ranking(scores: np.ndarray, y: np.ndarray) -> dict:
     return summarise(rows)
 
 
+FIGURES = ("top1", "top1_class_mean", "mean_rank", "mean_rank_class_mean", "auc_class_mean")
+"""The figures `summarise` gives over classes (beside its `per_class` rows)."""
+
+
 def summarise(rows: dict[int, dict]) -> dict:
     """Figures over classes from per-class rows (top1, mean_rank, auc or None, pixels): the
     pixel-weighted top-1 and mean rank, and their class means with the AUC's (each held-out

@@ -519,11 +519,7 @@ def grounded_figures(
         "and flooded seasons, radar...) and scored by the facts each test pixel's own series "
         "holds; no label and no training, so every class is unseen; null: the pixels' facts "
         "shuffled among them",
-        "test_pixels": len(pick), "top1": figures["heldout"]["top1"],
-        "top1_class_mean": figures["heldout"]["top1_class_mean"],
-        "mean_rank": figures["heldout"]["mean_rank"],
-        "mean_rank_class_mean": figures["heldout"]["mean_rank_class_mean"],
-        "auc_class_mean": figures["heldout"]["auc_class_mean"],
+        "test_pixels": len(pick), **{k: figures["heldout"][k] for k in grounding.FIGURES},
         "null_top1": figures["null"]["top1"], "null_mean_rank": figures["null"]["mean_rank"],
         "null_auc_class_mean": figures["null"]["auc_class_mean"],
         "per_class": {

@@ -438,10 +438,9 @@ def alignment_metrics(alignment) -> dict:
     keys += ("heldout_mean_rank", "chance_mean_rank")
     out = {f"zs_{k}": alignment.zero_shot[k] for k in keys}
     grounded = alignment.zero_shot.get("grounded") or {}
-    for k in (
-        "top1", "top1_class_mean", "mean_rank", "mean_rank_class_mean", "auc_class_mean",
-        "null_top1", "null_auc_class_mean",
-    ):  # fmt: skip
+    from pivotmap.models.grounding import FIGURES
+
+    for k in (*FIGURES, "null_top1", "null_auc_class_mean"):
         if grounded.get(k) is not None:
             out[f"zs_grounded_{k}"] = grounded[k]
     return out

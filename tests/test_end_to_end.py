@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from pivotmap.flows.cli import main
+from pivotmap.models.grounding import FIGURES
 
 pytestmark = pytest.mark.slow
 
@@ -155,9 +156,6 @@ def test_failed_map_gate_publishes_nothing(demo, tmp_path, capsys):
     ]
 
 
-_GROUNDED = ("top1", "top1_class_mean", "mean_rank", "mean_rank_class_mean", "auc_class_mean")
-
-
 @pytest.mark.realdata
 def test_flanders_real_patch_end_to_end(flanders, tmp_path, capsys):
     code, summary = _run(
@@ -184,7 +182,7 @@ def test_flanders_real_patch_end_to_end(flanders, tmp_path, capsys):
     assert grounded["mean_rank_class_mean"] < 1.5 and grounded["auc_class_mean"] > 0.75
     assert abs(grounded["null_auc_class_mean"] - 0.5) < 0.1 and grounded["null_mean_rank"] > 2.3
     figures = {k: summary[k] for k in ("overall_accuracy", "macro_f1", "kappa", "per_class_f1")}
-    print(json.dumps(figures | {"grounded": {k: grounded[k] for k in _GROUNDED}}))
+    print(json.dumps(figures | {"grounded": {k: grounded[k] for k in FIGURES}}))
 
 
 def test_publish_and_rollback_keep_a_stac_api_database_in_step(demo, tmp_path, capsys):

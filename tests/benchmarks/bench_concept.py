@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pivotmap.models.grounding import auc, calibrate, rank_of, ranking, summarise
+from pivotmap.models.grounding import FIGURES, auc, calibrate, rank_of, ranking, summarise
 
 ATTRIBUTES = {  # prompt -> (descriptor rule, description of the rule)
     "harvested before August": (
@@ -63,8 +63,6 @@ ATTRIBUTES = {  # prompt -> (descriptor rule, description of the rule)
     ),
 }
 
-
-_FIGURES = ("top1", "top1_class_mean", "mean_rank", "mean_rank_class_mean", "auc_class_mean")
 
 ARMS = {  # text arm -> (descriptor sentences?, weight of the class-phrasing term)
     "classes": (False, 1.0),
@@ -383,7 +381,7 @@ def encoder_loo(data, tc, texts, sentences, train, test, args) -> dict:
 
 def _short(result: dict) -> dict:
     return {
-        part: {k: result[part][k] for k in _FIGURES if k in result[part]}
+        part: {k: result[part][k] for k in FIGURES if k in result[part]}
         for part in ("heldout", "null")
         if part in result
     } | {"attr": {p: a["auc"] and round(a["auc"], 3) for p, a in result["attributes"].items()}}
@@ -401,7 +399,7 @@ def mean_over_seeds(runs: list[dict]) -> dict:
             continue
         row = {}
         for part in ("heldout", "null"):
-            for metric in _FIGURES:
+            for metric in FIGURES:
                 values = [r[key][part].get(metric) for r in runs if part in r[key]]
                 values = [v for v in values if v is not None]
                 if values:
